@@ -1,0 +1,196 @@
+"""Typed configuration shared by every `conmim` command.
+
+One dataclass tree, loaded from YAML presets and dotted ``key=value`` overrides through OmegaConf.
+Unknown keys and wrongly typed values are rejected by OmegaConf itself; the checks in
+:func:`validate` catch values that are well typed but meaningless, before any work starts, and name
+the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+ENCODERS = ("beit", "vit")
+MASK_TYPES = ("random_unit", "block", "random")
+SOURCES = ("fashion_mnist", "folder", "list", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small"
+    encoder: str = "beit"  # beit: shared relative position bias (official); vit: absolute position embedding
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    depth: int = 0  # 0: the arch's depth (12, or 24 for vit_large)
+    init_values: float = 0.1  # layer scale; the paper's ViT-L run uses 1e-5
+    drop_path: float = 0.0
+    teacher_drop_path: float = 0.0
+    proj_hidden_dim: int = 4096
+    proj_out_dim: int = 256
+    temperature: float = 0.1
+    sync_bn: bool = False  # official: projector BatchNorm per process
+    teacher_bn_eval: bool = False  # official: teacher BatchNorm uses batch statistics
+    trunc_normal_1std: bool = True  # official pre-training init quirk: truncate at +-1 std
+
+
+@dataclass
+class MaskConfig:
+    type: str = "random_unit"
+    ratio: float = 0.75
+    unit: int = 2  # random_unit: units of unit x unit patches (official random_mps32 = 2 at patch 16)
+    min_block_patches: int = 16  # block: smallest block, in patches
+    block_aspect: float = 0.3  # block: aspect ratio drawn log-uniformly in [aspect, 1/aspect]
+
+
+@dataclass
+class DataConfig:
+    source: str = "fashion_mnist"
+    path: str = "/usr/share/datasets/fashion-mnist"
+    split: str = "train"  # fashion_mnist: train | test
+    num_workers: int = 2
+    crop_scale_min: float = 0.08
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    strong_aug: bool = True  # photometric ops on the teacher's view
+    weak_aug_strong: bool = False  # ablation: strong photometric ops on the student's view too
+    synthetic_size: int = 1024
+    on_error: str = "skip"  # skip | raise, for unreadable image files
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # per process
+    epochs: int = 300
+    max_steps: int = 0  # 0: no cap
+    base_lr: float = 1.5e-4  # lr = base_lr * total_batch / 256
+    min_lr: float = 1e-5
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.05
+    weight_decay_end: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    clip_grad: float = 3.0  # 0: no clipping (the norm is still logged)
+    momentum: float = 0.996  # teacher EMA, cosine to momentum_end
+    momentum_end: float = 1.0
+    accum_steps: int = 1
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    compile: bool = False
+    decay_mask_token: bool = True  # official quirk: weight decay on the mask token
+    decay_rel_pos: bool = True  # official quirk: weight decay on the relative position table
+    log_every: int = 20
+    checkpoint_every: int = 1000  # steps
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 20
+    knn_t: float = 0.07
+    pool: str = "cls"  # cls | mean
+    batch_size: int = 256
+    final_knn: bool = False  # after pre-training, k-NN of teacher vs random init (built-in default)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/default"
+    resume: str = ""
+    device: str = "auto"
+
+
+def preset_path(name: str) -> Path:
+    """Path of a YAML preset shipped inside the package (``configs/NAME.yaml``)."""
+    path = Path(str(resources.files("conmim") / "configs" / f"{name}.yaml"))
+    if not path.is_file():
+        available = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available)}")
+    return path
+
+
+def load_config(config_file: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                default_preset: str | None = None) -> Config:
+    """Merge defaults, then a YAML file (or a packaged preset), then ``key=value`` overrides."""
+    schema = OmegaConf.structured(Config)
+    layers: list[Any] = [schema]
+    source = config_file or (str(preset_path(default_preset)) if default_preset else None)
+    try:
+        if source:
+            if not os.path.isfile(source):
+                source = str(preset_path(source))  # allow a preset name instead of a file
+            layers.append(OmegaConf.load(source))
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad configuration ({source or 'defaults'} + overrides): {err}") from None
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _require(ok: bool, field_name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}={value!r} is not allowed: {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject meaningless values before any work starts."""
+    m, k, d, t = cfg.model, cfg.mask, cfg.data, cfg.train
+    _require(m.arch in ARCHS, "model.arch", m.arch, f"one of {', '.join(ARCHS)}")
+    _require(m.encoder in ENCODERS, "model.encoder", m.encoder, f"one of {', '.join(ENCODERS)}")
+    _require(m.depth >= 0, "model.depth", m.depth, "0 (the arch's depth) or a positive integer")
+    _require(m.patch_size > 0, "model.patch_size", m.patch_size, "a positive integer")
+    _require(m.img_size > 0 and m.img_size % m.patch_size == 0, "model.img_size", m.img_size,
+             f"a positive multiple of model.patch_size={m.patch_size}")
+    _require(m.temperature > 0, "model.temperature", m.temperature, "a positive number")
+    _require(m.proj_hidden_dim > 0 and m.proj_out_dim > 0, "model.proj_hidden_dim/proj_out_dim",
+             (m.proj_hidden_dim, m.proj_out_dim), "positive integers")
+    _require(0.0 <= m.drop_path < 1.0, "model.drop_path", m.drop_path, "a number in [0, 1)")
+    _require(k.type in MASK_TYPES, "mask.type", k.type, f"one of {', '.join(MASK_TYPES)}")
+    _require(0.0 < k.ratio < 1.0, "mask.ratio", k.ratio, "a number strictly between 0 and 1")
+    grid = m.img_size // m.patch_size
+    if k.type == "random_unit":
+        _require(k.unit > 0 and grid % k.unit == 0, "mask.unit", k.unit,
+                 f"a divisor of the patch grid {grid} (model.img_size={m.img_size} / "
+                 f"model.patch_size={m.patch_size}), i.e. mask units of unit*patch_size pixels")
+    _require(d.source in SOURCES, "data.source", d.source, f"one of {', '.join(SOURCES)}")
+    _require(d.on_error in ("skip", "raise"), "data.on_error", d.on_error, "skip or raise")
+    _require(0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min", d.crop_scale_min, "in (0, 1]")
+    _require(len(d.mean) == m.in_chans and len(d.std) == m.in_chans and all(s > 0 for s in d.std),
+             "data.mean/data.std", (d.mean, d.std), f"{m.in_chans} values each, std positive")
+    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
+    _require(t.batch_size > 0, "train.batch_size", t.batch_size, "a positive integer")
+    _require(t.base_lr > 0, "train.base_lr", t.base_lr, "a positive number")
+    _require(t.epochs > 0, "train.epochs", t.epochs, "a positive integer")
+    _require(t.max_steps >= 0, "train.max_steps", t.max_steps, "0 (no cap) or a positive integer")
+    _require(t.accum_steps > 0, "train.accum_steps", t.accum_steps, "a positive integer")
+    _require(t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "a positive integer")
+    _require(t.log_every > 0, "train.log_every", t.log_every, "a positive integer")
+    _require(t.keep_checkpoints > 0, "train.keep_checkpoints", t.keep_checkpoints, "a positive integer")
+    _require(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision", t.precision,
+             "auto, bf16, fp16 or fp32")
+    _require(0.0 <= t.momentum <= 1.0 and 0.0 <= t.momentum_end <= 1.0, "train.momentum",
+             (t.momentum, t.momentum_end), "values in [0, 1]")
+    _require(len(t.betas) == 2, "train.betas", t.betas, "two numbers")
+    _require(cfg.eval.pool in ("cls", "mean"), "eval.pool", cfg.eval.pool, "cls or mean")

@@ -1,0 +1,80 @@
+"""Export a pre-trained encoder in timm's layout (safetensors + a JSON of timm arguments)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError
+from .model import timm_spec
+
+
+def load_run_checkpoint(path: str | Path) -> tuple[dict, Path]:
+    """A checkpoint from a run directory (its newest readable one) or a checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = ckpt.load_latest(folder)
+        if found is None:
+            raise FileNotFoundError(f"{path}: no readable checkpoint (looked in {folder})")
+        return found
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such run directory or checkpoint file")
+    return ckpt.safe_load(path), path
+
+
+def config_of(state: dict) -> Config:
+    """The run configuration stored inside a checkpoint."""
+    if "config" not in state:
+        raise ConfigError("checkpoint holds no 'config'; it was not written by conmim pretrain")
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(state["config"]))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def spec_of(cfg: Config) -> dict[str, Any]:
+    m = cfg.model
+    return timm_spec(m.arch, m.img_size, m.patch_size, encoder=m.encoder, in_chans=m.in_chans, depth=m.depth,
+                     init_values=m.init_values)
+
+
+def encoder_state(state: dict, which: str = "teacher") -> dict[str, torch.Tensor]:
+    """The ``teacher`` or ``student`` encoder weights of a conmim checkpoint, in timm's names."""
+    if which not in ("teacher", "student"):
+        raise ValueError(f"--which={which!r}: choose teacher or student")
+    prefix = f"{which}.encoder."
+    weights = {k[len(prefix):]: v.contiguous() for k, v in state["model"].items() if k.startswith(prefix)}
+    if not weights:
+        raise KeyError(f"checkpoint has no {prefix}* weights")
+    return weights
+
+
+def write_encoder(weights: dict[str, torch.Tensor], spec: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """Write ``out`` (.safetensors) and the timm arguments beside it (same name, ``.json``)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out), metadata={"timm_spec": json.dumps(spec)})
+    spec_path = out.with_suffix(".json")
+    spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    return out, spec_path
+
+
+def export(source: str | Path, out: str | Path, which: str = "teacher") -> tuple[Path, Path]:
+    """Export the encoder of a run directory or checkpoint."""
+    state, _path = load_run_checkpoint(source)
+    return write_encoder(encoder_state(state, which), spec_of(config_of(state)), out)
+
+
+def load_encoder(path: str | Path, **overrides: Any) -> torch.nn.Module:
+    """Build the timm encoder of an exported file and load its weights strictly."""
+    path = Path(path)
+    spec = json.loads(path.with_suffix(".json").read_text())
+    model = timm.create_model(spec["model_name"], pretrained=False, **{**spec["kwargs"], **overrides})
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model

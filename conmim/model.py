@@ -1,0 +1,236 @@
+"""The ConMIM model: a masked timm encoder with a BN projector, its EMA teacher, and the loss.
+
+Spec references (``conmim-spec.md``): encoder §2.1-2.4, init §2.5, projector §2.6, loss §5,
+teacher §6. The student's ``encoder`` attribute is a plain timm model, so its state dict loads
+into ``timm.create_model(**ConMIM.timm_spec())`` with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# name -> (embed_dim, depth, num_heads)
+ARCH_DIMS: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
+
+
+def timm_spec(arch: str = "vit_small", img_size: int = 224, patch_size: int = 16, *,
+              encoder: str = "beit", in_chans: int = 3, depth: int = 0,
+              init_values: float = 0.1, drop_path: float = 0.0) -> dict[str, Any]:
+    """The ``timm.create_model`` name and keyword arguments of an encoder, headless.
+
+    ``depth=0`` keeps the preset's depth. The result is what ``conmim export`` writes as JSON.
+    """
+    if arch not in ARCH_DIMS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCH_DIMS)}")
+    dim, preset_depth, heads = ARCH_DIMS[arch]
+    kwargs: dict[str, Any] = dict(
+        img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=dim,
+        depth=depth or preset_depth, num_heads=heads, num_classes=0, global_pool="token",
+        init_values=init_values, drop_path_rate=drop_path, qkv_bias=True,
+    )
+    if encoder == "beit":
+        # Official pre-training layout: one relative position bias shared by all blocks, no
+        # absolute position embedding (spec §2.3). The base name only picks the class.
+        kwargs.update(use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
+        return {"model_name": "beit_base_patch16_224", "kwargs": kwargs}
+    if encoder == "vit":
+        return {"model_name": f"{arch}_patch16_224", "kwargs": kwargs}
+    raise ValueError(f"unknown encoder {encoder!r}; choose beit or vit")
+
+
+def _official_init(module: nn.Module, trunc_1std: bool) -> None:
+    """Pre-training init of spec §2.5; ``trunc_1std`` keeps BEiT's cut at +-1 std (eff. std 0.0108)."""
+    bound = 0.02 if trunc_1std else 2.0
+
+    def trunc(t: torch.Tensor) -> None:
+        nn.init.trunc_normal_(t, std=0.02, a=-bound, b=bound)
+
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            trunc(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for name in ("cls_token", "pos_embed", "mask_token"):
+        p = getattr(module, name, None)
+        if isinstance(p, nn.Parameter):
+            trunc(p.data)
+
+
+def _rescale_blocks(encoder: nn.Module) -> None:
+    """Divide each block's output projections by sqrt(2 * layer) (BEiT's fix_init_weight)."""
+    with torch.no_grad():
+        for layer, blk in enumerate(encoder.blocks, start=1):
+            blk.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+            blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+
+
+class Projector(nn.Sequential):
+    """MoCo-v3 style 3-layer MLP with BatchNorm, applied to every token (spec §2.6)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256):
+        super().__init__(
+            nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False),
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, out)
+        b, t, d = tokens.shape
+        return super().forward(tokens.reshape(b * t, d)).reshape(b, t, -1)
+
+
+class Branch(nn.Module):
+    """One side of ConMIM: timm encoder + mask token + projector. The teacher is a second Branch."""
+
+    def __init__(self, spec: dict[str, Any], proj_hidden_dim: int, proj_out_dim: int):
+        super().__init__()
+        self.encoder = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
+        self.is_beit = spec["model_name"].startswith("beit")
+        dim = self.encoder.embed_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.projector = Projector(dim, proj_hidden_dim, proj_out_dim)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.encoder.patch_embed.grid_size)  # type: ignore[return-value]
+
+    def features(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """All tokens after the final norm, (B, 1 + N, D); masked patches become the mask token."""
+        enc = self.encoder
+        x = enc.patch_embed(images)
+        if mask is not None:
+            w = mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        if self.is_beit:
+            x = torch.cat((enc.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+            if enc.pos_embed is not None:
+                x = x + enc.pos_embed
+            x = enc.pos_drop(x)
+            bias = enc.rel_pos_bias() if enc.rel_pos_bias is not None else None
+            for blk in enc.blocks:
+                x = blk(x, shared_rel_pos_bias=bias)
+        else:
+            x = enc.norm_pre(enc.patch_drop(enc._pos_embed(x)))
+            for blk in enc.blocks:
+                x = blk(x)
+        return enc.norm(x)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected patch tokens, (B, N, out); the [CLS] output is dropped after the projector."""
+        return self.projector(self.features(images, mask))[:, 1:]
+
+
+def denoising_contrastive_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+                               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intra-image InfoNCE over masked positions (spec §5.2), in fp32 whatever the autocast.
+
+    Each masked student patch must pick the teacher patch at its own position among the N teacher
+    patches of the same image. Returns (loss averaged over all masked tokens, retrieval accuracy).
+    Computed over all rows and weighted by the mask, which equals selecting the masked rows but
+    needs no host synchronisation.
+    """
+    with torch.autocast(device_type=student.device.type, enabled=False):
+        s = F.normalize(student.float(), dim=-1)
+        t = F.normalize(teacher.float(), dim=-1)
+        logits = torch.bmm(s, t.transpose(1, 2)) / temperature  # (B, N, N)
+        b, n, _ = logits.shape
+        target = torch.arange(n, device=logits.device).repeat(b)
+        per_row = F.cross_entropy(logits.reshape(b * n, n), target, reduction="none")
+        weight = mask.reshape(-1).float()
+        count = weight.sum().clamp_min(1.0)
+        loss = (per_row * weight).sum() / count
+        hits = (logits.reshape(b * n, n).argmax(-1) == target).float()
+        accuracy = (hits * weight).sum() / count
+    return loss, accuracy
+
+
+class ConMIM(nn.Module):
+    """Student, EMA teacher and the denoising contrastive loss.
+
+    >>> model = ConMIM(arch="vit_small", img_size=224, patch_size=16)
+    >>> loss = model(weak, strong, mask)   # mask: (B, N) bool, True = masked
+    >>> model.update_teacher(momentum)
+    """
+
+    def __init__(self, arch: str = "vit_small", img_size: int = 224, patch_size: int = 16, *,
+                 encoder: str = "beit", in_chans: int = 3, depth: int = 0, init_values: float = 0.1,
+                 drop_path: float = 0.0, teacher_drop_path: float = 0.0, proj_hidden_dim: int = 4096,
+                 proj_out_dim: int = 256, temperature: float = 0.1, sync_bn: bool = False,
+                 teacher_bn_eval: bool = False, trunc_normal_1std: bool = True):
+        super().__init__()
+        common = dict(arch=arch, img_size=img_size, patch_size=patch_size, encoder=encoder,
+                      in_chans=in_chans, depth=depth, init_values=init_values)
+        self.spec = timm_spec(**common, drop_path=0.0)  # exported encoders carry no drop path
+        self.temperature = temperature
+        self.teacher_bn_eval = teacher_bn_eval
+        self.student = Branch(timm_spec(**common, drop_path=drop_path), proj_hidden_dim, proj_out_dim)
+        _official_init(self.student, trunc_normal_1std)
+        _official_init(self.student.encoder, trunc_normal_1std)
+        nn.init.trunc_normal_(self.student.mask_token, std=0.02,
+                              a=-0.02 if trunc_normal_1std else -2.0, b=0.02 if trunc_normal_1std else 2.0)
+        _rescale_blocks(self.student.encoder)
+        # The teacher is built with its own drop-path rate (0 by default, spec §14.11), then made
+        # an exact copy of the student; it never receives gradients.
+        self.teacher = Branch(timm_spec(**common, drop_path=teacher_drop_path), proj_hidden_dim, proj_out_dim)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        if sync_bn:
+            self.student.projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.student.projector)
+            self.teacher.projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher.projector)
+        self.train()
+
+    @classmethod
+    def from_config(cls, m: Any) -> ConMIM:
+        """Build from a :class:`conmim.config.ModelConfig`."""
+        return cls(arch=m.arch, img_size=m.img_size, patch_size=m.patch_size, encoder=m.encoder,
+                   in_chans=m.in_chans, depth=m.depth, init_values=m.init_values, drop_path=m.drop_path,
+                   teacher_drop_path=m.teacher_drop_path, proj_hidden_dim=m.proj_hidden_dim,
+                   proj_out_dim=m.proj_out_dim, temperature=m.temperature, sync_bn=m.sync_bn,
+                   teacher_bn_eval=m.teacher_bn_eval, trunc_normal_1std=m.trunc_normal_1std)
+
+    @property
+    def num_patches(self) -> int:
+        h, w = self.student.grid_size
+        return h * w
+
+    def train(self, mode: bool = True) -> ConMIM:
+        super().train(mode)
+        if self.teacher_bn_eval:
+            self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_targets(self, strong: torch.Tensor) -> torch.Tensor:
+        """Projected teacher patch tokens of the full strong view (no mask, no gradient)."""
+        return self.teacher(strong)
+
+    def forward_with_stats(self, weak: torch.Tensor, strong: torch.Tensor, mask: torch.Tensor,
+                           student: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, retrieval accuracy). ``student`` lets the engine pass a DDP-wrapped student."""
+        targets = self.teacher_targets(strong)
+        predictions = (student or self.student)(weak, mask)
+        return denoising_contrastive_loss(predictions, targets, mask, self.temperature)
+
+    def forward(self, weak: torch.Tensor, strong: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_stats(weak, strong, mask)[0]
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, for parameters only (spec §6)."""
+        t_params = [p for p in self.teacher.parameters()]
+        s_params = [p.detach() for p in self.student.parameters()]
+        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)

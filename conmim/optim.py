@@ -1,0 +1,34 @@
+"""AdamW parameter groups for pre-training (spec §7.2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NO_DECAY_NAMES = ("cls_token", "pos_embed")
+
+
+def param_groups(module: nn.Module, weight_decay: float, decay_mask_token: bool = True,
+                 decay_rel_pos: bool = True) -> list[dict]:
+    """Two groups: decayed weights, and 1-D parameters, biases and tokens without decay.
+
+    The official code decays the mask token and the relative-position table (BEiT quirks); both
+    are switchable. Each group carries ``wd_scale`` so the engine's schedule can set its decay.
+    """
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        skip = (p.ndim <= 1 or name.endswith(".bias") or leaf in NO_DECAY_NAMES
+                or (leaf == "mask_token" and not decay_mask_token)
+                or (leaf == "relative_position_bias_table" and not decay_rel_pos))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "wd_scale": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "wd_scale": 0.0}]
+
+
+def build_adamw(module: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                decay_mask_token: bool = True, decay_rel_pos: bool = True, fused: bool = False) -> torch.optim.AdamW:
+    groups = param_groups(module, weight_decay, decay_mask_token, decay_rel_pos)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
