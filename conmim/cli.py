@@ -9,8 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, load_config, to_yaml
 from .data import DataError
+from .guard import NonFiniteError
 
 DEFAULT_PRESET = "fashion_mnist"
 
@@ -83,9 +85,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        print(f"conmim: error: {err}", file=sys.stderr)
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError, NonFiniteError) as err:
+        print(f"conmim: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if type(err).__module__.startswith("torch.distributed") or "gloo" in str(err).lower():
+            # a collective failed: another rank died or hung longer than train.dist_timeout_s
+            print(f"conmim: error: lost the process group ({type(err).__name__}: {_one_line(err)}); another rank "
+                  "probably died or hung (its log says why); collectives time out after train.dist_timeout_s",
+                  file=sys.stderr)
+            return 3
+        raise
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of ``err``; for an error re-raised from a data-loader worker, the original one."""
+    text = str(err).strip()
+    if "Original Traceback" in text:  # DataLoader wraps a worker's exception in its traceback
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 if __name__ == "__main__":

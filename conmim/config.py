@@ -8,16 +8,19 @@ the field, the value and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+NAN_POLICIES = ("restore", "stop")
 ENCODERS = ("beit", "vit")
 MASK_TYPES = ("random_unit", "block", "random")
 SOURCES = ("fashion_mnist", "folder", "list", "synthetic")
@@ -93,6 +96,16 @@ class TrainConfig:
     checkpoint_every: int = 1000  # steps
     keep_checkpoints: int = 3
     seed: int = 0
+    # Non-finite loss or gradients: the step is skipped (optimizer and teacher untouched); after
+    # max_bad_steps consecutive skipped steps, restore the last checkpoint from before them with the
+    # lr multiplied by nan_lr_factor (at most nan_max_restores times), or stop (nan_policy=stop).
+    nan_policy: str = "restore"
+    max_bad_steps: int = 20
+    nan_lr_factor: float = 0.5
+    nan_max_restores: int = 3
+    dist_timeout_s: float = 600.0  # a collective waiting longer than this (dead or hung rank) fails
+    # fault injection (tests): the steps logged as these numbers get NaN inputs, until the first restore
+    inject_nan_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -138,11 +151,33 @@ def load_config(config_file: str | None = None, overrides: list[str] | tuple[str
             layers.append(OmegaConf.load(source))
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
-        raise ConfigError(f"bad configuration ({source or 'defaults'} + overrides): {err}") from None
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        raise ConfigError(_explain(err, f"{source or 'defaults'} + overrides")) from None
     validate(cfg)
     return cfg
+
+
+def _fields_under(dotted: str) -> list[str] | None:
+    """Field names of the config section at ``dotted`` ('' = top level), or None if it is no section."""
+    node: Any = Config()
+    for part in filter(None, dotted.split(".")):
+        node = getattr(node, part, None)
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else None
+
+
+def _explain(err: OmegaConfBaseException, where: str) -> str:
+    """OmegaConf's error as one line naming the key, the value and what is allowed."""
+    full_key = str(getattr(err, "full_key", "") or "")
+    msg = (getattr(err, "msg", None) or str(err)).strip().splitlines()[0]
+    if isinstance(err, ConfigKeyError) and full_key:
+        parent = full_key.rpartition(".")[0]
+        allowed = _fields_under(parent)
+        listing = f"; allowed keys under {parent or 'the top level'}: {', '.join(allowed)}" if allowed else ""
+        return f"unknown key {full_key!r} ({where}){listing}"
+    if full_key:
+        return f"{full_key}: {msg} ({where})"
+    return f"bad configuration ({where}): {msg}"
 
 
 def to_yaml(cfg: Config) -> str:
@@ -155,7 +190,11 @@ def _require(ok: bool, field_name: str, value: Any, allowed: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Reject meaningless values before any work starts."""
+    """Reject meaningless values before any work starts.
+
+    Checks that need the data or the process group (enough images for one batch on every rank,
+    a writable output folder) are in :func:`conmim.engine.preflight`.
+    """
     m, k, d, t = cfg.model, cfg.mask, cfg.data, cfg.train
     _require(m.arch in ARCHS, "model.arch", m.arch, f"one of {', '.join(ARCHS)}")
     _require(m.encoder in ENCODERS, "model.encoder", m.encoder, f"one of {', '.join(ENCODERS)}")
@@ -167,6 +206,8 @@ def validate(cfg: Config) -> None:
     _require(m.proj_hidden_dim > 0 and m.proj_out_dim > 0, "model.proj_hidden_dim/proj_out_dim",
              (m.proj_hidden_dim, m.proj_out_dim), "positive integers")
     _require(0.0 <= m.drop_path < 1.0, "model.drop_path", m.drop_path, "a number in [0, 1)")
+    _require(0.0 <= m.teacher_drop_path < 1.0, "model.teacher_drop_path", m.teacher_drop_path, "a number in [0, 1)")
+    _require(m.in_chans > 0, "model.in_chans", m.in_chans, "a positive integer")
     _require(k.type in MASK_TYPES, "mask.type", k.type, f"one of {', '.join(MASK_TYPES)}")
     _require(0.0 < k.ratio < 1.0, "mask.ratio", k.ratio, "a number strictly between 0 and 1")
     grid = m.img_size // m.patch_size
@@ -182,6 +223,11 @@ def validate(cfg: Config) -> None:
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
     _require(t.batch_size > 0, "train.batch_size", t.batch_size, "a positive integer")
     _require(t.base_lr > 0, "train.base_lr", t.base_lr, "a positive number")
+    _require(t.min_lr >= 0, "train.min_lr", t.min_lr, "0 or more")
+    _require(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "0 or more")
+    _require(t.weight_decay >= 0 and t.weight_decay_end >= 0, "train.weight_decay/weight_decay_end",
+             (t.weight_decay, t.weight_decay_end), "0 or more")
+    _require(t.clip_grad >= 0, "train.clip_grad", t.clip_grad, "0 (no clipping) or a positive number")
     _require(t.epochs > 0, "train.epochs", t.epochs, "a positive integer")
     _require(t.max_steps >= 0, "train.max_steps", t.max_steps, "0 (no cap) or a positive integer")
     _require(t.accum_steps > 0, "train.accum_steps", t.accum_steps, "a positive integer")
@@ -192,5 +238,18 @@ def validate(cfg: Config) -> None:
              "auto, bf16, fp16 or fp32")
     _require(0.0 <= t.momentum <= 1.0 and 0.0 <= t.momentum_end <= 1.0, "train.momentum",
              (t.momentum, t.momentum_end), "values in [0, 1]")
-    _require(len(t.betas) == 2, "train.betas", t.betas, "two numbers")
+    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "two numbers in [0, 1)")
+    _require(t.nan_policy in NAN_POLICIES, "train.nan_policy", t.nan_policy, f"one of {', '.join(NAN_POLICIES)}")
+    _require(t.max_bad_steps > 0, "train.max_bad_steps", t.max_bad_steps, "a positive integer")
+    _require(0.0 < t.nan_lr_factor < 1.0, "train.nan_lr_factor", t.nan_lr_factor, "a number strictly between 0 and 1")
+    _require(t.nan_max_restores >= 0, "train.nan_max_restores", t.nan_max_restores, "0 or more")
+    _require(t.dist_timeout_s > 0, "train.dist_timeout_s", t.dist_timeout_s, "a positive number of seconds")
+    _require(all(s > 0 for s in t.inject_nan_steps), "train.inject_nan_steps", t.inject_nan_steps,
+             "step numbers, 1 or more")
+    _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "device", cfg.device,
+             "auto, cpu, cuda or cuda:N")
+    _require(bool(cfg.output_dir.strip()), "output_dir", cfg.output_dir, "a folder path")
+    _require(cfg.eval.knn_k > 0 and cfg.eval.knn_t > 0 and cfg.eval.batch_size > 0, "eval.knn_k/knn_t/batch_size",
+             (cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size), "positive numbers")
     _require(cfg.eval.pool in ("cls", "mean"), "eval.pool", cfg.eval.pool, "cls or mean")
+

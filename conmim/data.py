@@ -12,7 +12,9 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import stat
 import struct
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -36,13 +38,32 @@ class DataError(ValueError):
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file fully and convert it to 8-bit RGB (CMYK, 16-bit, palette, gray included)."""
-    with Image.open(path) as im:
+    """Open an image file fully and convert it to 8-bit RGB (CMYK, 16-bit, palette, gray included).
+
+    Raises :class:`DataError` for a path that is not a regular file (a FIFO would block forever,
+    a directory cannot be decoded) and for an image over PIL's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS`` pixels; PIL itself only warns between 1x and 2x that limit,
+    here the warning is an error); PIL's own errors (truncated, not an image, ...) propagate.
+    """
+    mode = os.stat(path).st_mode  # follows links: a symlink loop raises ELOOP here
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: not a regular file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = Image.open(path)
+    with im:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and im.width * im.height > limit:
+            raise DataError(f"{path}: {im.width}x{im.height} pixels is over the decompression-bomb limit "
+                            f"PIL.Image.MAX_IMAGE_PIXELS={limit}")
         im.load()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        if im.mode.startswith("I;16"):
+            arr = np.asarray(im, dtype=np.float64)
+            im = Image.fromarray((arr / 65535.0 * 255.0).round().clip(0, 255).astype(np.uint8), "L")
+        elif im.mode == "I":  # 32-bit integers: 16-bit data if any value is over 255, else 8-bit
             arr = np.asarray(im, dtype=np.float64)
             scale = 65535.0 if arr.max() > 255 else 255.0
-            im = Image.fromarray((arr / scale * 255.0).clip(0, 255).astype(np.uint8), "L")
+            im = Image.fromarray((arr / scale * 255.0).round().clip(0, 255).astype(np.uint8), "L")
         elif im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
             im = im.convert("RGBA")
             background = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -197,16 +218,46 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
+def record_skipped(log_file: str | os.PathLike, name: str, reason: str) -> None:
+    """Append ``name<TAB>reason`` to ``log_file`` with one ``O_APPEND`` write.
+
+    Bad files are found inside data-loader worker processes (and on every rank), which share
+    nothing but the file system: single appends of a short line from each keep the list whole.
+    """
+    line = f"{name}\t{' '.join(reason.split())}\n".encode()
+    fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_skipped(log_file: str | os.PathLike) -> dict[str, str]:
+    """Skipped files recorded by :func:`record_skipped`: ``{name: reason}``, each file once."""
+    path = Path(log_file)
+    if not path.is_file():
+        return {}
+    found: dict[str, str] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        name, _tab, reason = line.partition("\t")
+        if name:
+            found.setdefault(name, reason)
+    return found
+
+
 class PretrainDataset(Dataset):
     """``(epoch, index) -> (weak, strong, mask)``; keys come from :class:`EpochSampler`.
 
     Unreadable files follow ``on_error``: ``raise`` stops with the path and reason, ``skip``
-    substitutes the next readable sample and records the file in ``skipped`` (per process).
+    substitutes the next readable sample and appends the file to ``skip_log`` (from whichever
+    worker process met it; see :func:`record_skipped`).
     """
 
-    def __init__(self, source, views: PairedViews, masks: MaskGenerator, seed: int = 0, on_error: str = "skip"):
+    def __init__(self, source, views: PairedViews, masks: MaskGenerator, seed: int = 0, on_error: str = "skip",
+                 skip_log: str | os.PathLike | None = None):
         self.source, self.views, self.masks, self.seed, self.on_error = source, views, masks, seed, on_error
-        self.skipped: list[str] = []
+        self.skip_log = skip_log
+        self._seen_bad: set[str] = set()  # per process: record each bad file once
 
     def __len__(self) -> int:
         return len(self.source)
@@ -219,11 +270,14 @@ class PretrainDataset(Dataset):
                 img, _label = self.source[i]
                 break
             except Exception as err:  # noqa: BLE001 - any decoder error is a bad file
+                name, reason = self.source.name(i), f"{type(err).__name__}: {err}"
                 if self.on_error == "raise":
-                    raise DataError(f"cannot read {self.source.name(i)}: {type(err).__name__}: {err}") from err
-                if self.source.name(i) not in self.skipped:
-                    self.skipped.append(self.source.name(i))
-                    log.warning("skipping unreadable image %s (%s: %s)", self.source.name(i), type(err).__name__, err)
+                    raise DataError(f"cannot read {name}: {reason} (data.on_error=raise)") from err
+                if name not in self._seen_bad:
+                    self._seen_bad.add(name)
+                    log.debug("skipping unreadable image %s (%s)", name, reason)
+                    if self.skip_log is not None:
+                        record_skipped(self.skip_log, name, reason)
         else:
             raise DataError("no readable image in the data source")
         gen = sample_generator(self.seed, epoch, index)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,11 @@ class DistInfo:
 
 
 def setup(device_type: str, timeout_s: float = 600.0) -> DistInfo:
-    """Join the process group that torchrun describes (NCCL on GPU, gloo on CPU), if any."""
+    """Join the process group that torchrun describes (NCCL on GPU, gloo on CPU), if any.
+
+    ``timeout_s`` bounds every collective: when a peer dies or hangs, the surviving ranks fail
+    with an error after at most that long instead of waiting forever (train.dist_timeout_s).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -51,3 +56,12 @@ def all_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` as a list on rank 0 (None on the others); ``[obj]`` with one process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out

@@ -2,7 +2,14 @@
 
 Order of one optimizer step (spec §7.3): set lr / wd, teacher forward, student forward, loss,
 backward (accumulated), unscale + clip, AdamW step, EMA update of the teacher, then logging.
-The loss is only read back from the device at log intervals, never every step.
+The loss is only read back from the device at log intervals, never every step; a non-finite step
+is skipped on the device (see :mod:`conmim.guard`).
+
+Exact resume: a checkpoint holds the model (student and teacher, BatchNorm statistics included),
+the optimizer, the scaler, the step (which fixes every schedule and the sampler position), each
+rank's RNG states (torch, CUDA, Python, NumPy) and its partly filled metrics window. Data draws
+nothing from per-worker RNGs (every sample's randomness comes from (seed, epoch, index)), so
+workers hold no state worth saving.
 """
 
 from __future__ import annotations
@@ -12,11 +19,13 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -25,7 +34,8 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .config import Config, ConfigError, to_yaml
-from .data import EpochSampler, PretrainDataset, build_source
+from .data import EpochSampler, PretrainDataset, build_source, read_skipped
+from .guard import NonFiniteError, StepGuard
 from .masking import MaskGenerator
 from .model import ConMIM
 from .optim import build_adamw
@@ -80,17 +90,32 @@ def make_plan(cfg: Config, micro_steps_per_epoch: int, world_size: int) -> Plan:
                 int(round(t.warmup_epochs * steps_per_epoch)), t.base_lr * total_batch / 256, total_batch)
 
 
+def _step_of_record(line: str) -> int | None:
+    """The step of one ``metrics.jsonl`` line, or None for a line cut short by a crash."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class MetricsWriter:
     """``metrics.jsonl`` plus TensorBoard events, rank 0 only."""
 
     def __init__(self, out: Path, resume_step: int):
-        self.path = out / "metrics.jsonl"
-        if self.path.exists():  # drop records written after the checkpoint we resume from
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+        self.out, self.path, self.tb = out, out / "metrics.jsonl", None
+        self.rewind(resume_step)
+
+    def rewind(self, step: int) -> None:
+        """Drop records after ``step`` (the checkpoint a run resumes from) and lines cut short by a crash."""
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()
+            kept = [ln for ln in lines if (s := _step_of_record(ln)) is not None and s <= step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        if self.tb is not None:
+            self.tb.close()
+        self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=step + 1 if step else None)
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -103,24 +128,51 @@ class MetricsWriter:
         self.tb.close()
 
 
-def build_loader(cfg: Config, dist: distributed.DistInfo, start_micro_step: int) -> tuple[DataLoader, EpochSampler,
-                                                                                          PretrainDataset]:
+def preflight(cfg: Config, dist: distributed.DistInfo, device: torch.device):
+    """Checks that need the data, the device or the process group, before any model is built.
+
+    Returns the data source. ``train.batch_size`` is per process, so the batch can never be smaller
+    than the number of ranks; what can fail is the data filling one batch on every rank.
+    """
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={cfg.device!r} is not allowed: no CUDA device is visible; use auto or cpu")
+    if cfg.resume and not Path(cfg.resume).is_file():
+        raise ConfigError(f"resume={cfg.resume!r} is not allowed: no such checkpoint file")
+    source = build_source(cfg.data, cfg.model.img_size)
+    b, w = cfg.train.batch_size, dist.world_size
+    if len(source) // w < b:
+        raise ConfigError(f"train.batch_size={b} is not allowed: {len(source)} images split over {w} process(es) "
+                          f"fill no batch of {b} per process; use at most {len(source) // w}")
+    if dist.is_main:
+        check_writable(Path(cfg.output_dir))
+    return source
+
+
+def build_loader(cfg: Config, dist: distributed.DistInfo, start_micro_step: int, source=None,
+                 skip_log: Path | None = None) -> tuple[DataLoader, EpochSampler, PretrainDataset]:
+    """The pre-training loader. Its own generator keeps the main process's torch RNG untouched when
+    an iterator starts (a resumed run must draw drop-path masks from exactly the saved RNG state)."""
     m, d = cfg.model, cfg.data
-    source = build_source(d, m.img_size)
+    source = source if source is not None else build_source(d, m.img_size)
     views = PairedViews(m.img_size, (d.crop_scale_min, 1.0), tuple(d.mean), tuple(d.std), d.strong_aug,
                         d.weak_aug_strong)
     masks = MaskGenerator.from_config(cfg.mask, m.img_size, m.patch_size)
-    dataset = PretrainDataset(source, views, masks, cfg.train.seed, d.on_error)
+    dataset = PretrainDataset(source, views, masks, cfg.train.seed, d.on_error, skip_log)
     sampler = EpochSampler(len(dataset), cfg.train.batch_size, dist.rank, dist.world_size, cfg.train.seed,
                            start_step=start_micro_step)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=d.num_workers,
                         pin_memory=torch.cuda.is_available(), drop_last=True,
-                        persistent_workers=d.num_workers > 0, prefetch_factor=4 if d.num_workers > 0 else None)
+                        persistent_workers=d.num_workers > 0, prefetch_factor=4 if d.num_workers > 0 else None,
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
     return loader, sampler, dataset
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    """This process's RNG states, in types that ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                                       "has_gauss": has_gauss, "gauss": gauss}}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -128,30 +180,105 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _apply_checkpoint(state: dict, path: Path, model: ConMIM, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler, device: torch.device, rank: int) -> tuple[int, torch.Tensor | None]:
+    """Load a checkpoint into the run; returns its step and this rank's partly filled metrics window."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    ranks = state["rng"]
+    if rank < len(ranks):
+        _set_rng_state(ranks[rank], device)
+    else:
+        log.warning("%s was written by %d process(es); rank %d keeps its fresh RNG seed, so this run will not "
+                    "match an uninterrupted one exactly", path, len(ranks), rank)
+    meters = state.get("meter") or []
+    return int(state["step"]), meters[rank].to(device) if rank < len(meters) else None
+
+
+def _save(cfg: Config, out: Path, step: int, model: ConMIM, optimizer: torch.optim.Optimizer,
+          scaler: torch.amp.GradScaler, guard: StepGuard, sums: torch.Tensor, device: torch.device,
+          dist: distributed.DistInfo) -> None:
+    """Checkpoint ``step`` (rank 0 writes; every rank contributes its RNG states and metrics window)."""
+    rank_states = distributed.gather_to_main({"rng": _rng_state(device), "meter": sums.cpu()})
+    if dist.is_main:
+        assert rank_states is not None
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "step": step, "rng": [r["rng"] for r in rank_states], "meter": [r["meter"] for r in rank_states],
+                 "guard": guard.state_dict(), "config": to_yaml(cfg)}
+        ckpt.save_checkpoint(state, out / "checkpoints", step, cfg.train.keep_checkpoints)
+
+
+def _recover(cfg: Config, out: Path, step: int, guard: StepGuard, model: ConMIM, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler, device: torch.device,
+             dist: distributed.DistInfo) -> tuple[int, torch.Tensor | None] | None:
+    """After ``max_bad_steps`` consecutive non-finite steps: restore the newest checkpoint from before them
+    with a lower lr (``nan_policy=restore``), or stop. Returns (step, metrics window) after a restore,
+    None while the run is healthy. Reads one scalar from the device."""
+    t = cfg.train
+    bad = int(guard.bad_run)
+    if bad < t.max_bad_steps:
+        return None
+    last_good = step - bad
+    found = ckpt.load_latest(out / "checkpoints", "cpu", max_step=last_good)
+    where = f"the last checkpoint from before them is {found[1]}" if found else "no checkpoint predates them"
+    what = (f"loss or gradients were NaN/Inf in {bad} consecutive steps ({last_good + 1}-{step}; "
+            f"train.max_bad_steps={t.max_bad_steps})")
+    if t.nan_policy == "stop" or found is None or guard.restores >= t.nan_max_restores:
+        tried = f", after {guard.restores} restore(s) with a lower lr" if guard.restores else ""
+        raise NonFiniteError(f"stopping: {what}{tried}; {where}. Lower train.base_lr, raise train.warmup_epochs, "
+                             f"use train.precision=bf16 or fp32, or check the data (train.nan_policy={t.nan_policy}, "
+                             f"train.nan_max_restores={t.nan_max_restores})")
+    state, path = found
+    restored, meter = _apply_checkpoint(state, path, model, optimizer, scaler, device, dist.rank)
+    guard.lr_scale *= t.nan_lr_factor
+    guard.restores += 1
+    guard.bad_run.zero_()
+    if dist.is_main:
+        log.warning("%s: restored %s (step %d), lr x %.3g from now on (restore %d of at most %d)", what, path,
+                    restored, guard.lr_scale, guard.restores, t.nan_max_restores)
+    return restored, meter
+
+
+def _report_skipped(out: Path) -> None:
+    """Rewrite the skipped-files list with each file once and warn once with the count."""
+    log_file = out / "skipped_files.txt"
+    skipped = read_skipped(log_file)
+    if skipped:
+        log_file.write_text("".join(f"{name}\t{reason}\n" for name, reason in sorted(skipped.items())))
+        log.warning("skipped %d unreadable image file(s) (data.on_error=skip); they are listed in %s",
+                    len(skipped), log_file)
 
 
 def pretrain(cfg: Config) -> dict[str, Any]:
     """Run (or resume) ConMIM pre-training as configured; returns a summary of the run."""
     device = resolve_device(cfg.device)
-    dist = distributed.setup(device.type)
+    dist = distributed.setup(device.type, cfg.train.dist_timeout_s)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     out = Path(cfg.output_dir)
+    source = preflight(cfg, dist, device)
     if dist.is_main:
-        check_writable(out)
         (out / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(cfg.train.seed + dist.rank)
     t = cfg.train
 
     model = ConMIM.from_config(cfg.model).to(device)
     optimizer = build_adamw(model.student, t.base_lr, t.weight_decay, tuple(t.betas), t.decay_mask_token,
-                            t.decay_rel_pos, fused=device.type == "cuda")
+                            t.decay_rel_pos, fused=True)  # fused: skips a non-finite step on the device
     amp_dtype = resolve_precision(t.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    guard = StepGuard(model, optimizer, scaler, t.max_bad_steps, t.log_every)
 
-    step = 0
+    step, meter = 0, None
     resumed = None
     if cfg.resume:
         resumed = (ckpt.safe_load(cfg.resume, "cpu"), Path(cfg.resume))
@@ -159,16 +286,13 @@ def pretrain(cfg: Config) -> dict[str, Any]:
         resumed = ckpt.load_latest(out / "checkpoints", "cpu")
     if resumed:
         state, path = resumed
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"], device)
-        step = int(state["step"])
+        step, meter = _apply_checkpoint(state, path, model, optimizer, scaler, device, dist.rank)
+        if state.get("guard"):
+            guard.load_state_dict(state["guard"])
         if dist.is_main:
             log.info("resumed from %s at step %d", path, step)
 
-    loader, sampler, dataset = build_loader(cfg, dist, step * t.accum_steps)
+    loader, sampler, dataset = build_loader(cfg, dist, step * t.accum_steps, source, out / "skipped_files.txt")
     plan = make_plan(cfg, sampler.steps_per_epoch, dist.world_size)
     student = model.student
     if dist.enabled:
@@ -183,59 +307,76 @@ def pretrain(cfg: Config) -> dict[str, Any]:
 
     model.train()
     batches = iter(loader)
-    sums = torch.zeros(4, device=device)  # loss, accuracy, grad norm, mask ratio
-    since, images_since, t0 = 0, 0, time.perf_counter()
+    sums = meter if meter is not None else torch.zeros(5, device=device)  # loss, acc, grad norm, mask, finite steps
+    images_since, t0 = 0, time.perf_counter()
     bar = tqdm(total=plan.run_steps, initial=step, disable=not dist.is_main, desc="pretrain", dynamic_ncols=True)
     params = [p for p in model.student.parameters() if p.requires_grad]
     while step < plan.run_steps:
-        lr = warmup_cosine(step, plan.total_steps, plan.lr, t.min_lr, plan.warmup_steps)
+        lr = warmup_cosine(step, plan.total_steps, plan.lr, t.min_lr, plan.warmup_steps) * guard.lr_scale
         wd = warmup_cosine(step, plan.total_steps, t.weight_decay, t.weight_decay_end)
         for group in optimizer.param_groups:
             group["lr"], group["weight_decay"] = lr, wd * group["wd_scale"]
+        guard.begin()
+        step_sums = torch.zeros(4, device=device)
         for micro in range(t.accum_steps):
             weak, strong, mask = (x.to(device, non_blocking=True) for x in next(batches))
+            if step + 1 in t.inject_nan_steps and not guard.restores:  # fault injection (tests), cured by a restore
+                weak, strong = weak * math.nan, strong * math.nan
             sync = contextlib.nullcontext() if (micro == t.accum_steps - 1 or not dist.enabled) else student.no_sync()
             with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss, accuracy = model.forward_with_stats(weak, strong, mask, student=student)
             scaler.scale(loss / t.accum_steps).backward()
-            sums += torch.stack([loss.detach(), accuracy.detach(), torch.zeros((), device=device),
-                                 mask.float().mean()]) / t.accum_steps
+            step_sums += torch.stack([loss.detach(), accuracy.detach(), torch.zeros((), device=device),
+                                      mask.float().mean()]) / t.accum_steps
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad if t.clip_grad > 0 else math.inf,
                                                    foreach=True)
-        sums[2] += grad_norm.detach().float()
+        step_sums[2] += grad_norm.detach().float()
+        ok = guard.check(grad_norm)
         scaler.step(optimizer)
         scaler.update()
+        guard.finish(ok)
         optimizer.zero_grad(set_to_none=True)
         momentum = teacher_momentum(step, plan.total_steps, t.momentum, t.momentum_end)
-        model.update_teacher(momentum)
+        model.update_teacher(momentum, apply=ok)
+        sums[:4] += torch.where(ok, step_sums, 0.0)  # a skipped step's NaN stays out of the means
+        sums[4] += ok
         step += 1
-        since += 1
         images_since += plan.total_batch
         bar.update(1)
+        if guard.due(step, plan.run_steps) and (back := _recover(cfg, out, step, guard, model, optimizer, scaler,
+                                                                 device, dist)):
+            step, meter = back
+            sums = meter if meter is not None else torch.zeros_like(sums)
+            sampler.start_step = step * t.accum_steps
+            batches = iter(loader)
+            if writer:
+                writer.rewind(step)
+            bar.n = step
+            bar.refresh()
+            continue
 
         if step % t.log_every == 0 or step == plan.run_steps:
-            means = (distributed.all_mean(sums) / since).tolist()
+            totals = distributed.all_mean(sums).tolist()
+            means = [v / totals[4] if totals[4] else None for v in totals[:4]]
             elapsed = time.perf_counter() - t0
             record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "loss": means[0],
                       "retrieval_acc": means[1], "grad_norm": means[2], "mask_ratio": means[3], "lr": lr,
-                      "weight_decay": wd, "momentum": momentum, "img_per_s": images_since / elapsed}
+                      "weight_decay": wd, "momentum": momentum, "img_per_s": images_since / elapsed,
+                      "skipped_steps": int(guard.skipped), "nan_restores": guard.restores}
             if writer:
                 writer.write(record)
-            bar.set_postfix(loss=f"{means[0]:.3f}", acc=f"{means[1]:.2f}", img_s=f"{record['img_per_s']:.0f}")
+            bar.set_postfix(loss=f"{means[0] or math.nan:.3f}", acc=f"{means[1] or math.nan:.2f}",
+                            img_s=f"{record['img_per_s']:.0f}")
             sums.zero_()
-            since, images_since, t0 = 0, 0, time.perf_counter()
+            images_since, t0 = 0, time.perf_counter()
         if step % t.checkpoint_every == 0 or step == plan.run_steps:
-            if dist.is_main:
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "step": step, "rng": _rng_state(device),
-                         "config": to_yaml(cfg)}
-                ckpt.save_checkpoint(state, out / "checkpoints", step, t.keep_checkpoints)
+            _save(cfg, out, step, model, optimizer, scaler, guard, sums, device, dist)
     bar.close()
     if writer:
         writer.close()
-    if dataset.skipped and dist.is_main:
-        (out / "skipped_files.txt").write_text("".join(f"{p}\n" for p in dataset.skipped))
+    if dist.is_main:
+        _report_skipped(out)
     summary = {"steps": step, "output_dir": str(out), "model": model, "is_main": dist.is_main}
     distributed.teardown()
     return summary

@@ -229,8 +229,17 @@ class ConMIM(nn.Module):
         return self.forward_with_stats(weak, strong, mask)[0]
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """teacher <- momentum * teacher + (1 - momentum) * student, for parameters only (spec §6)."""
+    def update_teacher(self, momentum: float, apply: torch.Tensor | None = None) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, for parameters only (spec §6).
+
+        ``apply`` (a 0-dim 0/1 tensor on the model's device) scales the update, so the engine can
+        skip it after a non-finite step without reading the flag back to the host.
+        """
         t_params = [p for p in self.teacher.parameters()]
         s_params = [p.detach() for p in self.student.parameters()]
-        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+        if apply is None:
+            torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+        else:
+            delta = torch._foreach_sub(s_params, t_params)
+            torch._foreach_mul_(delta, apply.to(t_params[0].dtype) * (1.0 - momentum))
+            torch._foreach_add_(t_params, delta)

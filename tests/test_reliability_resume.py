@@ -1,0 +1,60 @@
+"""Exact resume under kill -9 (issue 5, item 1): random steps, in the middle of a checkpoint write,
+with 0 and 2 data-loader workers; plus retention and corrupt-checkpoint fallback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import time
+
+import pytest
+import torch
+
+from conmim import checkpoint as ckpt
+from reliability_utils import (assert_same_state, final_state, kill_during_checkpoint_write, kill_group, last_step,
+                               pretrain_cmd, records, run, start, wait_for)
+
+STEPS = 12
+SEED = int(os.environ.get("CONMIM_FAULT_SEED", random.randrange(10**6)))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run, 0 workers."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    done = run(pretrain_cmd(run_dir, f"train.max_steps={STEPS}"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kill9_at_random_steps_and_mid_write_resumes_exactly(reference, tmp_path, workers):
+    rng = random.Random(SEED + workers)
+    run_dir = tmp_path / "run"
+    cmd = pretrain_cmd(run_dir, f"train.max_steps={STEPS}", f"data.num_workers={workers}")
+    note = f"(CONMIM_FAULT_SEED={SEED}, workers={workers})"
+
+    # 1: kill -9 at a random point after a random step
+    kill_at = rng.randint(2, STEPS // 2)
+    proc = start(cmd, tmp_path / "log1.txt")
+    wait_for(lambda: last_step(run_dir) >= kill_at, proc, timeout=120)
+    time.sleep(rng.uniform(0.0, 0.2))
+    kill_group(proc)
+    # 2: resume, then kill -9 while a checkpoint is being written
+    proc = start(cmd, tmp_path / "log2.txt")
+    temp = kill_during_checkpoint_write(proc, run_dir / "checkpoints")
+    assert (run_dir / "checkpoints" / temp).exists(), note
+    assert last_step(run_dir) < STEPS, note
+    found = ckpt.load_latest(run_dir / "checkpoints")
+    assert found is not None and not found[1].name.startswith("."), note
+    # 3: resume to the end
+    proc = start(cmd, tmp_path / "log3.txt")
+    assert proc.wait(timeout=180) == 0, (tmp_path / "log3.txt").read_text()[-3000:]
+    log3 = (tmp_path / "log3.txt").read_text()
+    assert "resumed from" in log3, note
+
+    assert records(run_dir) == records(reference), f"metrics differ from the uninterrupted run {note}"
+    assert_same_state(final_state(run_dir), final_state(reference))
+    assert not list((run_dir / "checkpoints").glob(".*")), "a temp file survived the next checkpoint write"
