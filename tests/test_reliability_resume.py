@@ -11,10 +11,20 @@ import time
 
 import pytest
 import torch
+from reliability_utils import (
+    assert_same_state,
+    final_state,
+    kill_during_checkpoint_write,
+    kill_group,
+    last_step,
+    pretrain_cmd,
+    records,
+    run,
+    start,
+    wait_for,
+)
 
 from conmim import checkpoint as ckpt
-from reliability_utils import (assert_same_state, final_state, kill_during_checkpoint_write, kill_group, last_step,
-                               pretrain_cmd, records, run, start, wait_for)
 
 STEPS = 12
 SEED = int(os.environ.get("CONMIM_FAULT_SEED", random.randrange(10**6)))
@@ -58,3 +68,61 @@ def test_kill9_at_random_steps_and_mid_write_resumes_exactly(reference, tmp_path
     assert records(run_dir) == records(reference), f"metrics differ from the uninterrupted run {note}"
     assert_same_state(final_state(run_dir), final_state(reference))
     assert not list((run_dir / "checkpoints").glob(".*")), "a temp file survived the next checkpoint write"
+
+
+def _copy_run(src, dst):
+    shutil.copytree(src, dst)  # copies hard links as separate files; relink last.pt as the engine does
+    last = dst / "checkpoints" / "last.pt"
+    last.unlink()
+    os.link(ckpt.step_files(dst / "checkpoints")[-1], last)
+    return dst
+
+
+def test_keep_last_k_checkpoints(reference):
+    folder = reference / "checkpoints"
+    assert [p.name for p in ckpt.step_files(folder)] == [f"step_{s:08d}.pt" for s in (STEPS - 2, STEPS - 1, STEPS)]
+    assert os.path.samefile(folder / "last.pt", folder / f"step_{STEPS:08d}.pt")
+
+
+def test_newest_step_file_wins_over_a_stale_last_link(reference, tmp_path):
+    """A writer killed between renaming step_N.pt and relinking last.pt leaves last.pt one behind."""
+    run_dir = _copy_run(reference, tmp_path / "run")
+    folder = run_dir / "checkpoints"
+    (folder / "last.pt").unlink()
+    os.link(folder / f"step_{STEPS - 1:08d}.pt", folder / "last.pt")
+    state, path = ckpt.load_latest(folder)
+    assert path.name == f"step_{STEPS:08d}.pt" and state["step"] == STEPS
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_last_checkpoint_falls_back_with_a_warning(reference, tmp_path, caplog, damage):
+    run_dir = _copy_run(reference, tmp_path / "run")
+    folder = run_dir / "checkpoints"
+    last = folder / "last.pt"
+    size = last.stat().st_size
+    with open(last, "r+b") as f:  # last.pt and step_N.pt are one file (hard link): both are damaged
+        if damage == "truncate":
+            f.truncate(size // 2)
+        else:
+            f.seek(size // 3)
+            f.write(os.urandom(4096))
+    with caplog.at_level(logging.WARNING, logger="conmim.checkpoint"):
+        state, path = ckpt.load_latest(folder)
+    assert path.name == f"step_{STEPS - 1:08d}.pt" and state["step"] == STEPS - 1
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"step_{STEPS:08d}.pt" in m and "trying an older checkpoint" in m for m in warned), warned
+
+
+def test_resume_over_a_truncated_last_checkpoint_redoes_the_step_exactly(reference, tmp_path):
+    run_dir = _copy_run(reference, tmp_path / "run")
+    last = run_dir / "checkpoints" / "last.pt"
+    with open(last, "r+b") as f:
+        f.truncate(last.stat().st_size - 100)
+    done = run(pretrain_cmd(run_dir, f"train.max_steps={STEPS}"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cannot read checkpoint" in done.stderr and "trying an older checkpoint" in done.stderr
+    assert f"step_{STEPS - 1:08d}.pt at step {STEPS - 1}" in done.stderr
+    assert records(run_dir) == records(reference)
+    assert_same_state(final_state(run_dir), final_state(reference))
+    loaded = torch.load(last, weights_only=True)
+    assert loaded["step"] == STEPS
