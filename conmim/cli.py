@@ -85,17 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, CheckpointError, NonFiniteError) as err:
+    except (ConfigError, DataError, OSError, CheckpointError, NonFiniteError) as err:
         print(f"conmim: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:
-        if type(err).__module__.startswith("torch.distributed") or "gloo" in str(err).lower():
-            # a collective failed: another rank died or hung longer than train.dist_timeout_s
-            print(f"conmim: error: lost the process group ({type(err).__name__}: {_one_line(err)}); another rank "
-                  "probably died or hung (its log says why); collectives time out after train.dist_timeout_s",
-                  file=sys.stderr)
-            return 3
-        raise
+        from .distributed import describe_failure
+
+        if (message := describe_failure(err)) is None:
+            raise
+        print(f"conmim: error: {message}", file=sys.stderr)
+        return 3
 
 
 def _one_line(err: BaseException) -> str:

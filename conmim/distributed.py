@@ -40,8 +40,27 @@ def setup(device_type: str, timeout_s: float = 600.0) -> DistInfo:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _agent_store(world, timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=info.rank, world_size=world, timeout=timeout)
     return info
+
+
+def _agent_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """torchrun's agent store with keys namespaced by restart attempt, or None outside torchrun.
+
+    The agent keeps its store across ``--max-restarts`` restarts (``--standalone``, c10d
+    rendezvous): the default init then reads the previous attempt's keys, a rank that starts late
+    is handed its dead predecessor's address, and the new group never forms (seen with gloo).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"conmim/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown() -> None:
@@ -58,6 +77,13 @@ def all_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def broadcast_from_main(module: torch.nn.Module) -> None:
+    """Copy rank 0's parameters and buffers into ``module`` on every rank (no-op with one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
 def gather_to_main(obj: Any) -> list[Any] | None:
     """Every rank's ``obj`` as a list on rank 0 (None on the others); ``[obj]`` with one process."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -65,3 +91,21 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+COMM_FAILURE_WORDS = ("gloo", "nccl", "timed out", "connection closed", "connection reset", "broken pipe")
+
+
+def describe_failure(err: BaseException) -> str | None:
+    """A one-line explanation if ``err`` is a failed collective (a peer died or hung), else None.
+
+    Gloo reports a dead or hung peer as a plain RuntimeError, so the message is matched too, but
+    only in a multi-process run.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not (isinstance(err, dist.DistError) or any(w in text.lower() for w in COMM_FAILURE_WORDS)):
+        return None
+    return (f"rank {os.environ.get('RANK', '?')} lost the process group ({type(err).__name__}: {text}); another "
+            f"rank probably died or hung (its log says why); collectives give up after train.dist_timeout_s")

@@ -272,6 +272,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     t = cfg.train
 
     model = ConMIM.from_config(cfg.model).to(device)
+    distributed.broadcast_from_main(model)  # ranks seed differently and DDP only syncs the student, not the teacher
     optimizer = build_adamw(model.student, t.base_lr, t.weight_decay, tuple(t.betas), t.decay_mask_token,
                             t.decay_rel_pos, fused=True)  # fused: skips a non-finite step on the device
     amp_dtype = resolve_precision(t.precision, device)

@@ -126,3 +126,37 @@ def assert_same_state(a: dict, b: dict) -> None:
     for pid in sa:
         for name in sa[pid]:
             assert torch.equal(sa[pid][name], sb[pid][name]), f"optimizer state {pid}/{name} differs"
+
+
+def torchrun_cmd(run_dir: Path, *overrides: str, max_restarts: int = 0) -> list[str]:
+    """Two gloo ranks on the CPU; ``--standalone`` picks a free port."""
+    torchrun = str(Path(PYTHON).parent / "torchrun")
+    return [torchrun, "--standalone", "--nproc_per_node=2", f"--max-restarts={max_restarts}", "-m", "conmim.cli",
+            "pretrain", *TINY, "train.batch_size=4", f"output_dir={run_dir}", *overrides]
+
+
+def worker_pids(agent: subprocess.Popen) -> dict[int, int]:
+    """``{rank: pid}`` of the live worker processes that a torchrun agent started."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != agent.pid or fields[0] == "Z":
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        for item in environ:
+            if item.startswith(b"RANK="):
+                found[int(item[5:])] = int(entry.name)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
