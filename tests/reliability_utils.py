@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from conmim import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+# Fault positions are random; a failure names the seed, and CONMIM_FAULT_SEED=N replays it.
+SEED = int(os.environ.get("CONMIM_FAULT_SEED", random.randrange(10**6)))
 
 # 16-px images, 4-px patches, 2 blocks, a narrow projector, synthetic data, fp32, drop path on
 # (so the torch RNG state matters), a log record and a checkpoint every step.
@@ -115,9 +118,10 @@ def final_state(run_dir: Path) -> dict:
     return found[0]
 
 
-def assert_same_state(a: dict, b: dict) -> None:
+def assert_same_state(a: dict, b: dict, same_step: bool = True) -> None:
     """Model (student, teacher, BatchNorm statistics) and optimizer state bitwise equal."""
-    assert a["step"] == b["step"]
+    if same_step:
+        assert a["step"] == b["step"]
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), f"model weight {key} differs"
@@ -160,3 +164,22 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def load_tiny(run_dir: Path, *overrides: str):
+    """The same configuration the CLI runs build, for in-process runs."""
+    from conmim.config import load_config
+
+    return load_config(None, [*TINY, f"output_dir={run_dir}", *overrides], default_preset="fashion_mnist")
+
+
+def pretrain_in_process(run_dir: Path, *overrides: str) -> dict:
+    """``conmim.engine.pretrain`` in this process, on one intra-op thread (see the module docstring)."""
+    from conmim.engine import pretrain
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return pretrain(load_tiny(run_dir, *overrides))
+    finally:
+        torch.set_num_threads(threads)

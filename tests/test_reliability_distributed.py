@@ -9,6 +9,7 @@ import time
 
 import pytest
 from reliability_utils import (
+    SEED,
     alive,
     assert_same_state,
     final_state,
@@ -21,7 +22,6 @@ from reliability_utils import (
 )
 
 STEPS = 10
-SEED = int(os.environ.get("CONMIM_FAULT_SEED", random.randrange(10**6)))
 
 
 def _workers(agent, timeout: float = 60) -> dict[int, int]:

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 from reliability_utils import (
+    SEED,
     assert_same_state,
     final_state,
     kill_during_checkpoint_write,
@@ -27,7 +28,6 @@ from reliability_utils import (
 from conmim import checkpoint as ckpt
 
 STEPS = 12
-SEED = int(os.environ.get("CONMIM_FAULT_SEED", random.randrange(10**6)))
 
 
 @pytest.fixture(scope="module")

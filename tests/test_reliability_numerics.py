@@ -1,0 +1,113 @@
+"""Numerical faults (issue 5, item 4): NaN injected into a real run's inputs.
+
+``train.inject_nan_steps`` multiplies the student's and the teacher's inputs by NaN at the listed
+steps, so the forward passes (BatchNorm statistics included), the loss and every gradient are NaN.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from reliability_utils import TINY, assert_same_state, final_state, pretrain_in_process, records
+
+from conmim import checkpoint as ckpt
+from conmim.cli import main as cli_main
+from conmim.guard import StepGuard
+from conmim.model import ConMIM
+from conmim.optim import build_adamw
+
+
+def test_a_nan_step_is_skipped_exactly(tmp_path):
+    """Step 3 is NaN: after it, student, teacher, BatchNorm statistics and AdamW state are bitwise
+    those after step 2 of a clean run, and the skip is counted in metrics.jsonl."""
+    pretrain_in_process(tmp_path / "clean", "train.max_steps=2")
+    pretrain_in_process(tmp_path / "nan", "train.max_steps=3", "train.inject_nan_steps=[3]")
+    assert_same_state(final_state(tmp_path / "nan"), final_state(tmp_path / "clean"), same_step=False)
+    last = records(tmp_path / "nan")[-1]
+    assert last["step"] == 3 and last["skipped_steps"] == 1 and last["loss"] is None
+    assert records(tmp_path / "nan")[:2] == records(tmp_path / "clean")
+
+
+def test_consecutive_nan_steps_restore_the_last_good_checkpoint_with_a_lower_lr(tmp_path, caplog):
+    clean, bad = tmp_path / "clean", tmp_path / "bad"
+    pretrain_in_process(clean, "train.max_steps=8")
+    with caplog.at_level(logging.WARNING, logger="conmim.engine"):
+        pretrain_in_process(bad, "train.max_steps=8", "train.inject_nan_steps=[4,5,6]", "train.max_bad_steps=3",
+                            "train.nan_lr_factor=0.25")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("NaN/Inf in 3 consecutive steps (4-6" in m and "step_00000003.pt" in m for m in warned), warned
+    got, ref = records(bad), records(clean)
+    assert [r["step"] for r in got] == list(range(1, 9))  # the abandoned steps 4-6 were rewound
+    assert got[:3] == ref[:3]
+    for g, r in zip(got[3:], ref[3:], strict=True):
+        assert g["nan_restores"] == 1 and g["skipped_steps"] == 3
+        assert math.isclose(g["lr"], 0.25 * r["lr"], rel_tol=1e-12)
+        assert g["loss"] is not None and math.isfinite(g["loss"])
+    state = final_state(bad)
+    assert state["guard"]["lr_scale"] == 0.25 and state["guard"]["restores"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    (("train.nan_policy=stop",), "train.nan_policy=stop"),
+    (("train.nan_max_restores=0",), "train.nan_max_restores=0"),
+    (("train.inject_nan_steps=[1,2,3,4]",), "no checkpoint predates them"),
+])
+def test_persistent_nan_stops_with_a_clear_message(tmp_path, capsys, overrides, expect):
+    run_dir = tmp_path / "run"
+    args = ["pretrain", *TINY, f"output_dir={run_dir}", "train.max_steps=10", "train.max_bad_steps=2",
+            "train.inject_nan_steps=[3,4,5,6]", *overrides]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli_main(args) == 2
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert "conmim: error: stopping: loss or gradients were NaN/Inf in 2 consecutive steps" in err, err
+    assert expect in err, err
+    found = ckpt.load_latest(run_dir / "checkpoints")
+    if found is not None:  # every checkpoint on disk holds finite weights
+        assert all(torch.isfinite(v).all() for v in found[0]["model"].values() if v.is_floating_point())
+
+
+def test_inf_gradient_leaves_weights_moments_teacher_and_batchnorm_untouched():
+    """The guard alone, on a real model and fused AdamW, with +Inf in one gradient."""
+    torch.manual_seed(0)
+    model = ConMIM("vit_tiny", img_size=16, patch_size=4, depth=1, proj_hidden_dim=32, proj_out_dim=16)
+    optimizer = build_adamw(model.student, 1e-3, 0.05, (0.9, 0.98), fused=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    guard = StepGuard(model, optimizer, scaler, max_bad_steps=5, log_every=10)
+    params = [p for p in model.student.parameters() if p.requires_grad]
+    weak, strong = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, :8] = True
+
+    def step(poison: bool) -> torch.Tensor:
+        guard.begin()
+        loss = model(weak, strong, mask)
+        loss.backward()
+        if poison:
+            params[0].grad[0] = math.inf
+        ok = guard.check(torch.nn.utils.clip_grad_norm_(params, 3.0))
+        optimizer.step()
+        guard.finish(ok)
+        optimizer.zero_grad()
+        model.update_teacher(0.9, apply=ok)
+        return ok
+
+    assert step(False)  # one good step so that AdamW has moments
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in optimizer.state[params[0]].items()}
+    assert not step(True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    for key, value in optimizer.state[params[0]].items():
+        assert torch.equal(value, moments[key]), key
+    assert int(guard.skipped) == 1 and int(guard.bad_run) == 1
+    assert step(False) and int(guard.bad_run) == 0
+    after = model.state_dict()
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("student."))
