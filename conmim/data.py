@@ -41,21 +41,17 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file fully and convert it to 8-bit RGB (CMYK, 16-bit, palette, gray included).
 
     Raises :class:`DataError` for a path that is not a regular file (a FIFO would block forever,
-    a directory cannot be decoded) and for an image over PIL's decompression-bomb limit
-    (``PIL.Image.MAX_IMAGE_PIXELS`` pixels; PIL itself only warns between 1x and 2x that limit,
-    here the warning is an error); PIL's own errors (truncated, not an image, ...) propagate.
+    a directory cannot be decoded), and ``DecompressionBombWarning`` as an error for an image over
+    ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (PIL's default 89,478,485; PIL itself only warns up to
+    twice that); PIL's own errors (truncated, not an image, ...) propagate.
     """
     mode = os.stat(path).st_mode  # follows links: a symlink loop raises ELOOP here
     if not stat.S_ISREG(mode):
         raise DataError(f"{path}: not a regular file")
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: a bad file
         im = Image.open(path)
     with im:
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit and im.width * im.height > limit:
-            raise DataError(f"{path}: {im.width}x{im.height} pixels is over the decompression-bomb limit "
-                            f"PIL.Image.MAX_IMAGE_PIXELS={limit}")
         im.load()
         if im.mode.startswith("I;16"):
             arr = np.asarray(im, dtype=np.float64)
