@@ -40,19 +40,38 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class _WriteRecorder:
+    """A file wrapper that keeps the ``OSError`` of a failed write: ``torch.save`` turns it into a
+    RuntimeError that only says 'unexpected pos', losing 'No space left on device'."""
+
+    def __init__(self, file: Any):
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` through temp file + fsync + rename; the temp file never survives an error.
 
-    A failed write (disk full, file too large, I/O error) raises :class:`CheckpointError` and leaves
-    ``path`` as it was.
+    A failed write (disk full, file too large, I/O error) raises :class:`CheckpointError` naming the
+    file and the system's reason, and leaves ``path`` as it was.
     """
     path = Path(path)
-    tmp = None
+    tmp, recorder = None, None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            recorder = _WriteRecorder(f)
+            torch.save(obj, recorder)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -63,11 +82,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, CheckpointError):
-            # torch.save reports a failed write of its zip stream as a RuntimeError
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip()
-            raise CheckpointError(f"cannot write checkpoint {path}: {reason} (disk full or output not "
-                                  f"writable?); the previous checkpoint is unchanged") from err
+        cause = recorder.error if recorder is not None and recorder.error is not None else err
+        if isinstance(cause, OSError):
+            raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause}; the previous "
+                                  "checkpoint is unchanged") from err
         raise
 
 
