@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from reliability_utils import TINY, assert_same_state, final_state, pretrain_in_process, records
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conmim import checkpoint as ckpt
 from conmim.cli import main as cli_main
@@ -75,7 +76,8 @@ def test_persistent_nan_stops_with_a_clear_message(tmp_path, capsys, overrides, 
 
 
 def test_inf_gradient_leaves_weights_moments_teacher_and_batchnorm_untouched():
-    """The guard alone, on a real model and fused AdamW, with +Inf in one gradient."""
+    """The guard alone, on a real model and fused AdamW, with +Inf in one gradient; it reads nothing
+    back to the host."""
     torch.manual_seed(0)
     model = ConMIM("vit_tiny", img_size=16, patch_size=4, depth=1, proj_hidden_dim=32, proj_out_dim=16)
     optimizer = build_adamw(model.student, 1e-3, 0.05, (0.9, 0.98), fused=True)
@@ -87,17 +89,23 @@ def test_inf_gradient_leaves_weights_moments_teacher_and_batchnorm_untouched():
     mask[:, :8] = True
 
     def step(poison: bool) -> torch.Tensor:
-        guard.begin()
+        with reads:
+            guard.begin()
         loss = model(weak, strong, mask)
         loss.backward()
         if poison:
             params[0].grad[0] = math.inf
-        ok = guard.check(torch.nn.utils.clip_grad_norm_(params, 3.0))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 3.0)
+        with reads:
+            ok = guard.check(grad_norm)
         optimizer.step()
-        guard.finish(ok)
+        with reads:
+            guard.finish(ok)
+            model.update_teacher(0.9, apply=ok)
         optimizer.zero_grad()
-        model.update_teacher(0.9, apply=ok)
         return ok
+
+    reads = ScalarReads()
 
     assert step(False)  # one good step so that AdamW has moments
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -111,3 +119,21 @@ def test_inf_gradient_leaves_weights_moments_teacher_and_batchnorm_untouched():
     assert step(False) and int(guard.bad_run) == 0
     after = model.state_dict()
     assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("student."))
+    assert reads.count == 0, "the guard read a device value back to the host during a step"
+    with reads:
+        int(guard.bad_run)  # what a host read looks like to the counter
+    assert reads.count == 1
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts ``aten::_local_scalar_dense``: every tensor -> Python number (``.item()``, ``bool()``,
+    ``int()``), i.e. what would be a device-to-host synchronisation on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
