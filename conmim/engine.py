@@ -194,7 +194,7 @@ def _apply_checkpoint(state: dict, path: Path, model: ConMIM, optimizer: torch.o
     optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    ranks = state["rng"]
+    ranks = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older files: rank 0's only
     if rank < len(ranks):
         _set_rng_state(ranks[rank], device)
     else:
@@ -367,8 +367,8 @@ def pretrain(cfg: Config) -> dict[str, Any]:
                       "skipped_steps": int(guard.skipped), "nan_restores": guard.restores}
             if writer:
                 writer.write(record)
-            bar.set_postfix(loss=f"{means[0] or math.nan:.3f}", acc=f"{means[1] or math.nan:.2f}",
-                            img_s=f"{record['img_per_s']:.0f}")
+            shown = [math.nan if v is None else v for v in means]
+            bar.set_postfix(loss=f"{shown[0]:.3f}", acc=f"{shown[1]:.2f}", img_s=f"{record['img_per_s']:.0f}")
             sums.zero_()
             images_since, t0 = 0, time.perf_counter()
         if step % t.checkpoint_every == 0 or step == plan.run_steps:
