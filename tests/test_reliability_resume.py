@@ -56,7 +56,6 @@ def test_kill9_at_random_steps_and_mid_write_resumes_exactly(reference, tmp_path
     proc = start(cmd, tmp_path / "log2.txt")
     temp = kill_during_checkpoint_write(proc, run_dir / "checkpoints")
     assert (run_dir / "checkpoints" / temp).exists(), note
-    assert last_step(run_dir) < STEPS, note
     found = ckpt.load_latest(run_dir / "checkpoints")
     assert found is not None and not found[1].name.startswith("."), note
     # 3: resume to the end
