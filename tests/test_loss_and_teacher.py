@@ -91,25 +91,25 @@ def test_gradients_reach_only_the_student():
 
 def test_teacher_starts_as_exact_copy_and_moves_only_by_ema():
     model = tiny_model(drop_path=0.1)
-    for (name, t), s in zip(model.teacher.state_dict().items(), model.student.state_dict().values()):
+    for (name, t), s in zip(model.teacher.state_dict().items(), model.student.state_dict().values(), strict=True):
         assert torch.equal(t, s), name
     opt = torch.optim.SGD(model.student.parameters(), lr=0.1)
     x = torch.randn(4, 3, 16, 16)
     before = [p.clone() for p in model.teacher.parameters()]
     model(x, x, torch.rand(4, 16) < 0.75).backward()
     opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, model.teacher.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.teacher.parameters(), strict=True))
     model.update_teacher(1.0)  # momentum 1: unchanged
-    assert all(torch.equal(a, b) for a, b in zip(before, model.teacher.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.teacher.parameters(), strict=True))
     model.update_teacher(0.0)  # momentum 0: copy of the student
-    assert all(torch.equal(t, s) for t, s in zip(model.teacher.parameters(), model.student.parameters()))
+    assert all(torch.equal(t, s) for t, s in zip(model.teacher.parameters(), model.student.parameters(), strict=True))
     model2 = tiny_model()
     t0 = [p.clone() for p in model2.teacher.parameters()]
     with torch.no_grad():
         for p in model2.student.parameters():
             p.add_(1.0)
     model2.update_teacher(0.9)
-    for a, t, s in zip(t0, model2.teacher.parameters(), model2.student.parameters()):
+    for a, t, s in zip(t0, model2.teacher.parameters(), model2.student.parameters(), strict=True):
         torch.testing.assert_close(t, 0.9 * a + 0.1 * s)
 
 
