@@ -115,7 +115,10 @@ def build_loader(cfg: Config, dist: distributed.DistInfo, start_micro_step: int)
                            start_step=start_micro_step)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=d.num_workers,
                         pin_memory=torch.cuda.is_available(), drop_last=True,
-                        persistent_workers=d.num_workers > 0, prefetch_factor=4 if d.num_workers > 0 else None)
+                        persistent_workers=d.num_workers > 0, prefetch_factor=4 if d.num_workers > 0 else None,
+                        # its own generator: creating the iterator must not draw from the global RNG,
+                        # or a resumed run's drop-path draws would shift
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
     return loader, sampler, dataset
 
 
@@ -152,6 +155,8 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     step = 0
+    sums = torch.zeros(4, device=device)  # since the last log: loss, accuracy, grad norm, mask ratio
+    since = 0
     resumed = None
     if cfg.resume:
         resumed = (ckpt.safe_load(cfg.resume, "cpu"), Path(cfg.resume))
@@ -165,6 +170,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"], device)
         step = int(state["step"])
+        sums, since = state["log_sums"].to(device), int(state["log_since"])
         if dist.is_main:
             log.info("resumed from %s at step %d", path, step)
 
@@ -183,8 +189,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
 
     model.train()
     batches = iter(loader)
-    sums = torch.zeros(4, device=device)  # loss, accuracy, grad norm, mask ratio
-    since, images_since, t0 = 0, 0, time.perf_counter()
+    images_since, t0 = 0, time.perf_counter()
     bar = tqdm(total=plan.run_steps, initial=step, disable=not dist.is_main, desc="pretrain", dynamic_ncols=True)
     params = [p for p in model.student.parameters() if p.requires_grad]
     while step < plan.run_steps:
@@ -223,12 +228,14 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             if writer:
                 writer.write(record)
             bar.set_postfix(loss=f"{means[0]:.3f}", acc=f"{means[1]:.2f}", img_s=f"{record['img_per_s']:.0f}")
-            sums.zero_()
-            since, images_since, t0 = 0, 0, time.perf_counter()
+            if step % t.log_every == 0:  # a run's last record may cover a partial interval: keep it open
+                sums.zero_()
+                since, images_since, t0 = 0, 0, time.perf_counter()
         if step % t.checkpoint_every == 0 or step == plan.run_steps:
             if dist.is_main:
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "step": step, "rng": _rng_state(device),
+                         "log_sums": sums.cpu(), "log_since": since,
                          "config": to_yaml(cfg)}
                 ckpt.save_checkpoint(state, out / "checkpoints", step, t.keep_checkpoints)
     bar.close()
