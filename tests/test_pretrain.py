@@ -109,3 +109,12 @@ def test_export_loads_in_timm_strictly_with_the_same_features(tmp_path, tiny_ove
     torch.testing.assert_close(load_encoder(out).eval()(x), encoder(x))
     if which == "teacher":  # the default
         assert export(tmp_path / "run", tmp_path / "default.safetensors")[0].is_file()
+
+
+def test_every_shipped_preset_loads_and_validates():
+    from importlib import resources
+
+    names = sorted(p.name[:-5] for p in (resources.files("conmim") / "configs").iterdir() if p.name.endswith(".yaml"))
+    assert {"fashion_mnist", "vit_small_in1k", "vit_base_in1k", "vit_large_in1k"} <= set(names)
+    for name in names:
+        load_config(name)
