@@ -46,7 +46,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         results = {}
         for name, encoder in (("conmim_teacher", summary["model"].teacher.encoder), ("random_init", random_init)):
             results[name] = knn_on_splits(encoder, cfg.data, cfg.model.img_size, e.knn_k, e.knn_t, e.pool,
-                                          e.batch_size, device)
+                                          e.batch_size, device, e.knn_max_train, e.knn_max_test)
         report = {"pretrain_minutes": round(minutes, 2), "steps": summary["steps"],
                   "knn_top1_conmim_teacher": round(results["conmim_teacher"], 2),
                   "knn_top1_random_init": round(results["random_init"], 2), "knn_k": e.knn_k, "pool": e.pool}

@@ -115,6 +115,8 @@ class EvalConfig:
     pool: str = "cls"  # cls | mean
     batch_size: int = 256
     final_knn: bool = False  # after pre-training, k-NN of teacher vs random init (built-in default)
+    knn_max_train: int = 0  # memory-bank images for the final k-NN (0: the whole train split)
+    knn_max_test: int = 0  # query images for the final k-NN (0: the whole test split)
 
 
 @dataclass

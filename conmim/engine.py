@@ -163,6 +163,8 @@ def build_loader(cfg: Config, dist: distributed.DistInfo, start_micro_step: int,
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=d.num_workers,
                         pin_memory=torch.cuda.is_available(), drop_last=True,
                         persistent_workers=d.num_workers > 0, prefetch_factor=4 if d.num_workers > 0 else None,
+                        # its own generator: creating the iterator must not draw from the global RNG,
+                        # or a resumed run's drop-path draws would shift
                         generator=torch.Generator().manual_seed(cfg.train.seed))
     return loader, sampler, dataset
 
@@ -369,8 +371,9 @@ def pretrain(cfg: Config) -> dict[str, Any]:
                 writer.write(record)
             shown = [math.nan if v is None else v for v in means]
             bar.set_postfix(loss=f"{shown[0]:.3f}", acc=f"{shown[1]:.2f}", img_s=f"{record['img_per_s']:.0f}")
-            sums.zero_()
-            images_since, t0 = 0, time.perf_counter()
+            if step % t.log_every == 0:  # a run's last record may cover a partial interval: keep it open
+                sums.zero_()
+                images_since, t0 = 0, time.perf_counter()
         if step % t.checkpoint_every == 0 or step == plan.run_steps:
             _save(cfg, out, step, model, optimizer, scaler, guard, sums, device, dist)
     bar.close()

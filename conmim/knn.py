@@ -90,16 +90,25 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = 20
     return 100.0 * (scores.argmax(1) == test_labels).float().mean().item()
 
 
+def spread_indices(size: int, limit: int) -> list[int] | None:
+    """``limit`` evenly spaced indices of ``range(size)`` (None = all), a deterministic subset."""
+    if limit <= 0 or limit >= size:
+        return None
+    return torch.linspace(0, size - 1, limit).round().long().tolist()
+
+
 def knn_on_splits(encoder: nn.Module, data_cfg, img_size: int, k: int = 20, temperature: float = 0.07,
                   pool: str = "cls", batch_size: int = 256, device: str | torch.device = "cpu",
-                  train_split: str = "train", test_split: str = "test") -> float:
+                  max_train: int = 0, max_test: int = 0, train_split: str = "train",
+                  test_split: str = "test") -> float:
     """k-NN top-1 (%) of an encoder: train split as memory bank, test split as queries."""
     from .data import build_source
 
     transform = EvalTransform(img_size, data_cfg.mean, data_cfg.std)
     feats = []
-    for split in (train_split, test_split):
-        dataset = LabeledDataset(build_source(data_cfg, img_size, split), transform)
+    for split, limit in ((train_split, max_train), (test_split, max_test)):
+        source = build_source(data_cfg, img_size, split)
+        dataset = LabeledDataset(source, transform, spread_indices(len(source), limit))
         feats.append(extract_features(encoder, dataset, batch_size, pool, device, data_cfg.num_workers,
                                       desc=f"k-NN {split} features"))
     (train_x, train_y), (test_x, test_y) = feats

@@ -1,0 +1,120 @@
+"""End-to-end pre-training through the real CLI and engine, on real images and real files."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from conmim.cli import main
+from conmim.config import ConfigError, load_config
+from conmim.engine import pretrain
+from conmim.export import export, load_encoder
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "conmim.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_print_config_shows_overrides(tiny_overrides):
+    proc = cli("pretrain", "--print-config", *tiny_overrides, "model.arch=vit_small")
+    assert proc.returncode == 0, proc.stderr
+    assert "arch: vit_small" in proc.stdout and "batch_size: 8" in proc.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.nope=1", "nope"),
+    ("mask.ratio=1.5", "mask.ratio=1.5 is not allowed: a number strictly between 0 and 1"),
+    ("model.arch=vit_huge", "model.arch='vit_huge' is not allowed: one of vit_tiny, vit_small"),
+    ("model.img_size=30", "model.img_size=30 is not allowed: a positive multiple of model.patch_size=4"),
+    ("mask.unit=3", "mask.unit=3 is not allowed: a divisor of the patch grid 4"),
+    ("train.base_lr=0", "train.base_lr=0.0 is not allowed"),
+    ("train.batch_size=-2", "train.batch_size=-2 is not allowed"),
+])
+def test_bad_configuration_names_field_value_and_allowed(tiny_overrides, override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(None, tiny_overrides + [override])
+    assert main(["pretrain", *tiny_overrides, override]) == 2
+
+
+def test_pretrain_fashion_mnist_cli_writes_a_complete_run(tmp_path, tiny_overrides, fashion_mnist_dir):
+    out = tmp_path / "fm"
+    proc = cli("pretrain", *tiny_overrides, "model.img_size=32", f"data.path={fashion_mnist_dir}",
+               "train.max_steps=4", f"output_dir={out}", "eval.final_knn=true", "eval.knn_max_train=300",
+               "eval.knn_max_test=100")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    for key in ("epoch", "loss", "lr", "momentum", "grad_norm", "img_per_s", "retrieval_acc", "mask_ratio"):
+        assert key in records[0]
+    assert records[0]["mask_ratio"] == pytest.approx(0.75)  # 8x8 grid, 16 units, 12 masked
+    assert 0 < records[0]["loss"] < 10 and records[1]["momentum"] > records[0]["momentum"]
+    assert (out / "config.yaml").is_file() and list((out / "tensorboard").glob("events.*"))
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "step_00000003.pt").is_file()
+    assert "pretrain" in proc.stderr  # the progress bar
+    knn = json.loads((out / "knn.json").read_text())
+    assert 10 < knn["knn_top1_conmim_teacher"] <= 100 and 10 < knn["knn_top1_random_init"] <= 100
+    assert "k-NN top-1 on the test split" in proc.stdout
+
+
+def test_pretrain_on_natural_images_at_224(tmp_path, natural_images):
+    cfg = load_config(None, ["model.arch=vit_tiny", "model.depth=2", "model.img_size=224", "model.patch_size=16",
+                             "model.proj_hidden_dim=128", "model.proj_out_dim=64", "data.source=folder",
+                             f"data.path={natural_images}", "data.num_workers=2", "train.batch_size=4",
+                             "train.max_steps=3", "train.log_every=1", "train.precision=fp32",
+                             f"output_dir={tmp_path / 'nat'}"])
+    summary = pretrain(cfg)
+    records = [json.loads(x) for x in (tmp_path / "nat" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 3 and len(records) == 3
+    assert records[0]["mask_ratio"] == pytest.approx(148 / 196)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_overrides):
+    base = tiny_overrides + ["data.source=synthetic", "data.synthetic_size=64", "train.epochs=2",
+                             "model.drop_path=0.1", "train.checkpoint_every=3"]
+    full = pretrain(load_config(None, base + ["train.max_steps=7", f"output_dir={tmp_path / 'full'}"]))
+    pretrain(load_config(None, base + ["train.max_steps=3", f"output_dir={tmp_path / 'split'}"]))
+    resumed = pretrain(load_config(None, base + ["train.max_steps=7", f"output_dir={tmp_path / 'split'}"]))
+    assert resumed["steps"] == 7
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log_full = (tmp_path / "full" / "metrics.jsonl").read_text()
+    log_split = (tmp_path / "split" / "metrics.jsonl").read_text()
+    def strip(text: str) -> list[dict]:  # the split run also logged at its own end, step 3
+        records = [json.loads(x) for x in text.splitlines()]
+        return [{k: v for k, v in r.items() if k != "img_per_s"} for r in records if r["step"] != 3]
+
+    assert strip(log_full) == strip(log_split)
+    assert [json.loads(x)["step"] for x in log_split.splitlines()] == [2, 3, 4, 6, 7]
+
+
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_export_loads_in_timm_strictly_with_the_same_features(tmp_path, tiny_overrides, which):
+    summary = pretrain(load_config(None, tiny_overrides + ["data.source=synthetic", "data.synthetic_size=32",
+                                                           "train.max_steps=2"]))
+    out = tmp_path / "enc.safetensors"
+    assert main(["export", str(tmp_path / "run"), "--out", str(out), "--which", which]) == 0
+    spec = json.loads(out.with_suffix(".json").read_text())
+    encoder = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
+    encoder.load_state_dict(load_file(str(out)), strict=True)
+    encoder.eval()
+    branch = getattr(summary["model"], which).eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(encoder.forward_features(x), branch.encoder.forward_features(x))
+    torch.testing.assert_close(load_encoder(out).eval()(x), encoder(x))
+    if which == "teacher":  # the default
+        assert export(tmp_path / "run", tmp_path / "default.safetensors")[0].is_file()
+
+
+def test_every_shipped_preset_loads_and_validates():
+    from importlib import resources
+
+    names = sorted(p.name[:-5] for p in (resources.files("conmim") / "configs").iterdir() if p.name.endswith(".yaml"))
+    assert {"fashion_mnist", "vit_small_in1k", "vit_base_in1k", "vit_large_in1k"} <= set(names)
+    for name in names:
+        load_config(name)
