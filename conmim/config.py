@@ -102,6 +102,9 @@ class EvalConfig:
     knn_t: float = 0.07
     pool: str = "cls"  # cls | mean
     batch_size: int = 256
+    train_limit: int = 0  # knn / linprobe / finetune: images of data.split used, drawn with train.seed (0: all)
+    test_limit: int = 0  # ... and of data.eval_split (0: all)
+    which: str = "teacher"  # encoder of a conmim checkpoint for knn / linprobe / finetune (the authors': teacher)
     final_knn: bool = False  # after pre-training, k-NN of teacher vs random init (built-in default)
     monitor_every: int = 0  # pre-training steps between k-NN checks of the teacher (0: off)
     monitor_bank: int = 2000  # labelled pre-training images as the monitor's memory bank
@@ -146,11 +149,11 @@ class FinetuneConfig:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     label_smoothing: float = 0.1
-    auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; "" for none
+    crop_scale_min: float = 0.08  # RandomResizedCrop area scale (timm default, official)
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; "" for none (then colour jitter 0.4)
     reprob: float = 0.25  # random erasing
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, centre-crop img_size (224/256)
     num_classes: int = 0  # 0: from the training split's labels
-    which: str = "teacher"  # encoder of a conmim checkpoint (teacher, as the authors fine-tune)
     log_every: int = 20
 
 
@@ -251,6 +254,9 @@ def validate(cfg: Config) -> None:
 def _validate_eval(cfg: Config) -> None:
     e, lp, ft = cfg.eval, cfg.linprobe, cfg.finetune
     _require(e.pool in ("cls", "mean"), "eval.pool", e.pool, "cls or mean")
+    _require(e.train_limit >= 0 and e.test_limit >= 0, "eval.train_limit/test_limit", (e.train_limit, e.test_limit),
+             "0 (all images) or a positive count")
+    _require(e.which in ("teacher", "student"), "eval.which", e.which, "teacher or student")
     _require(e.knn_k > 0 and e.knn_t > 0, "eval.knn_k/knn_t", (e.knn_k, e.knn_t), "positive numbers")
     _require(e.monitor_every >= 0, "eval.monitor_every", e.monitor_every, "0 (off) or a positive step count")
     _require(e.monitor_bank > 0 and e.monitor_queries > 0, "eval.monitor_bank/monitor_queries",
@@ -265,7 +271,7 @@ def _validate_eval(cfg: Config) -> None:
     _require(0.0 < ft.layer_decay <= 1.0, "finetune.layer_decay", ft.layer_decay, "a number in (0, 1]")
     _require(0.0 <= ft.drop_path < 1.0, "finetune.drop_path", ft.drop_path, "a number in [0, 1)")
     _require(0.0 <= ft.label_smoothing < 1.0, "finetune.label_smoothing", ft.label_smoothing, "in [0, 1)")
+    _require(0.0 < ft.crop_scale_min <= 1.0, "finetune.crop_scale_min", ft.crop_scale_min, "in (0, 1]")
     _require(0.0 < ft.crop_pct <= 1.0, "finetune.crop_pct", ft.crop_pct, "in (0, 1]")
-    _require(ft.which in ("teacher", "student"), "finetune.which", ft.which, "teacher or student")
     _require(ft.mixup == 0 and ft.cutmix == 0 or ft.batch_size % 2 == 0, "finetune.batch_size", ft.batch_size,
              "an even number when mixup/cutmix is on (timm mixes a batch with its reverse)")

@@ -73,7 +73,7 @@ def train_transform(img_size: int, cfg: Config) -> RGBTransform:
     """
     f, d = cfg.finetune, cfg.data
     ops = create_transform(
-        img_size, is_training=True, scale=(d.crop_scale_min, 1.0), auto_augment=f.auto_augment or None,
+        img_size, is_training=True, scale=(f.crop_scale_min, 1.0), auto_augment=f.auto_augment or None,
         interpolation="bicubic", re_prob=f.reprob, re_mode="pixel", re_count=1, mean=tuple(d.mean), std=tuple(d.std))
     for t in ops.transforms:
         for op in getattr(t, "ops", []) if isinstance(t, RandAugment) else []:
@@ -113,7 +113,7 @@ def finetune(encoder: nn.Module | str | Path, train_source, test_source, cfg: Co
     """Fine-tune a pre-trained encoder on ``train_source``; evaluate on ``test_source`` every epoch.
 
     ``encoder``: a timm encoder (e.g. ``ConMIM.teacher.encoder``), an exported ``.safetensors``, a
-    run directory or a checkpoint (``cfg.finetune.which`` picks teacher or student). Uses
+    run directory or a checkpoint (``cfg.eval.which`` picks teacher or student). Uses
     ``cfg.finetune`` (recipe), ``cfg.data`` (mean, std, crop scale, workers), ``cfg.train`` (seed,
     precision) and ``cfg.device``. Returns the last epoch's top1/top5, best_top1/best_epoch and more.
     """
@@ -126,7 +126,7 @@ def finetune(encoder: nn.Module | str | Path, train_source, test_source, cfg: Co
     out = Path(out_dir or Path(cfg.output_dir) / "finetune")
     torch.manual_seed(cfg.train.seed + dist.rank)
 
-    weights, spec = pretrained_of(encoder, f.which)
+    weights, spec = pretrained_of(encoder, cfg.eval.which)
     classes = f.num_classes or num_classes_of(train_source, test_source)
     model, model_spec = build_classifier(weights, spec, classes, f.img_size, f.drop_path, f.head_init_scale)
     model.to(device)

@@ -11,6 +11,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from .config import ConfigError
+from .data import DataError, build_source
+
 
 class EvalTransform:
     """Resize the shorter side to ``img_size / crop_pct`` (bicubic), centre-crop, normalise."""
@@ -48,7 +51,7 @@ def encode(encoder: nn.Module, images: torch.Tensor, pool: str = "cls", block: i
     """
     depth = len(encoder.blocks)
     if not -depth <= block < depth:
-        raise ValueError(f"block={block} is outside the encoder's {depth} blocks (use -1 for the last)")
+        raise ConfigError(f"block={block} is outside the encoder's {depth} blocks (use -1 for the last)")
     (patches, prefix), = encoder.forward_intermediates(
         images, indices=[block % depth], norm=True, output_fmt="NLC", return_prefix_tokens=True,
         intermediates_only=True, stop_early=True)
@@ -103,20 +106,51 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = 20
     return 100.0 * (scores.argmax(1) == test_labels).float().mean().item()
 
 
+def knn_top1(encoder: nn.Module, train_source, test_source, transform, k: int = 20, temperature: float = 0.07,
+             pool: str = "cls", batch_size: int = 256, device: str | torch.device = "cpu",
+             num_workers: int = 0) -> float:
+    """k-NN top-1 (%) of an encoder: ``train_source`` as memory bank, ``test_source`` as queries."""
+    feats = [extract_features(encoder, LabeledDataset(src, transform), batch_size, pool, device, num_workers,
+                              desc=f"k-NN {name} features")
+             for name, src in (("bank", train_source), ("query", test_source))]
+    (train_x, train_y), (test_x, test_y) = feats
+    return knn_accuracy(train_x, train_y, test_x, test_y, k, temperature)
+
+
 def knn_on_splits(encoder: nn.Module, data_cfg, img_size: int, k: int = 20, temperature: float = 0.07,
                   pool: str = "cls", batch_size: int = 256, device: str | torch.device = "cpu",
                   train_split: str = "train", test_split: str = "test") -> float:
     """k-NN top-1 (%) of an encoder: train split as memory bank, test split as queries."""
-    from .data import build_source
+    sources = [build_source(data_cfg, img_size, split) for split in (train_split, test_split)]
+    return knn_top1(encoder, *sources, EvalTransform(img_size, data_cfg.mean, data_cfg.std), k, temperature, pool,
+                    batch_size, device, data_cfg.num_workers)
 
-    transform = EvalTransform(img_size, data_cfg.mean, data_cfg.std)
-    feats = []
-    for split in (train_split, test_split):
-        dataset = LabeledDataset(build_source(data_cfg, img_size, split), transform)
-        feats.append(extract_features(encoder, dataset, batch_size, pool, device, data_cfg.num_workers,
-                                      desc=f"k-NN {split} features"))
-    (train_x, train_y), (test_x, test_y) = feats
-    return knn_accuracy(train_x, train_y, test_x, test_y, k, temperature)
+
+class SourceSubset:
+    """Some images of a source, by index, with their labels (a source itself)."""
+
+    def __init__(self, source, indices: list[int]):
+        self.source, self.indices = source, list(indices)
+        self.classes = getattr(source, "classes", [])
+        labels = getattr(source, "labels", None)
+        self.labels = [int(labels[i]) for i in self.indices] if labels is not None else None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def name(self, index: int) -> str:
+        return self.source.name(self.indices[index])
+
+    def __getitem__(self, index: int):
+        return self.source[self.indices[index]]
+
+
+def limit_source(source, limit: int, seed: int = 0):
+    """``limit`` images of ``source`` drawn without replacement with ``seed`` (all of it when 0 or larger)."""
+    if not 0 < limit < len(source):
+        return source
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
+    return SourceSubset(source, sorted(order[:limit].tolist()))
 
 
 class KnnMonitor:
@@ -131,36 +165,32 @@ class KnnMonitor:
         queries = min(queries, len(source) // 2)
         bank = min(bank, len(source) - queries)
         order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).tolist()
-        labels = getattr(source, "labels", None)
-        if labels is not None and min(int(labels[i]) for i in order[:bank + queries]) < 0:
-            raise ValueError("eval.monitor_every needs labelled images (class sub-folders, list-file labels or "
-                             "Fashion-MNIST); this data source has unlabelled ones, set eval.monitor_every=0")
-        transform = EvalTransform(img_size, mean, std)
-        self.bank = LabeledDataset(source, transform, order[:bank])
-        self.queries = LabeledDataset(source, transform, order[bank:bank + queries])
+        self.bank, self.queries = SourceSubset(source, order[:bank]), SourceSubset(source, order[bank:bank + queries])
+        if self.bank.labels is not None and min(self.bank.labels + self.queries.labels) < 0:
+            raise DataError("eval.monitor_every needs labelled images (class sub-folders, list-file labels or "
+                            "Fashion-MNIST); this data source has unlabelled ones, set eval.monitor_every=0")
+        self.transform = EvalTransform(img_size, mean, std)
         self.k, self.temperature, self.pool, self.batch_size = k, temperature, pool, batch_size
 
     @classmethod
     def from_config(cls, cfg) -> KnnMonitor:
         """The monitor of a :class:`conmim.config.Config` (its pre-training source and ``eval`` section)."""
-        from .data import build_source
-
         e = cfg.eval
         return cls(build_source(cfg.data, cfg.model.img_size), cfg.model.img_size, cfg.data.mean, cfg.data.std,
                    e.monitor_bank, e.monitor_queries, e.knn_k, e.knn_t, e.pool, e.batch_size, cfg.train.seed)
 
     def __call__(self, encoder: nn.Module, device: str | torch.device = "cpu") -> dict[str, float]:
-        bank_x, bank_y = extract_features(encoder, self.bank, self.batch_size, self.pool, device, desc="monitor bank")
-        query_x, query_y = extract_features(encoder, self.queries, self.batch_size, self.pool, device,
-                                            desc="monitor queries")
-        return {"knn_top1": knn_accuracy(bank_x, bank_y, query_x, query_y, self.k, self.temperature)}
+        return {"knn_top1": knn_top1(encoder, self.bank, self.queries, self.transform, self.k, self.temperature,
+                                     self.pool, self.batch_size, device)}
 
 
 def num_classes_of(*sources) -> int:
     """Number of classes of labelled sources: their class names, else the largest label + 1."""
-    named = max((len(getattr(s, "classes", ()) or ()) for s in sources), default=0)
-    labels = [int(max(s.labels)) for s in sources if len(getattr(s, "labels", ())) > 0]
-    found = max([named] + [n + 1 for n in labels])
+    found = max(len(getattr(s, "classes", None) or ()) for s in sources)
+    for s in sources:
+        labels = getattr(s, "labels", None)
+        if labels is not None and len(labels):
+            found = max(found, int(max(labels)) + 1)
     if found < 2:
-        raise ValueError("the data source has no labels (need class sub-folders, list-file labels or Fashion-MNIST)")
+        raise DataError("the data source has no labels (need class sub-folders, list-file labels or Fashion-MNIST)")
     return found

@@ -80,7 +80,9 @@ def linear_probe(encoder: nn.Module | str | Path, train_source, test_source, cfg
     cfg, device, start = cfg or Config(), torch.device(device), time.perf_counter()
     p, d = cfg.linprobe, cfg.data
     torch.manual_seed(cfg.train.seed)
-    encoder = resolve_encoder(encoder, cfg.finetune.which).to(device).eval().requires_grad_(False)
+    encoder = resolve_encoder(encoder, cfg.eval.which).to(device)
+    was_training = encoder.training
+    encoder.eval()  # frozen: eval mode, and features only ever computed under no_grad
     size, classes = img_size_of(encoder), num_classes_of(train_source, test_source)
     test = LabeledDataset(test_source, EvalTransform(size, d.mean, d.std))
     test_x, test_y = extract_features(encoder, test, cfg.eval.batch_size, p.pool, device, d.num_workers,
@@ -116,6 +118,7 @@ def linear_probe(encoder: nn.Module | str | Path, train_source, test_source, cfg
         log.write({"step": step, "epoch": epoch + 1, "train_loss": loss_sum / seen,
                    "lr": optimizer.param_groups[0]["lr"]})
     head.eval()
+    encoder.train(was_training)
     with torch.no_grad():
         top1, top5 = accuracy(head(test_x.to(device)), test_y.to(device), topk=(1, min(5, classes)))
     result = {"top1": top1.item(), "top5": top5.item(), "epochs": p.epochs, "block": p.block, "pool": p.pool,

@@ -19,7 +19,7 @@ from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
 from torch import nn
 
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
-DROPPED = ("mask_token", "norm.", "head.", "fc_norm.", "rel_pos_bias.")
+HEAD_PREFIXES = ("head.", "fc_norm.")
 
 
 def grid_of(spec: dict[str, Any]) -> tuple[int, int]:
@@ -54,14 +54,17 @@ def classifier_spec(spec: dict[str, Any], num_classes: int, img_size: int = 0, d
 def transfer_weights(weights: dict[str, torch.Tensor], spec: dict[str, Any], model: nn.Module) -> dict:
     """Pre-trained encoder weights renamed and resized for ``model`` (built from :func:`classifier_spec`).
 
-    Drops the mask token, the final norm (replaced by fc_norm) and any old head; copies the shared
-    relative position table into every block; resizes tables and the absolute position embedding
-    from the pre-training grid to the model's.
+    Drops the mask token, the final norm when the model replaced it by fc_norm, and a head or
+    fc_norm of another shape; copies the shared relative position table into every block; resizes
+    tables and the absolute position embedding from the pre-training grid to the model's. A head
+    of the right shape is kept (continuing a fine-tuning, e.g. at 384 after 224).
     """
     old_grid, new_grid = grid_of(spec), tuple(model.patch_embed.grid_size)
-    out = {k: v for k, v in weights.items() if not k.startswith(DROPPED)}
-    if isinstance(model.norm, nn.Identity) is False:  # a model that keeps the final norm keeps its weights
-        out.update({k: v for k, v in weights.items() if k.startswith("norm.")})
+    target = model.state_dict()
+    out = {k: v for k, v in weights.items()
+           if not k.startswith(("mask_token", "rel_pos_bias."))
+           and not (k.startswith("norm.") and isinstance(model.norm, nn.Identity))
+           and not (k.startswith(HEAD_PREFIXES) and (k not in target or target[k].shape != v.shape))}
     shared = weights.get(SHARED_TABLE)
     for i, block in enumerate(model.blocks):
         key = f"blocks.{i}.attn.relative_position_bias_table"
@@ -79,7 +82,7 @@ def transfer_weights(weights: dict[str, torch.Tensor], spec: dict[str, Any], mod
 
 @torch.no_grad()
 def init_head(head: nn.Linear, scale: float) -> None:
-    """Truncated normal (std 0.02) then weight and bias times ``scale`` (spec §2.5: 0.001)."""
+    """Truncated normal (std 0.02) times ``scale`` (spec §2.5: 0.001), zero bias."""
     nn.init.trunc_normal_(head.weight, std=0.02)
     nn.init.zeros_(head.bias)
     head.weight.mul_(scale)
@@ -87,14 +90,15 @@ def init_head(head: nn.Linear, scale: float) -> None:
 
 def build_classifier(weights: dict[str, torch.Tensor], spec: dict[str, Any], num_classes: int, img_size: int = 0,
                      drop_path: float = 0.1, head_init_scale: float = 0.001) -> tuple[nn.Module, dict]:
-    """(timm classifier with the pre-trained weights, its spec); only the head and fc_norm are new."""
+    """(timm classifier with the pre-trained weights, its spec); only the head and fc_norm may be new."""
     target = classifier_spec(spec, num_classes, img_size, drop_path)
     model = timm.create_model(target["model_name"], pretrained=False, **target["kwargs"])
     missing, unexpected = model.load_state_dict(transfer_weights(weights, spec, model), strict=False)
-    new = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
+    new = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
     if new or unexpected:
         raise KeyError(f"pre-trained weights do not fit {target['model_name']}: missing {new}, unexpected {unexpected}")
-    init_head(model.head, head_init_scale)
+    if "head.weight" in missing:
+        init_head(model.head, head_init_scale)
     return model, target
 
 
