@@ -94,11 +94,7 @@ def _report(cfg, name: str, result: dict) -> None:
     print(json.dumps(shown, indent=2))
 
 
-def cmd_knn(args: argparse.Namespace) -> int:
-    cfg = _eval_config(args)
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
+def cmd_knn(args: argparse.Namespace, cfg) -> int:
     from .engine import resolve_device
     from .export import load_encoder
     from .knn import EvalTransform, knn_top1
@@ -116,11 +112,7 @@ def cmd_knn(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_linprobe(args: argparse.Namespace) -> int:
-    cfg = _eval_config(args)
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
+def cmd_linprobe(args: argparse.Namespace, cfg) -> int:
     from .engine import resolve_device
     from .export import load_encoder
     from .linprobe import img_size_of, linear_probe
@@ -133,11 +125,7 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    cfg = _eval_config(args)
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
+def cmd_finetune(args: argparse.Namespace, cfg) -> int:
     from .finetune import finetune
 
     train, test = _eval_sources(cfg, cfg.finetune.img_size or cfg.model.img_size)
@@ -158,12 +146,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_eval(func):
+    """Resolve the configuration once for an evaluation command; ``--print-config`` stops there."""
+
+    def run(args: argparse.Namespace) -> int:
+        cfg = _eval_config(args)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        return func(args, cfg)
+
+    return run
+
+
 def _add_eval_command(sub, name: str, func, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=help_text + ". Settings come from --config, else the "
                        "run's config.yaml, else the built-in Fashion-MNIST preset; key=value overrides last.")
     p.add_argument("source", help="run directory, conmim checkpoint (.pt) or exported/converted .safetensors")
     _add_config_args(p)
-    p.set_defaults(func=func)
+    p.set_defaults(func=_run_eval(func))
 
 
 def build_parser() -> argparse.ArgumentParser:

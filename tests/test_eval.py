@@ -155,6 +155,10 @@ def test_rel_pos_tables_identity_at_same_size_and_resized_at_384():
     assert big.shape == (47 * 47 + 3, 3)
     assert torch.equal(big[-3:], table[-3:])  # [CLS] entries kept
     assert torch.allclose(big[(47 * 47) // 2], table[(27 * 27) // 2])  # zero offset stays zero offset
+    dy = torch.arange(-13, 14).repeat_interleave(27).float()  # a table linear in the row offset ...
+    ramp = resize_rel_pos_table(torch.cat([dy, torch.zeros(3)])[:, None], (14, 14), (24, 24))[:-3].reshape(47, 47)
+    assert torch.allclose(ramp[[0, -1]], torch.tensor([[-13.0], [13.0]]).expand(2, 47))  # ... keeps its range
+    assert (ramp[1:] - ramp[:-1] > 0).all()  # and stays increasing
     spec = timm_spec("vit_tiny", 224, 16, depth=2)
     enc = timm.create_model(spec["model_name"], **spec["kwargs"]).eval()
     with torch.no_grad():
