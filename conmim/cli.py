@@ -154,6 +154,8 @@ def _run_eval(func):
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
+        if func is not cmd_finetune and int(os.environ.get("RANK", "0")) > 0:
+            return 0  # k-NN and the linear probe run in one process; under torchrun rank 0 does the work
         return func(args, cfg)
 
     return run

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .config import Config, to_yaml
+from .data import DataError
 from .engine import MetricsWriter, resolve_device, resolve_precision
 from .export import load_pretrained, write_encoder
 from .knn import EvalTransform, LabeledDataset, num_classes_of
@@ -108,18 +110,76 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, a
             "loss": (sums[2] / count).item()}
 
 
+def mixup_and_criterion(f, num_classes: int) -> tuple[Mixup | None, nn.Module]:
+    """timm Mixup/CutMix with label smoothing and the soft-target loss, or plain (smoothed) CE when off."""
+    if f.mixup > 0 or f.cutmix > 0:
+        return Mixup(mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, prob=f.mixup_prob, switch_prob=f.mixup_switch_prob,
+                     mode="batch", label_smoothing=f.label_smoothing, num_classes=num_classes), SoftTargetCrossEntropy()
+    return None, LabelSmoothingCrossEntropy(f.label_smoothing) if f.label_smoothing > 0 else nn.CrossEntropyLoss()
+
+
+@dataclass
+class _Run:
+    """What one fine-tuning run carries from step to step."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    mixup: Mixup | None
+    criterion: nn.Module
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    peak: float
+    total: int
+    warmup: int
+    step: int = 0
+
+
+def _train_epoch(run: _Run, loader: DataLoader, f, writer: MetricsWriter | None, desc: str) -> None:
+    run.net.train()
+    sums, since = torch.zeros(1, device=run.device), 0
+    params = [p for p in run.net.parameters() if p.requires_grad]
+    for images, labels in tqdm(loader, desc=desc, disable=writer is None, dynamic_ncols=True):
+        images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
+        if run.mixup:
+            images, labels = run.mixup(images, labels)
+        lr = warmup_cosine(run.step, run.total, run.peak, f.min_lr, run.warmup)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+            loss = run.criterion(run.net(images), labels)
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.optimizer)
+        if f.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(params, f.clip_grad)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step, since = run.step + 1, since + 1
+        sums += loss.detach().float()
+        if run.step % f.log_every == 0:
+            train_loss = (distributed.all_mean(sums) / since).item()  # every rank joins the all-reduce
+            if writer:
+                writer.write({"step": run.step, "epoch": round(run.step / len(loader), 4), "train_loss": train_loss,
+                              "lr": lr})
+            sums.zero_()
+            since = 0
+
+
 def finetune(encoder: nn.Module | str | Path, train_source, test_source, cfg: Config | None = None,
              out_dir: str | Path | None = None) -> dict[str, Any]:
     """Fine-tune a pre-trained encoder on ``train_source``; evaluate on ``test_source`` every epoch.
 
     ``encoder``: a timm encoder (e.g. ``ConMIM.teacher.encoder``), an exported ``.safetensors``, a
     run directory or a checkpoint (``cfg.eval.which`` picks teacher or student). Uses
-    ``cfg.finetune`` (recipe), ``cfg.data`` (mean, std, crop scale, workers), ``cfg.train`` (seed,
-    precision) and ``cfg.device``. Returns the last epoch's top1/top5, best_top1/best_epoch and more.
+    ``cfg.finetune`` (recipe), ``cfg.data`` (mean, std, workers), ``cfg.train`` (seed, precision)
+    and ``cfg.device``; ``out_dir`` defaults to ``<output_dir>/finetune``. Returns the last epoch's
+    top1/top5, best_top1/best_top5/best_epoch, the per-epoch history and sizes.
     """
     cfg = cfg or Config()
     f, start = cfg.finetune, time.perf_counter()
     device = resolve_device(cfg.device)
+    owns_group = not torch.distributed.is_initialized()
     dist = distributed.setup(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
@@ -138,99 +198,66 @@ def finetune(encoder: nn.Module | str | Path, train_source, test_source, cfg: Co
     loader = DataLoader(train_set, f.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.train.seed))
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images cannot fill one batch of finetune.batch_size="
-                         f"{f.batch_size} per process")
-    total_batch = f.batch_size * dist.world_size
-    peak, total = f.base_lr * total_batch / 256, f.epochs * steps_per_epoch
-    warmup = int(round(f.warmup_epochs * steps_per_epoch))
+    if len(loader) == 0:
+        raise DataError(f"{len(train_set)} training images cannot fill one batch of finetune.batch_size="
+                        f"{f.batch_size} per process")
     optimizer = torch.optim.AdamW(layer_decay_groups(model, f.weight_decay, f.layer_decay, f.decay_rel_pos),
-                                  lr=peak, betas=tuple(f.betas),
+                                  lr=f.base_lr, betas=tuple(f.betas),
                                   **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     amp_dtype = resolve_precision(cfg.train.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    mixup = Mixup(mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, prob=f.mixup_prob, switch_prob=f.mixup_switch_prob,
-                  mode="batch", label_smoothing=f.label_smoothing, num_classes=classes) \
-        if f.mixup > 0 or f.cutmix > 0 else None
-    criterion = SoftTargetCrossEntropy() if mixup else (
-        LabelSmoothingCrossEntropy(f.label_smoothing) if f.label_smoothing > 0 else nn.CrossEntropyLoss())
+    run = _Run(model, optimizer, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+               *mixup_and_criterion(f, classes), device, amp_dtype, f.base_lr * f.batch_size * dist.world_size / 256,
+               f.epochs * len(loader), int(round(f.warmup_epochs * len(loader))))
 
-    epoch, best, history = 0, {"top1": -1.0, "epoch": 0}, []
+    epoch, best, history = 0, {"top1": -1.0, "top5": None, "epoch": 0}, []
     last = out / "checkpoints" / "last.pt"
     if last.is_file():
         state = ckpt.safe_load(last)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        run.scaler.load_state_dict(state["scaler"])
         epoch, best, history = state["epoch"], state["best"], state["history"]
         log.info("resumed fine-tuning from %s at epoch %d", last, epoch)
+    run.step = epoch * len(loader)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
         log.info("fine-tuning %s at %d px (pre-trained at grid %s): %d classes, %d images, %d steps/epoch, "
                  "peak lr %.3g", model_spec["model_name"], size, grid_of(spec), classes, len(train_set),
-                 steps_per_epoch, peak)
-    writer = MetricsWriter(out, epoch * steps_per_epoch, tag="finetune") if dist.is_main else None
-    net = DistributedDataParallel(model) if dist.enabled else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    step = epoch * steps_per_epoch
+                 len(loader), run.peak)
+    writer = MetricsWriter(out, run.step, tag="finetune") if dist.is_main else None
+    run.net = DistributedDataParallel(model) if dist.enabled else model
     while epoch < f.epochs:
         if sampler is not None:
             sampler.set_epoch(epoch)
-        net.train()
-        sums, since = torch.zeros(1, device=device), 0
-        for images, labels in tqdm(loader, desc=f"finetune epoch {epoch + 1}/{f.epochs}", disable=not dist.is_main,
-                                   dynamic_ncols=True):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if mixup:
-                images, labels = mixup(images, labels)
-            lr = warmup_cosine(step, total, peak, f.min_lr, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = criterion(net(images), labels)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            if f.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(params, f.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step, since = step + 1, since + 1
-            sums += loss.detach().float()
-            if step % f.log_every == 0 and writer:
-                writer.write({"step": step, "epoch": round(step / steps_per_epoch, 4),
-                              "train_loss": (distributed.all_mean(sums) / since).item(), "lr": lr})
-                sums.zero_()
-                since = 0
+        _train_epoch(run, loader, f, writer, f"finetune epoch {epoch + 1}/{f.epochs}")
         epoch += 1
         metrics = evaluate(model, test_set, f.batch_size * 3 // 2, device, amp_dtype, cfg.data.num_workers)
         history.append({"epoch": epoch, **metrics})
         is_best = metrics["top1"] > best["top1"]
         if is_best:
             best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch}
-        if dist.is_main:
-            writer.write({"step": step, "epoch": epoch, **{f"test_{k}": v for k, v in metrics.items()},
+        if writer:
+            writer.write({"step": run.step, "epoch": epoch, **{f"test_{k}": v for k, v in metrics.items()},
                           "best_top1": best["top1"]})
             log.info("epoch %d: top-1 %.2f%%, top-5 %.2f%% (best %.2f%% at epoch %d)", epoch, metrics["top1"],
                      metrics["top5"], best["top1"], best["epoch"])
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "best": best, "history": history, "spec": json.dumps(model_spec),
-                     "config": to_yaml(cfg)}
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": run.scaler.state_dict(), "epoch": epoch, "best": best, "history": history,
+                     "spec": json.dumps(model_spec), "config": to_yaml(cfg)}
             ckpt.atomic_save(state, last)
             if is_best:
-                ckpt.atomic_save({"model": state["model"], "epoch": epoch, "best": best, "spec": state["spec"],
-                                  "config": state["config"]}, out / "checkpoints" / "best.pt")
+                ckpt.atomic_save({k: state[k] for k in ("model", "epoch", "best", "spec", "config")},
+                                 out / "checkpoints" / "best.pt")
     result = {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "best_top1": best["top1"],
-              "best_top5": best.get("top5"), "best_epoch": best["epoch"], "epochs": f.epochs, "img_size": size,
+              "best_top5": best["top5"], "best_epoch": best["epoch"], "epochs": f.epochs, "img_size": size,
               "num_classes": classes, "train_images": len(train_set), "test_images": len(test_set),
               "history": history, "seconds": round(time.perf_counter() - start, 1), "output_dir": str(out)}
-    if dist.is_main:
+    if writer:
         best_state = ckpt.safe_load(out / "checkpoints" / "best.pt")["model"]
         write_encoder({k: v.contiguous() for k, v in best_state.items()}, model_spec, out / "best.safetensors")
         (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
         writer.close()
-    distributed.teardown()
+    if owns_group:
+        distributed.teardown()
     return result
-
