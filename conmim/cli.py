@@ -95,7 +95,7 @@ def _report(cfg, name: str, result: dict) -> None:
 
 
 def cmd_knn(args: argparse.Namespace, cfg) -> int:
-    from .engine import resolve_device
+    from .engine import resolve_device, resolve_precision
     from .export import load_encoder
     from .knn import EvalTransform, knn_top1
     from .linprobe import img_size_of
@@ -105,7 +105,7 @@ def cmd_knn(args: argparse.Namespace, cfg) -> int:
     size = img_size_of(encoder)
     train, test = _eval_sources(cfg, size)
     top1 = knn_top1(encoder, train, test, EvalTransform(size, d.mean, d.std), e.knn_k, e.knn_t, e.pool, e.batch_size,
-                    device, d.num_workers)
+                    device, d.num_workers, resolve_precision(cfg.train.precision, device))
     _report(cfg, "knn", {"top1": top1, "k": e.knn_k, "temperature": e.knn_t, "pool": e.pool, "which": e.which,
                          "source": str(args.source), "data": d.source, "train_images": len(train),
                          "test_images": len(test)})

@@ -230,7 +230,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             since, images_since, t0 = 0, 0, time.perf_counter()
         if monitor and (step % cfg.eval.monitor_every == 0 or step == plan.run_steps):
             t_monitor = time.perf_counter()
-            writer.write({"step": step, **monitor(model.teacher.encoder, device)})
+            writer.write({"step": step, **monitor(model.teacher.encoder, device, amp_dtype)})
             t0 += time.perf_counter() - t_monitor  # keep img_per_s a training throughput
         if step % t.checkpoint_every == 0 or step == plan.run_steps:
             if dist.is_main:

@@ -65,15 +65,21 @@ def encode(encoder: nn.Module, images: torch.Tensor, pool: str = "cls", block: i
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset: Dataset, batch_size: int = 256, pool: str = "cls",
                      device: str | torch.device = "cpu", num_workers: int = 0, desc: str = "features",
-                     block: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (N, D) in fp32 and labels (N,) of a timm encoder over a labelled dataset."""
+                     block: int = -1, amp_dtype: torch.dtype | str | None = "auto"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (N, D) in fp32 and labels (N,) of a timm encoder over a labelled dataset.
+
+    ``amp_dtype``: autocast dtype of the forward pass, None for fp32; ``auto`` is bf16 on GPU only.
+    """
     was_training = encoder.training
     encoder.eval()
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     feats, labels = [], []
     device = torch.device(device)
+    if amp_dtype == "auto":
+        amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     for images, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             feats.append(encode(encoder, images.to(device, non_blocking=True), pool, block).float().cpu())
         labels.append(torch.as_tensor(y))
     encoder.train(was_training)
@@ -108,10 +114,10 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = 20
 
 def knn_top1(encoder: nn.Module, train_source, test_source, transform, k: int = 20, temperature: float = 0.07,
              pool: str = "cls", batch_size: int = 256, device: str | torch.device = "cpu",
-             num_workers: int = 0) -> float:
+             num_workers: int = 0, amp_dtype: torch.dtype | str | None = "auto") -> float:
     """k-NN top-1 (%) of an encoder: ``train_source`` as memory bank, ``test_source`` as queries."""
     feats = [extract_features(encoder, LabeledDataset(src, transform), batch_size, pool, device, num_workers,
-                              desc=f"k-NN {name} features")
+                              desc=f"k-NN {name} features", amp_dtype=amp_dtype)
              for name, src in (("bank", train_source), ("query", test_source))]
     (train_x, train_y), (test_x, test_y) = feats
     return knn_accuracy(train_x, train_y, test_x, test_y, k, temperature)
@@ -179,9 +185,10 @@ class KnnMonitor:
         return cls(build_source(cfg.data, cfg.model.img_size), cfg.model.img_size, cfg.data.mean, cfg.data.std,
                    e.monitor_bank, e.monitor_queries, e.knn_k, e.knn_t, e.pool, e.batch_size, cfg.train.seed)
 
-    def __call__(self, encoder: nn.Module, device: str | torch.device = "cpu") -> dict[str, float]:
+    def __call__(self, encoder: nn.Module, device: str | torch.device = "cpu",
+                 amp_dtype: torch.dtype | str | None = "auto") -> dict[str, float]:
         return {"knn_top1": knn_top1(encoder, self.bank, self.queries, self.transform, self.k, self.temperature,
-                                     self.pool, self.batch_size, device)}
+                                     self.pool, self.batch_size, device, amp_dtype=amp_dtype)}
 
 
 def num_classes_of(*sources) -> int:

@@ -25,6 +25,7 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from .config import Config
+from .engine import resolve_precision
 from .knn import EvalTransform, LabeledDataset, encode, extract_features, num_classes_of
 from .schedules import warmup_cosine
 
@@ -74,11 +75,12 @@ def linear_probe(encoder: nn.Module | str | Path, train_source, test_source, cfg
     """Train a linear head on frozen features of ``train_source``; top-1/top-5 (%) on ``test_source``.
 
     Uses ``cfg.linprobe`` (block, pooling, optimizer, schedule), ``cfg.data`` (mean, std, workers,
-    crop scale) and ``cfg.eval.batch_size`` for feature extraction. Writes ``metrics.jsonl`` and
-    ``results.json`` into ``out_dir`` when given.
+    crop scale), ``cfg.eval.batch_size`` and ``cfg.train.precision`` for feature extraction.
+    Writes ``metrics.jsonl`` and ``results.json`` into ``out_dir`` when given.
     """
     cfg, device, start = cfg or Config(), torch.device(device), time.perf_counter()
     p, d = cfg.linprobe, cfg.data
+    amp_dtype = resolve_precision(cfg.train.precision, device)  # encoder forward only; the head trains in fp32
     torch.manual_seed(cfg.train.seed)
     encoder = resolve_encoder(encoder, cfg.eval.which).to(device)
     was_training = encoder.training
@@ -86,17 +88,17 @@ def linear_probe(encoder: nn.Module | str | Path, train_source, test_source, cfg
     size, classes = img_size_of(encoder), num_classes_of(train_source, test_source)
     test = LabeledDataset(test_source, EvalTransform(size, d.mean, d.std))
     test_x, test_y = extract_features(encoder, test, cfg.eval.batch_size, p.pool, device, d.num_workers,
-                                      "probe test features", p.block)
+                                      "probe test features", p.block, amp_dtype)
     head = probe_head(test_x.shape[1], classes).to(device)
     if p.cache_features:
         train_x, train_y = extract_features(encoder, LabeledDataset(train_source, EvalTransform(size, d.mean, d.std)),
                                             cfg.eval.batch_size, p.pool, device, d.num_workers,
-                                            "probe train features", p.block)
+                                            "probe train features", p.block, amp_dtype)
         batches = partial(_cached_batches, train_x, train_y, p.batch_size)
         steps_per_epoch = math.ceil(len(train_x) / p.batch_size)
     else:
         train = LabeledDataset(train_source, probe_transform(size, d.mean, d.std, d.crop_scale_min))
-        batches = partial(_encoded_batches, encoder, train, p, device, d.num_workers)
+        batches = partial(_encoded_batches, encoder, train, p, device, d.num_workers, amp_dtype)
         steps_per_epoch = math.ceil(len(train) / p.batch_size)
     lr = p.base_lr * p.batch_size / 256
     opt_cls = Lars if p.optimizer == "lars" else torch.optim.SGD
@@ -137,11 +139,13 @@ def _cached_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, gen: torc
             yield x[idx], y[idx]
 
 
-def _encoded_batches(encoder: nn.Module, dataset, p, device: torch.device, workers: int, gen: torch.Generator):
+def _encoded_batches(encoder: nn.Module, dataset, p, device: torch.device, workers: int, amp_dtype,
+                     gen: torch.Generator):
     loader = DataLoader(dataset, batch_size=p.batch_size, shuffle=True, generator=gen, num_workers=workers,
                         drop_last=len(dataset) > p.batch_size)
     for images, y in loader:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                             enabled=amp_dtype is not None):
             feats = encode(encoder, images.to(device, non_blocking=True), p.pool, p.block).float()
         yield feats, y
 

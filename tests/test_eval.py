@@ -197,3 +197,13 @@ def test_cli_monitor_knn_linprobe_finetune(tmp_path, capsys):
     assert (run / "finetune" / "checkpoints" / "best.pt").is_file()
     assert main(["knn", str(run), "eval.pool=max"]) == 2  # a clear error, not a traceback
     assert "eval.pool='max'" in capsys.readouterr().err
+
+
+def test_vit_encoder_with_absolute_positions_transfers_to_another_size():
+    spec = timm_spec("vit_tiny", 16, 4, depth=2, encoder="vit")
+    enc = timm.create_model(spec["model_name"], **spec["kwargs"])
+    model, _ = build_classifier(enc.state_dict(), spec, 10, img_size=32, drop_path=0.0)
+    assert model.pos_embed.shape == (1, 1 + 8 * 8, 192)
+    assert torch.equal(model.pos_embed[:, 0], enc.pos_embed[:, 0])  # the [CLS] position is kept as is
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
