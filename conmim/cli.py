@@ -68,7 +68,10 @@ def _eval_config(args: argparse.Namespace):
     config = args.config
     if config is None:
         src = Path(args.source)
-        for folder in ([src] if src.is_dir() else []) + [src.parent, src.parent.parent]:
+        folders = [src] if src.is_dir() else [src.parent]
+        if not src.is_dir() and src.parent.name == "checkpoints":  # runs/NAME/checkpoints/step_N.pt
+            folders.append(src.parent.parent)
+        for folder in folders:
             if (folder / "config.yaml").is_file():
                 config = str(folder / "config.yaml")
                 logging.getLogger(__name__).info("configuration from %s (plus overrides)", config)
