@@ -30,7 +30,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         return 0
     import torch
 
-    from .engine import pretrain, resolve_device
+    from .engine import pretrain, resolve_device, resolve_precision
     from .knn import knn_on_splits
     from .model import ConMIM
 
@@ -41,11 +41,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         device = resolve_device(cfg.device)
         torch.manual_seed(cfg.train.seed)
         random_init = ConMIM.from_config(cfg.model).teacher.encoder.to(device)
-        e = cfg.eval
+        e, amp_dtype = cfg.eval, resolve_precision(cfg.train.precision, device)
         results = {}
         for name, encoder in (("conmim_teacher", summary["model"].teacher.encoder), ("random_init", random_init)):
             results[name] = knn_on_splits(encoder, cfg.data, cfg.model.img_size, e.knn_k, e.knn_t, e.pool,
-                                          e.batch_size, device)
+                                          e.batch_size, device, amp_dtype=amp_dtype)
         report = {"pretrain_minutes": round(minutes, 2), "steps": summary["steps"],
                   "knn_top1_conmim_teacher": round(results["conmim_teacher"], 2),
                   "knn_top1_random_init": round(results["random_init"], 2), "knn_k": e.knn_k, "pool": e.pool}

@@ -125,11 +125,12 @@ def knn_top1(encoder: nn.Module, train_source, test_source, transform, k: int = 
 
 def knn_on_splits(encoder: nn.Module, data_cfg, img_size: int, k: int = 20, temperature: float = 0.07,
                   pool: str = "cls", batch_size: int = 256, device: str | torch.device = "cpu",
-                  train_split: str = "train", test_split: str = "test") -> float:
+                  train_split: str = "train", test_split: str = "test",
+                  amp_dtype: torch.dtype | str | None = "auto") -> float:
     """k-NN top-1 (%) of an encoder: train split as memory bank, test split as queries."""
     sources = [build_source(data_cfg, img_size, split) for split in (train_split, test_split)]
     return knn_top1(encoder, *sources, EvalTransform(img_size, data_cfg.mean, data_cfg.std), k, temperature, pool,
-                    batch_size, device, data_cfg.num_workers)
+                    batch_size, device, data_cfg.num_workers, amp_dtype)
 
 
 class SourceSubset:
