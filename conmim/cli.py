@@ -1,10 +1,11 @@
-"""The ``conmim`` command line: ``conmim pretrain|export ...``."""
+"""The ``conmim`` command line: ``conmim pretrain|export|knn|linprobe|finetune|convert ...``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,8 +32,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         return 0
     import torch
 
-    from .engine import pretrain, resolve_device
-    from .knn import knn_on_splits
+    from .engine import pretrain, resolve_device, resolve_precision
+    from .knn import EvalTransform, knn_top1
     from .model import ConMIM
 
     start = time.perf_counter()
@@ -42,11 +43,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         device = resolve_device(cfg.device)
         torch.manual_seed(cfg.train.seed)
         random_init = ConMIM.from_config(cfg.model).teacher.encoder.to(device)
-        e = cfg.eval
+        e, amp_dtype = cfg.eval, resolve_precision(cfg.train.precision, device)
+        sources = _eval_sources(cfg, cfg.model.img_size)
+        transform = EvalTransform(cfg.model.img_size, cfg.data.mean, cfg.data.std)
         results = {}
         for name, encoder in (("conmim_teacher", summary["model"].teacher.encoder), ("random_init", random_init)):
-            results[name] = knn_on_splits(encoder, cfg.data, cfg.model.img_size, e.knn_k, e.knn_t, e.pool,
-                                          e.batch_size, device, e.knn_max_train, e.knn_max_test)
+            results[name] = knn_top1(encoder, *sources, transform, e.knn_k, e.knn_t, e.pool, e.batch_size, device,
+                                     cfg.data.num_workers, amp_dtype)
         report = {"pretrain_minutes": round(minutes, 2), "steps": summary["steps"],
                   "knn_top1_conmim_teacher": round(results["conmim_teacher"], 2),
                   "knn_top1_random_init": round(results["random_init"], 2), "knn_k": e.knn_k, "pool": e.pool}
@@ -64,6 +67,115 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_config(args: argparse.Namespace):
+    """``--config``, else the ``config.yaml`` of the run the source belongs to, else the built-in preset."""
+    config = args.config
+    if config is None:
+        src = Path(args.source)
+        folders = [src] if src.is_dir() else [src.parent]
+        if not src.is_dir() and src.parent.name == "checkpoints":  # runs/NAME/checkpoints/step_N.pt
+            folders.append(src.parent.parent)
+        for folder in folders:
+            if (folder / "config.yaml").is_file():
+                config = str(folder / "config.yaml")
+                logging.getLogger(__name__).info("configuration from %s (plus overrides)", config)
+                break
+    return load_config(config, args.overrides, default_preset=DEFAULT_PRESET)
+
+
+def _eval_sources(cfg, img_size: int):
+    """The labelled (train, test) sources of knn / linprobe / finetune, cut to eval.train_limit / test_limit."""
+    from .data import build_source
+    from .knn import limit_source
+
+    e, seed = cfg.eval, cfg.train.seed
+    return (limit_source(build_source(cfg.data, img_size, cfg.data.split), e.train_limit, seed),
+            limit_source(build_source(cfg.data, img_size, cfg.data.eval_split), e.test_limit, seed))
+
+
+def _report(cfg, name: str, result: dict) -> None:
+    out = Path(cfg.output_dir) / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    shown = {k: v for k, v in result.items() if k != "history"}
+    print(json.dumps(shown, indent=2))
+
+
+def cmd_knn(args: argparse.Namespace, cfg) -> int:
+    from .engine import resolve_device, resolve_precision
+    from .export import load_encoder
+    from .knn import EvalTransform, knn_top1
+    from .linprobe import img_size_of
+
+    e, d, device = cfg.eval, cfg.data, resolve_device(cfg.device)
+    encoder = load_encoder(args.source, e.which).to(device)
+    size = img_size_of(encoder)
+    train, test = _eval_sources(cfg, size)
+    top1 = knn_top1(encoder, train, test, EvalTransform(size, d.mean, d.std), e.knn_k, e.knn_t, e.pool, e.batch_size,
+                    device, d.num_workers, resolve_precision(cfg.train.precision, device))
+    _report(cfg, "knn", {"top1": top1, "k": e.knn_k, "temperature": e.knn_t, "pool": e.pool, "which": e.which,
+                         "source": str(args.source), "data": d.source, "train_images": len(train),
+                         "test_images": len(test)})
+    return 0
+
+
+def cmd_linprobe(args: argparse.Namespace, cfg) -> int:
+    from .engine import resolve_device
+    from .export import load_encoder
+    from .linprobe import img_size_of, linear_probe
+
+    device = resolve_device(cfg.device)
+    encoder = load_encoder(args.source, cfg.eval.which)
+    train, test = _eval_sources(cfg, img_size_of(encoder))
+    result = linear_probe(encoder, train, test, cfg, device, Path(cfg.output_dir) / "linprobe")
+    _report(cfg, "linprobe", {**result, "source": str(args.source)})
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace, cfg) -> int:
+    from .finetune import finetune
+
+    train, test = _eval_sources(cfg, cfg.finetune.img_size or cfg.model.img_size)
+    result = finetune(args.source, train, test, cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    try:
+        weights, spec = convert(args.source, args.out, args.img_size)
+    except ValueError as err:  # not a BEiT-style state dict, or shapes that name no square grid
+        raise DataError(str(err)) from None
+    print(f"wrote {weights} and {spec}")
+    return 0
+
+
+def _run_eval(func):
+    """Resolve the configuration once for an evaluation command; ``--print-config`` stops there."""
+
+    def run(args: argparse.Namespace) -> int:
+        cfg = _eval_config(args)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        if func is not cmd_finetune and int(os.environ.get("RANK", "0")) > 0:
+            return 0  # k-NN and the linear probe run in one process; under torchrun rank 0 does the work
+        return func(args, cfg)
+
+    return run
+
+
+def _add_eval_command(sub, name: str, func, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=help_text + ". Settings come from --config, else the "
+                       "run's config.yaml, else the built-in Fashion-MNIST preset; key=value overrides last.")
+    p.add_argument("source", help="run directory, conmim checkpoint (.pt) or exported/converted .safetensors")
+    _add_config_args(p)
+    p.set_defaults(func=_run_eval(func))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conmim", description="ConMIM pre-training for Vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=("teacher", "student"), default="teacher",
                    help="which encoder to export (default: teacher, as the authors fine-tune)")
     p.set_defaults(func=cmd_export)
+    _add_eval_command(sub, "knn", cmd_knn, "weighted k-NN accuracy of a pre-trained encoder (frozen)")
+    _add_eval_command(sub, "linprobe", cmd_linprobe, "linear probe of a frozen pre-trained encoder")
+    _add_eval_command(sub, "finetune", cmd_finetune, "fine-tune a pre-trained encoder (paper recipe, spec 8)")
+    p = sub.add_parser("convert", help="convert an official ConMIM/BEiT checkpoint to timm-loadable safetensors")
+    p.add_argument("source", help="the authors' .pth (pre-training or fine-tuned)")
+    p.add_argument("--out", required=True, help="output .safetensors file (the .json goes beside it)")
+    p.add_argument("--img-size", type=int, default=0, help="image size (default: inferred from the weights)")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -36,6 +36,7 @@ from . import distributed
 from .config import Config, ConfigError, to_yaml
 from .data import EpochSampler, PretrainDataset, build_source, read_skipped
 from .guard import NonFiniteError, StepGuard
+from .knn import KnnMonitor
 from .masking import MaskGenerator
 from .model import ConMIM
 from .optim import build_adamw
@@ -99,9 +100,10 @@ def _step_of_record(line: str) -> int | None:
 
 
 class MetricsWriter:
-    """``metrics.jsonl`` plus TensorBoard events, rank 0 only."""
+    """``metrics.jsonl`` plus TensorBoard events (scalars named ``tag/key``), rank 0 only."""
 
-    def __init__(self, out: Path, resume_step: int):
+    def __init__(self, out: Path, resume_step: int, tag: str = "pretrain"):
+        self.tag = tag
         self.out, self.path, self.tb = out, out / "metrics.jsonl", None
         self.rewind(resume_step)
 
@@ -122,7 +124,7 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
-                self.tb.add_scalar(f"pretrain/{key}", value, record["step"])
+                self.tb.add_scalar(f"{self.tag}/{key}", value, record["step"])
 
     def close(self) -> None:
         self.tb.close()
@@ -303,6 +305,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     if t.compile:
         student = torch.compile(student)
     writer = MetricsWriter(out, step) if dist.is_main else None
+    monitor = KnnMonitor.from_config(cfg) if cfg.eval.monitor_every and dist.is_main else None
     if dist.is_main:
         log.info("%d images, %d steps/epoch, %d steps (%d this run), total batch %d, peak lr %.3g",
                  len(dataset), plan.steps_per_epoch, plan.total_steps, plan.run_steps - step, plan.total_batch,
@@ -374,6 +377,10 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             if step % t.log_every == 0:  # a run's last record may cover a partial interval: keep it open
                 sums.zero_()
                 images_since, t0 = 0, time.perf_counter()
+        if monitor and (step % cfg.eval.monitor_every == 0 or step == plan.run_steps):
+            t_monitor = time.perf_counter()
+            writer.write({"step": step, **monitor(model.teacher.encoder, device, amp_dtype)})
+            t0 += time.perf_counter() - t_monitor  # keep img_per_s a training throughput
         if step % t.checkpoint_every == 0 or step == plan.run_steps:
             _save(cfg, out, step, model, optimizer, scaler, guard, sums, device, dist)
     bar.close()

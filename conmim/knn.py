@@ -11,6 +11,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from .config import ConfigError
+from .data import DataError, build_source
+
 
 class EvalTransform:
     """Resize the shorter side to ``img_size / crop_pct`` (bicubic), centre-crop, normalise."""
@@ -40,25 +43,44 @@ class LabeledDataset(Dataset):
         return self.transform(img), label
 
 
-def pool_tokens(tokens: torch.Tensor, pool: str = "cls", num_prefix: int = 1) -> torch.Tensor:
-    """(B, T, D) -> (B, D): the [CLS] token, or the mean of the patch tokens."""
-    return tokens[:, 0] if pool == "cls" else tokens[:, num_prefix:].mean(1)
+def encode(encoder: nn.Module, images: torch.Tensor, pool: str = "cls", block: int = -1) -> torch.Tensor:
+    """(B, D) features: one block's [CLS] token or mean patch token, after the final norm.
+
+    ``block=-1`` is the last block, i.e. exactly ``forward_features``. A fine-tuned model (mean
+    pooling + fc_norm, final norm removed) gets its fc_norm on the mean, as its head sees it.
+    """
+    depth = len(encoder.blocks)
+    if not -depth <= block < depth:
+        raise ConfigError(f"block={block} is outside the encoder's {depth} blocks (use -1 for the last)")
+    (patches, prefix), = encoder.forward_intermediates(
+        images, indices=[block % depth], norm=True, output_fmt="NLC", return_prefix_tokens=True,
+        intermediates_only=True, stop_early=True)
+    if pool == "cls":
+        return prefix[:, 0]
+    fc_norm = getattr(encoder, "fc_norm", None)
+    mean = patches.mean(1)
+    return fc_norm(mean) if fc_norm is not None and block % depth == depth - 1 else mean
 
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset: Dataset, batch_size: int = 256, pool: str = "cls",
-                     device: str | torch.device = "cpu", num_workers: int = 0,
-                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (N, D) in fp32 and labels (N,) of a timm encoder over a labelled dataset."""
+                     device: str | torch.device = "cpu", num_workers: int = 0, desc: str = "features",
+                     block: int = -1, amp_dtype: torch.dtype | str | None = "auto"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (N, D) in fp32 and labels (N,) of a timm encoder over a labelled dataset.
+
+    ``amp_dtype``: autocast dtype of the forward pass, None for fp32; ``auto`` is bf16 on GPU only.
+    """
     was_training = encoder.training
     encoder.eval()
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     feats, labels = [], []
     device = torch.device(device)
+    if amp_dtype == "auto":
+        amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     for images, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            tokens = encoder.forward_features(images.to(device, non_blocking=True))
-        feats.append(pool_tokens(tokens, pool).float().cpu())
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            feats.append(encode(encoder, images.to(device, non_blocking=True), pool, block).float().cpu())
         labels.append(torch.as_tensor(y))
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
@@ -90,26 +112,83 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = 20
     return 100.0 * (scores.argmax(1) == test_labels).float().mean().item()
 
 
-def spread_indices(size: int, limit: int) -> list[int] | None:
-    """``limit`` evenly spaced indices of ``range(size)`` (None = all), a deterministic subset."""
-    if limit <= 0 or limit >= size:
-        return None
-    return torch.linspace(0, size - 1, limit).round().long().tolist()
-
-
-def knn_on_splits(encoder: nn.Module, data_cfg, img_size: int, k: int = 20, temperature: float = 0.07,
-                  pool: str = "cls", batch_size: int = 256, device: str | torch.device = "cpu",
-                  max_train: int = 0, max_test: int = 0, train_split: str = "train",
-                  test_split: str = "test") -> float:
-    """k-NN top-1 (%) of an encoder: train split as memory bank, test split as queries."""
-    from .data import build_source
-
-    transform = EvalTransform(img_size, data_cfg.mean, data_cfg.std)
-    feats = []
-    for split, limit in ((train_split, max_train), (test_split, max_test)):
-        source = build_source(data_cfg, img_size, split)
-        dataset = LabeledDataset(source, transform, spread_indices(len(source), limit))
-        feats.append(extract_features(encoder, dataset, batch_size, pool, device, data_cfg.num_workers,
-                                      desc=f"k-NN {split} features"))
+def knn_top1(encoder: nn.Module, train_source, test_source, transform, k: int = 20, temperature: float = 0.07,
+             pool: str = "cls", batch_size: int = 256, device: str | torch.device = "cpu",
+             num_workers: int = 0, amp_dtype: torch.dtype | str | None = "auto") -> float:
+    """k-NN top-1 (%) of an encoder: ``train_source`` as memory bank, ``test_source`` as queries."""
+    feats = [extract_features(encoder, LabeledDataset(src, transform), batch_size, pool, device, num_workers,
+                              desc=f"k-NN {name} features", amp_dtype=amp_dtype)
+             for name, src in (("bank", train_source), ("query", test_source))]
     (train_x, train_y), (test_x, test_y) = feats
     return knn_accuracy(train_x, train_y, test_x, test_y, k, temperature)
+
+
+class SourceSubset:
+    """Some images of a source, by index, with their labels (a source itself)."""
+
+    def __init__(self, source, indices: list[int]):
+        self.source, self.indices = source, list(indices)
+        self.classes = getattr(source, "classes", [])
+        labels = getattr(source, "labels", None)
+        self.labels = [int(labels[i]) for i in self.indices] if labels is not None else None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def name(self, index: int) -> str:
+        return self.source.name(self.indices[index])
+
+    def __getitem__(self, index: int):
+        return self.source[self.indices[index]]
+
+
+def limit_source(source, limit: int, seed: int = 0):
+    """``limit`` images of ``source`` drawn without replacement with ``seed`` (all of it when 0 or larger)."""
+    if not 0 < limit < len(source):
+        return source
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
+    return SourceSubset(source, sorted(order[:limit].tolist()))
+
+
+class KnnMonitor:
+    """Online k-NN during pre-training (solo-learn style): is the encoder learning before the run ends?
+
+    A memory bank and disjoint queries are drawn once, with a fixed seed, from the labelled
+    pre-training images and seen through the evaluation transform, so every check is comparable.
+    """
+
+    def __init__(self, source, img_size: int, mean, std, bank: int = 2000, queries: int = 1000, k: int = 20,
+                 temperature: float = 0.07, pool: str = "cls", batch_size: int = 256, seed: int = 0):
+        queries = min(queries, len(source) // 2)
+        bank = min(bank, len(source) - queries)
+        order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).tolist()
+        self.bank, self.queries = SourceSubset(source, order[:bank]), SourceSubset(source, order[bank:bank + queries])
+        if self.bank.labels is not None and min(self.bank.labels + self.queries.labels) < 0:
+            raise DataError("eval.monitor_every needs labelled images (class sub-folders, list-file labels or "
+                            "Fashion-MNIST); this data source has unlabelled ones, set eval.monitor_every=0")
+        self.transform = EvalTransform(img_size, mean, std)
+        self.k, self.temperature, self.pool, self.batch_size = k, temperature, pool, batch_size
+
+    @classmethod
+    def from_config(cls, cfg) -> KnnMonitor:
+        """The monitor of a :class:`conmim.config.Config` (its pre-training source and ``eval`` section)."""
+        e = cfg.eval
+        return cls(build_source(cfg.data, cfg.model.img_size), cfg.model.img_size, cfg.data.mean, cfg.data.std,
+                   e.monitor_bank, e.monitor_queries, e.knn_k, e.knn_t, e.pool, e.batch_size, cfg.train.seed)
+
+    def __call__(self, encoder: nn.Module, device: str | torch.device = "cpu",
+                 amp_dtype: torch.dtype | str | None = "auto") -> dict[str, float]:
+        return {"knn_top1": knn_top1(encoder, self.bank, self.queries, self.transform, self.k, self.temperature,
+                                     self.pool, self.batch_size, device, amp_dtype=amp_dtype)}
+
+
+def num_classes_of(*sources) -> int:
+    """Number of classes of labelled sources: their class names, else the largest label + 1."""
+    found = max(len(getattr(s, "classes", None) or ()) for s in sources)
+    for s in sources:
+        labels = getattr(s, "labels", None)
+        if labels is not None and len(labels):
+            found = max(found, int(max(labels)) + 1)
+    if found < 2:
+        raise DataError("the data source has no labels (need class sub-folders, list-file labels or Fashion-MNIST)")
+    return found

@@ -43,8 +43,8 @@ def test_bad_configuration_names_field_value_and_allowed(tiny_overrides, overrid
 def test_pretrain_fashion_mnist_cli_writes_a_complete_run(tmp_path, tiny_overrides, fashion_mnist_dir):
     out = tmp_path / "fm"
     proc = cli("pretrain", *tiny_overrides, "model.img_size=32", f"data.path={fashion_mnist_dir}",
-               "train.max_steps=4", f"output_dir={out}", "eval.final_knn=true", "eval.knn_max_train=300",
-               "eval.knn_max_test=100")
+               "train.max_steps=4", f"output_dir={out}", "eval.final_knn=true", "eval.train_limit=300",
+               "eval.test_limit=100")
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]

@@ -1,0 +1,209 @@
+"""Evaluation and fine-tuning on real Fashion-MNIST images with tiny encoders: k-NN, linear probe,
+fine-tuning, layer decay, relative-position transfer, the online monitor and the CLI commands."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import timm
+import torch
+
+from conmim import ConMIM
+from conmim.cli import main
+from conmim.config import Config, ConfigError
+from conmim.data import ArraySource, fashion_mnist
+from conmim.export import load_encoder, write_encoder
+from conmim.finetune import evaluate, finetune, layer_decay_groups
+from conmim.knn import EvalTransform, LabeledDataset, encode, extract_features, knn_accuracy, knn_predict
+from conmim.linprobe import linear_probe
+from conmim.model import timm_spec
+from conmim.transfer import build_classifier, resize_rel_pos_table
+
+FM = "/usr/share/datasets/fashion-mnist"
+TINY = ["model.arch=vit_tiny", "model.depth=2", "model.img_size=16", "model.patch_size=4",
+        "model.proj_hidden_dim=64", "model.proj_out_dim=32", "mask.unit=2", "data.num_workers=0",
+        "train.batch_size=8", "train.epochs=1", "train.warmup_epochs=0.1", "train.log_every=2",
+        "train.checkpoint_every=3", "train.precision=fp32", "train.base_lr=1e-3", "eval.final_knn=false"]
+
+
+def _subset(source: ArraySource, n: int, offset: int = 0) -> ArraySource:
+    return ArraySource(source.images[offset:offset + n], source.labels[offset:offset + n], source.classes)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin contention (10x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fm() -> tuple[ArraySource, ArraySource]:
+    return _subset(fashion_mnist(FM, "train"), 600), _subset(fashion_mnist(FM, "test"), 200)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return ConMIM("vit_tiny", 16, 4, depth=2, proj_hidden_dim=64, proj_out_dim=32).teacher.encoder.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(encoder, tmp_path_factory):
+    spec = timm_spec("vit_tiny", 16, 4, depth=2)
+    return write_encoder(dict(encoder.state_dict()), spec, tmp_path_factory.mktemp("export") / "enc.safetensors")[0]
+
+
+def _cfg(**sections) -> Config:
+    cfg = Config()
+    cfg.data.num_workers, cfg.train.precision, cfg.device = 0, "fp32", "cpu"
+    for dotted, value in sections.items():
+        section, key = dotted.split("__")
+        setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+def test_encode_blocks_and_pooling(encoder):
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        tokens = encoder.forward_features(x)
+        assert torch.allclose(encode(encoder, x, "cls"), tokens[:, 0], atol=1e-6)
+        assert torch.allclose(encode(encoder, x, "mean"), tokens[:, 1:].mean(1), atol=1e-6)
+        assert not torch.allclose(encode(encoder, x, "cls", block=0), tokens[:, 0], atol=1e-3)
+    with pytest.raises(ConfigError, match="block=2"):
+        encode(encoder, x, block=2)
+
+
+def test_knn_equals_brute_force_and_beats_chance(encoder, fm):
+    train, test = fm
+    transform = EvalTransform(16, Config().data.mean, Config().data.std)
+    bank_x, bank_y = extract_features(encoder, LabeledDataset(train, transform), 128, "mean")
+    query_x, query_y = extract_features(encoder, LabeledDataset(test, transform), 128, "mean")
+    k, t = 20, 0.07
+    scores = knn_predict(bank_x, bank_y, query_x, k, t, num_classes=10, chunk=64)
+    bank_n = bank_x / bank_x.norm(dim=1, keepdim=True)
+    for i, q in enumerate(query_x):  # one query at a time: sort all similarities, vote with the top k
+        sims = bank_n @ (q / q.norm())
+        order = sorted(range(len(sims)), key=lambda j: -float(sims[j]))[:k]
+        expected = torch.zeros(10)
+        for j in order:
+            expected[bank_y[j]] += math.exp(float(sims[j]) / t)
+        assert torch.allclose(scores[i], expected, rtol=1e-4, atol=1e-6)
+    assert knn_accuracy(bank_x, bank_y, query_x, query_y, k, t) > 40.0  # chance: 10 %
+
+
+def test_linear_probe_beats_chance(exported, fm):
+    cfg = _cfg(linprobe__epochs=30, linprobe__warmup_epochs=3, linprobe__pool="mean", linprobe__batch_size=64)
+    result = linear_probe(exported, *fm, cfg)
+    assert result["top1"] > 40.0 and result["feature_dim"] == 192 and result["num_classes"] == 10
+    cfg.linprobe.cache_features, cfg.linprobe.epochs, cfg.linprobe.optimizer = False, 1, "lars"
+    assert linear_probe(exported, *fm, cfg)["top1"] > 10.0  # augmented path without a cache runs
+
+
+def test_finetune_two_epochs_improves_and_resumes(exported, fm, tmp_path):
+    train, test = _subset(fashion_mnist(FM, "train"), 1024, offset=1000), fm[1]
+    cfg = _cfg(finetune__epochs=2, finetune__batch_size=32, finetune__warmup_epochs=0.25, finetune__base_lr=8e-3,
+               finetune__layer_decay=0.75, finetune__crop_pct=1.0, finetune__log_every=8,
+               finetune__crop_scale_min=1.0)  # 16-px images: smaller crops leave too little to learn from
+    torch.manual_seed(cfg.train.seed)
+    from conmim.export import load_pretrained
+
+    before, _ = build_classifier(*load_pretrained(exported), 10, drop_path=0.1)
+    test_set = LabeledDataset(test, EvalTransform(16, cfg.data.mean, cfg.data.std))
+    initial = evaluate(before, test_set, 64, torch.device("cpu"))["top1"]
+    result = finetune(exported, train, test, cfg, out_dir=tmp_path)
+    assert result["top1"] > initial + 15.0, (initial, result["history"])
+    assert result["best_top1"] == max(h["top1"] for h in result["history"]) and len(result["history"]) == 2
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["test_top1"] for r in records if "test_top1" in r] == [h["top1"] for h in result["history"]]
+    assert any("train_loss" in r for r in records)
+    assert (tmp_path / "checkpoints" / "last.pt").is_file() and (tmp_path / "checkpoints" / "best.pt").is_file()
+    best = load_encoder(tmp_path / "best.safetensors")  # a timm classifier, strict load
+    assert evaluate(best, test_set, 64, torch.device("cpu"))["top1"] == pytest.approx(result["best_top1"])
+    again = finetune(exported, train, test, cfg, out_dir=tmp_path)  # resumes at the end: nothing to train
+    assert again["history"] == result["history"]
+
+
+def test_layer_decay_groups_have_expected_scales():
+    spec = timm_spec("vit_tiny", 16, 4, depth=3)
+    enc = timm.create_model(spec["model_name"], **spec["kwargs"])
+    model, _ = build_classifier(enc.state_dict(), spec, 10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = {}
+    for group in layer_decay_groups(model, 0.05, 0.5, decay_rel_pos=False):
+        for p in group["params"]:
+            seen[names[id(p)]] = (group["lr_scale"], group["weight_decay"])
+    assert seen["patch_embed.proj.weight"] == (0.5 ** 4, 0.05) and seen["cls_token"] == (0.5 ** 4, 0.0)
+    for i in range(3):
+        assert seen[f"blocks.{i}.attn.qkv.weight"] == (0.5 ** (3 - i), 0.05)
+        assert seen[f"blocks.{i}.norm1.weight"] == (0.5 ** (3 - i), 0.0)
+        assert seen[f"blocks.{i}.attn.relative_position_bias_table"] == (0.5 ** (3 - i), 0.0)
+    assert seen["head.weight"] == (1.0, 0.05) and seen["fc_norm.weight"] == (1.0, 0.0)
+    assert len(seen) == len(names)
+    decayed = {names[id(p)] for g in layer_decay_groups(model, 0.05, 0.5) if g["weight_decay"] for p in g["params"]}
+    assert "blocks.0.attn.relative_position_bias_table" in decayed  # official quirk by default
+
+
+def test_rel_pos_tables_identity_at_same_size_and_resized_at_384():
+    table = torch.randn(732, 3)
+    assert torch.equal(resize_rel_pos_table(table, (14, 14), (14, 14)), table)
+    big = resize_rel_pos_table(table, (14, 14), (24, 24))
+    assert big.shape == (47 * 47 + 3, 3)
+    assert torch.equal(big[-3:], table[-3:])  # [CLS] entries kept
+    assert torch.allclose(big[(47 * 47) // 2], table[(27 * 27) // 2])  # zero offset stays zero offset
+    dy = torch.arange(-13, 14).repeat_interleave(27).float()  # a table linear in the row offset ...
+    ramp = resize_rel_pos_table(torch.cat([dy, torch.zeros(3)])[:, None], (14, 14), (24, 24))[:-3].reshape(47, 47)
+    assert torch.allclose(ramp[[0, -1]], torch.tensor([[-13.0], [13.0]]).expand(2, 47))  # ... keeps its range
+    assert (ramp[1:] - ramp[:-1] > 0).all()  # and stays increasing
+    spec = timm_spec("vit_tiny", 224, 16, depth=2)
+    enc = timm.create_model(spec["model_name"], **spec["kwargs"]).eval()
+    with torch.no_grad():
+        enc.rel_pos_bias.relative_position_bias_table.normal_()
+    same, _ = build_classifier(enc.state_dict(), spec, 10, drop_path=0.0)
+    same.eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():  # per-block copies of the shared table: identical block outputs
+        ref = enc.forward_intermediates(x, indices=[1], intermediates_only=True, output_fmt="NLC")[0]
+        got = same.forward_intermediates(x, indices=[1], intermediates_only=True, output_fmt="NLC")[0]
+    assert torch.allclose(ref, got, atol=1e-5)
+    model, model_spec = build_classifier(enc.state_dict(), spec, 10, img_size=384)
+    assert model_spec["kwargs"]["img_size"] == 384
+    expected = resize_rel_pos_table(enc.rel_pos_bias.relative_position_bias_table.detach(), (14, 14), (24, 24))
+    for blk in model.blocks:
+        assert torch.equal(blk.attn.relative_position_bias_table.detach(), expected)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 384, 384)).shape == (1, 10)
+
+
+def test_cli_monitor_knn_linprobe_finetune(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", *TINY, "train.max_steps=4", "eval.monitor_every=2", "eval.monitor_bank=64",
+                 "eval.monitor_queries=32", f"output_dir={run}"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "knn_top1" in r] == [2, 4]
+    assert all(0.0 <= r["knn_top1"] <= 100.0 for r in records if "knn_top1" in r)
+    limits = ["eval.train_limit=300", "eval.test_limit=100"]
+    assert main(["knn", str(run), *limits]) == 0
+    knn = json.loads((run / "knn" / "results.json").read_text())
+    assert knn["top1"] > 20.0 and knn["train_images"] == 300 and knn["test_images"] == 100
+    assert main(["linprobe", str(run / "checkpoints" / "last.pt"), *limits, "linprobe.epochs=3"]) == 0
+    assert json.loads((run / "linprobe" / "results.json").read_text())["epochs"] == 3
+    assert main(["finetune", str(run), "eval.train_limit=32", "eval.test_limit=16", "finetune.epochs=1",
+                 "finetune.batch_size=16", "eval.which=student"]) == 0
+    assert (run / "finetune" / "checkpoints" / "best.pt").is_file()
+    assert main(["knn", str(run), "eval.pool=max"]) == 2  # a clear error, not a traceback
+    assert "eval.pool='max'" in capsys.readouterr().err
+
+
+def test_vit_encoder_with_absolute_positions_transfers_to_another_size():
+    spec = timm_spec("vit_tiny", 16, 4, depth=2, encoder="vit")
+    enc = timm.create_model(spec["model_name"], **spec["kwargs"])
+    model, _ = build_classifier(enc.state_dict(), spec, 10, img_size=32, drop_path=0.0)
+    assert model.pos_embed.shape == (1, 1 + 8 * 8, 192)
+    assert torch.equal(model.pos_embed[:, 0], enc.pos_embed[:, 0])  # the [CLS] position is kept as is
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
