@@ -46,8 +46,11 @@ def test_pretrain_fashion_mnist_cli_writes_a_complete_run(tmp_path, tiny_overrid
                "train.max_steps=4", f"output_dir={out}", "eval.final_knn=true", "eval.train_limit=300",
                "eval.test_limit=100")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in lines if "loss" in r]
     assert [r["step"] for r in records] == [2, 4]
+    monitor = [r for r in lines if "knn_top1" in r]  # the preset's online k-NN, also at the run's end
+    assert [r["step"] for r in monitor] == [4] and 0 <= monitor[0]["knn_top1"] <= 100
     for key in ("epoch", "loss", "lr", "momentum", "grad_norm", "img_per_s", "retrieval_acc", "mask_ratio"):
         assert key in records[0]
     assert records[0]["mask_ratio"] == pytest.approx(0.75)  # 8x8 grid, 16 units, 12 masked
