@@ -15,6 +15,7 @@ import os
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ class DataError(ValueError):
     """A data source that cannot be used; the message names the path and the reason."""
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path: str | os.PathLike | IO[bytes]) -> Image.Image:
     """Open an image file fully and convert it to 8-bit RGB (CMYK, 16-bit, palette, gray included)."""
     with Image.open(path) as im:
         im.load()
@@ -211,21 +212,31 @@ class PretrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        epoch, index = key
+    def load(self, i: int) -> Image.Image:
+        """Item ``i`` of the source as a PIL image; subclasses read other forms (file bytes)."""
+        return self.source[i][0]
+
+    def read(self, index: int):
+        """``load`` of ``index``, or per ``on_error`` of the next readable item."""
         for attempt in range(len(self.source)):
             i = (index + attempt) % len(self.source)
             try:
-                img, _label = self.source[i]
-                break
+                return self.load(i)
             except Exception as err:  # noqa: BLE001 - any decoder error is a bad file
-                if self.on_error == "raise":
-                    raise DataError(f"cannot read {self.source.name(i)}: {type(err).__name__}: {err}") from err
-                if self.source.name(i) not in self.skipped:
-                    self.skipped.append(self.source.name(i))
-                    log.warning("skipping unreadable image %s (%s: %s)", self.source.name(i), type(err).__name__, err)
-        else:
-            raise DataError("no readable image in the data source")
+                self.bad_file(i, err)
+        raise DataError("no readable image in the data source")
+
+    def bad_file(self, i: int, err: Exception) -> None:
+        """Raise (``on_error=raise``) or record item ``i`` as skipped."""
+        if self.on_error == "raise":
+            raise DataError(f"cannot read {self.source.name(i)}: {type(err).__name__}: {err}") from err
+        if self.source.name(i) not in self.skipped:
+            self.skipped.append(self.source.name(i))
+            log.warning("skipping unreadable image %s (%s: %s)", self.source.name(i), type(err).__name__, err)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        epoch, index = key
+        img = self.read(index)
         gen = sample_generator(self.seed, epoch, index)
         weak, strong = self.views(img, gen)
         return weak, strong, self.masks(gen)

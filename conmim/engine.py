@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -26,10 +25,12 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import Config, ConfigError, to_yaml
 from .data import EpochSampler, PretrainDataset, build_source
+from .gpu_views import EncodedPretrainDataset, collate_encoded, device_batches, device_views
 from .masking import MaskGenerator
 from .model import ConMIM
 from .optim import build_adamw
 from .schedules import teacher_momentum, warmup_cosine
+from .step import compile_step, forward_backward, optimizer_step
 from .views import PairedViews
 
 log = logging.getLogger(__name__)
@@ -110,11 +111,13 @@ def build_loader(cfg: Config, dist: distributed.DistInfo, start_micro_step: int)
     views = PairedViews(m.img_size, (d.crop_scale_min, 1.0), tuple(d.mean), tuple(d.std), d.strong_aug,
                         d.weak_aug_strong)
     masks = MaskGenerator.from_config(cfg.mask, m.img_size, m.patch_size)
-    dataset = PretrainDataset(source, views, masks, cfg.train.seed, d.on_error)
+    dataset_cls = EncodedPretrainDataset if d.gpu_aug else PretrainDataset
+    dataset = dataset_cls(source, views, masks, cfg.train.seed, d.on_error)
     sampler = EpochSampler(len(dataset), cfg.train.batch_size, dist.rank, dist.world_size, cfg.train.seed,
                            start_step=start_micro_step)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=d.num_workers,
                         pin_memory=torch.cuda.is_available(), drop_last=True,
+                        collate_fn=collate_encoded if d.gpu_aug else None,
                         persistent_workers=d.num_workers > 0, prefetch_factor=4 if d.num_workers > 0 else None)
     return loader, sampler, dataset
 
@@ -174,7 +177,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     if dist.enabled:
         student = DistributedDataParallel(model.student, broadcast_buffers=False)
     if t.compile:
-        student = torch.compile(student)
+        student = compile_step(model, student)
     writer = MetricsWriter(out, step) if dist.is_main else None
     if dist.is_main:
         log.info("%d images, %d steps/epoch, %d steps (%d this run), total batch %d, peak lr %.3g",
@@ -182,7 +185,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
                  plan.lr)
 
     model.train()
-    batches = iter(loader)
+    batches = device_batches(loader, device_views(cfg, device, dataset), device)
     sums = torch.zeros(4, device=device)  # loss, accuracy, grad norm, mask ratio
     since, images_since, t0 = 0, 0, time.perf_counter()
     bar = tqdm(total=plan.run_steps, initial=step, disable=not dist.is_main, desc="pretrain", dynamic_ncols=True)
@@ -193,22 +196,13 @@ def pretrain(cfg: Config) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"], group["weight_decay"] = lr, wd * group["wd_scale"]
         for micro in range(t.accum_steps):
-            weak, strong, mask = (x.to(device, non_blocking=True) for x in next(batches))
+            weak, strong, mask = next(batches)
             sync = contextlib.nullcontext() if (micro == t.accum_steps - 1 or not dist.enabled) else student.no_sync()
-            with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss, accuracy = model.forward_with_stats(weak, strong, mask, student=student)
-            scaler.scale(loss / t.accum_steps).backward()
-            sums += torch.stack([loss.detach(), accuracy.detach(), torch.zeros((), device=device),
-                                 mask.float().mean()]) / t.accum_steps
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad if t.clip_grad > 0 else math.inf,
-                                                   foreach=True)
-        sums[2] += grad_norm.detach().float()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+            with sync:
+                loss, accuracy = forward_backward(model, student, weak, strong, mask, amp_dtype, scaler, t.accum_steps)
+            sums += torch.stack([loss, accuracy, torch.zeros((), device=device), mask.float().mean()]) / t.accum_steps
         momentum = teacher_momentum(step, plan.total_steps, t.momentum, t.momentum_end)
-        model.update_teacher(momentum)
+        sums[2] += optimizer_step(model, optimizer, scaler, params, t.clip_grad, momentum).float()
         step += 1
         since += 1
         images_since += plan.total_batch
