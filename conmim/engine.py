@@ -150,7 +150,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
 
     model = ConMIM.from_config(cfg.model).to(device)
     optimizer = build_adamw(model.student, t.base_lr, t.weight_decay, tuple(t.betas), t.decay_mask_token,
-                            t.decay_rel_pos, fused=device.type == "cuda")
+                            t.decay_rel_pos, fused=True)
     amp_dtype = resolve_precision(t.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
