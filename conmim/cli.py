@@ -1,4 +1,4 @@
-"""The ``conmim`` command line: ``conmim pretrain|export|knn|linprobe|finetune|convert ...``."""
+"""The ``conmim`` command line: ``conmim pretrain|export|knn|linprobe|finetune|convert|bench ...``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, load_config, to_yaml
+from .config import BenchRunConfig, ConfigError, load_config, to_yaml
 from .data import DataError
 from .guard import NonFiniteError
 
@@ -56,6 +56,23 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         (Path(cfg.output_dir) / "knn.json").write_text(json.dumps(report, indent=2) + "\n")
         print(f"k-NN top-1 on the test split (k={e.knn_k}, {e.pool} features): "
               f"ConMIM teacher {results['conmim_teacher']:.2f}%  vs  random init {results['random_init']:.2f}%")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides, default_preset=DEFAULT_PRESET, schema_cls=BenchRunConfig)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from .bench import run_bench
+
+    lines = run_bench(cfg)
+    for line in lines:
+        print(json.dumps(line), flush=True)
+    fast, plain = lines
+    print(f"{fast['arch']} {fast['img_size']}px batch {fast['batch_size']} on {fast['device']}: fast "
+          f"{fast['img_per_s']:.1f} img/s ({fast['precision']}, compile={fast['compile']}) vs plain eager fp32 "
+          f"{plain['img_per_s']:.1f} img/s = {fast['speedup_vs_plain']:.2f}x", file=sys.stderr)
     return 0
 
 
@@ -183,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pre-train a ViT with ConMIM. Running it again on the same output_dir resumes.")
     _add_config_args(p)
     p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("bench", help="time the training step: fast path vs plain eager fp32, one JSON line each",
+                       description="Time ConMIM's training step with the given configuration (the fast path) "
+                       "and a plain eager fp32 reference on the same weights. Takes pretrain's overrides plus "
+                       "bench.data=synthetic|jpeg|FOLDER, bench.steps, bench.warmup, bench.repeats.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("export", help="write an encoder as timm-loadable safetensors + JSON")
     p.add_argument("source", help="run directory or checkpoint file")
     p.add_argument("--out", required=True, help="output .safetensors file (the .json goes beside it)")

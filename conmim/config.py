@@ -72,6 +72,7 @@ class DataConfig:
     synthetic_size: int = 1024
     on_error: str = "skip"  # skip | raise, for unreadable image files
     eval_split: str = "test"  # labelled held-out split of knn / linprobe / finetune (folder: a sub-folder, e.g. val)
+    gpu_aug: bool = False  # folder/list: workers only read file bytes; decode + views run batched on the device
 
 
 @dataclass
@@ -184,6 +185,28 @@ class Config:
     device: str = "auto"
 
 
+BENCH_DATA = ("synthetic", "jpeg")
+
+
+@dataclass
+class BenchConfig:
+    """``conmim bench`` only: what to feed the step and how long to time it."""
+
+    data: str = "synthetic"  # synthetic (tensors on the device) | jpeg (generated files) | a folder path
+    steps: int = 20  # timed optimizer steps per path, split into ``repeats`` chunks
+    warmup: int = 3  # untimed steps first (compilation, autotuning, worker start-up)
+    repeats: int = 3  # the figure is the median chunk; the spread of the chunks is reported too
+    jpeg_images: int = 384  # jpeg: how many files to write
+    peak_tflops: float = 0.0  # MFU denominator; 0: the device's dense bf16 datasheet peak when known
+
+
+@dataclass
+class BenchRunConfig(Config):
+    """A training configuration plus the ``bench.*`` settings."""
+
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
 def preset_path(name: str) -> Path:
     """Path of a YAML preset shipped inside the package (``configs/NAME.yaml``)."""
     path = Path(str(resources.files("conmim") / "configs" / f"{name}.yaml"))
@@ -194,9 +217,12 @@ def preset_path(name: str) -> Path:
 
 
 def load_config(config_file: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-                default_preset: str | None = None) -> Config:
-    """Merge defaults, then a YAML file (or a packaged preset), then ``key=value`` overrides."""
-    schema = OmegaConf.structured(Config)
+                default_preset: str | None = None, schema_cls: type[Config] = Config) -> Config:
+    """Merge defaults, then a YAML file (or a packaged preset), then ``key=value`` overrides.
+
+    ``schema_cls`` is :class:`Config` or a subclass with extra sections (``conmim bench``).
+    """
+    schema = OmegaConf.structured(schema_cls)
     layers: list[Any] = [schema]
     source = config_file or (str(preset_path(default_preset)) if default_preset else None)
     try:
@@ -276,6 +302,9 @@ def validate(cfg: Config) -> None:
     _require(len(d.mean) == m.in_chans and len(d.std) == m.in_chans and all(s > 0 for s in d.std),
              "data.mean/data.std", (d.mean, d.std), f"{m.in_chans} values each, std positive")
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
+    reads_files = d.source in ("folder", "list") or (isinstance(cfg, BenchRunConfig) and cfg.bench.data != "synthetic")
+    _require(not d.gpu_aug or reads_files, "data.gpu_aug", d.gpu_aug,
+             f"false with data.source={d.source!r}; the device data path reads files (folder or list)")
     _require(t.batch_size > 0, "train.batch_size", t.batch_size, "a positive integer")
     _require(t.base_lr > 0, "train.base_lr", t.base_lr, "a positive number")
     _require(t.min_lr >= 0, "train.min_lr", t.min_lr, "0 or more")
@@ -307,6 +336,16 @@ def validate(cfg: Config) -> None:
     _require(cfg.eval.knn_k > 0 and cfg.eval.knn_t > 0 and cfg.eval.batch_size > 0, "eval.knn_k/knn_t/batch_size",
              (cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size), "positive numbers")
     _validate_eval(cfg)
+    if isinstance(cfg, BenchRunConfig):
+        b = cfg.bench
+        _require(b.data in BENCH_DATA or os.path.isdir(b.data), "bench.data", b.data,
+                 "synthetic, jpeg or an existing folder of images")
+        _require(b.repeats > 0 and b.steps >= b.repeats, "bench.steps/bench.repeats", (b.steps, b.repeats),
+                 "repeats >= 1 and steps >= repeats")
+        _require(b.warmup >= 1, "bench.warmup", b.warmup, "1 or more (the first step compiles and allocates)")
+        _require(b.jpeg_images >= t.batch_size, "bench.jpeg_images", b.jpeg_images,
+                 f"at least train.batch_size={t.batch_size}")
+        _require(b.peak_tflops >= 0, "bench.peak_tflops", b.peak_tflops, "0 (look up) or a positive number")
 
 
 def _validate_eval(cfg: Config) -> None:

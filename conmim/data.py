@@ -17,6 +17,7 @@ import struct
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ class DataError(ValueError):
     """A data source that cannot be used; the message names the path and the reason."""
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path: str | os.PathLike | IO[bytes]) -> Image.Image:
     """Open an image file fully and convert it to 8-bit RGB (CMYK, 16-bit, palette, gray included).
 
     Raises :class:`DataError` for a path that is not a regular file (a FIFO would block forever,
@@ -45,8 +46,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (PIL's default 89,478,485; PIL itself only warns up to
     twice that); PIL's own errors (truncated, not an image, ...) propagate.
     """
-    mode = os.stat(path).st_mode  # follows links: a symlink loop raises ELOOP here
-    if not stat.S_ISREG(mode):
+    if isinstance(path, (str, os.PathLike)) and not stat.S_ISREG(os.stat(path).st_mode):
+        # os.stat follows links: a symlink loop raises ELOOP here
         raise DataError(f"{path}: not a regular file")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: a bad file
@@ -258,24 +259,34 @@ class PretrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        epoch, index = key
+    def load(self, i: int) -> Image.Image:
+        """Item ``i`` of the source as a PIL image; subclasses read other forms (file bytes)."""
+        return self.source[i][0]
+
+    def read(self, index: int):
+        """``load`` of ``index``, or per ``on_error`` of the next readable item."""
         for attempt in range(len(self.source)):
             i = (index + attempt) % len(self.source)
             try:
-                img, _label = self.source[i]
-                break
+                return self.load(i)
             except Exception as err:  # noqa: BLE001 - any decoder error is a bad file
-                name, reason = self.source.name(i), f"{type(err).__name__}: {err}"
-                if self.on_error == "raise":
-                    raise DataError(f"cannot read {name}: {reason} (data.on_error=raise)") from err
-                if name not in self._seen_bad:
-                    self._seen_bad.add(name)
-                    log.debug("skipping unreadable image %s (%s)", name, reason)
-                    if self.skip_log is not None:
-                        record_skipped(self.skip_log, name, reason)
-        else:
-            raise DataError("no readable image in the data source")
+                self.bad_file(self.source.name(i), err)
+        raise DataError("no readable image in the data source")
+
+    def bad_file(self, name: str, err: Exception) -> None:
+        """Raise (``on_error=raise``) or record ``name`` once in the skip log (``skip``)."""
+        reason = f"{type(err).__name__}: {err}"
+        if self.on_error == "raise":
+            raise DataError(f"cannot read {name}: {reason} (data.on_error=raise)") from err
+        if name not in self._seen_bad:
+            self._seen_bad.add(name)
+            log.debug("skipping unreadable image %s (%s)", name, reason)
+            if self.skip_log is not None:
+                record_skipped(self.skip_log, name, reason)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        epoch, index = key
+        img = self.read(index)
         gen = sample_generator(self.seed, epoch, index)
         weak, strong = self.views(img, gen)
         return weak, strong, self.masks(gen)

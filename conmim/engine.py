@@ -35,12 +35,14 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import Config, ConfigError, to_yaml
 from .data import EpochSampler, PretrainDataset, build_source, read_skipped
+from .gpu_views import EncodedPretrainDataset, collate_encoded, device_batches, device_views
 from .guard import NonFiniteError, StepGuard
 from .knn import KnnMonitor
 from .masking import MaskGenerator
 from .model import ConMIM
 from .optim import build_adamw
 from .schedules import teacher_momentum, warmup_cosine
+from .step import compile_step, forward_backward, optimizer_step
 from .views import PairedViews
 
 log = logging.getLogger(__name__)
@@ -159,11 +161,13 @@ def build_loader(cfg: Config, dist: distributed.DistInfo, start_micro_step: int,
     views = PairedViews(m.img_size, (d.crop_scale_min, 1.0), tuple(d.mean), tuple(d.std), d.strong_aug,
                         d.weak_aug_strong)
     masks = MaskGenerator.from_config(cfg.mask, m.img_size, m.patch_size)
-    dataset = PretrainDataset(source, views, masks, cfg.train.seed, d.on_error, skip_log)
+    dataset_cls = EncodedPretrainDataset if d.gpu_aug else PretrainDataset
+    dataset = dataset_cls(source, views, masks, cfg.train.seed, d.on_error, skip_log)
     sampler = EpochSampler(len(dataset), cfg.train.batch_size, dist.rank, dist.world_size, cfg.train.seed,
                            start_step=start_micro_step)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=d.num_workers,
                         pin_memory=torch.cuda.is_available(), drop_last=True,
+                        collate_fn=collate_encoded if d.gpu_aug else None,
                         persistent_workers=d.num_workers > 0, prefetch_factor=4 if d.num_workers > 0 else None,
                         # its own generator: creating the iterator must not draw from the global RNG,
                         # or a resumed run's drop-path draws would shift
@@ -303,7 +307,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     if dist.enabled:
         student = DistributedDataParallel(model.student, broadcast_buffers=False)
     if t.compile:
-        student = torch.compile(student)
+        student = compile_step(model, student)
     writer = MetricsWriter(out, step) if dist.is_main else None
     monitor = KnnMonitor.from_config(cfg) if cfg.eval.monitor_every and dist.is_main else None
     if dist.is_main:
@@ -312,7 +316,8 @@ def pretrain(cfg: Config) -> dict[str, Any]:
                  plan.lr)
 
     model.train()
-    batches = iter(loader)
+    views = device_views(cfg, device, dataset)
+    batches = device_batches(loader, views, device)
     sums = meter if meter is not None else torch.zeros(5, device=device)  # loss, acc, grad norm, mask, finite steps
     images_since, t0 = 0, time.perf_counter()
     bar = tqdm(total=plan.run_steps, initial=step, disable=not dist.is_main, desc="pretrain", dynamic_ncols=True)
@@ -325,26 +330,17 @@ def pretrain(cfg: Config) -> dict[str, Any]:
         guard.begin()
         step_sums = torch.zeros(4, device=device)
         for micro in range(t.accum_steps):
-            weak, strong, mask = (x.to(device, non_blocking=True) for x in next(batches))
+            weak, strong, mask = next(batches)
             if step + 1 in t.inject_nan_steps and not guard.restores:  # fault injection (tests), cured by a restore
                 weak, strong = weak * math.nan, strong * math.nan
             sync = contextlib.nullcontext() if (micro == t.accum_steps - 1 or not dist.enabled) else student.no_sync()
-            with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss, accuracy = model.forward_with_stats(weak, strong, mask, student=student)
-            scaler.scale(loss / t.accum_steps).backward()
-            step_sums += torch.stack([loss.detach(), accuracy.detach(), torch.zeros((), device=device),
+            with sync:
+                loss, accuracy = forward_backward(model, student, weak, strong, mask, amp_dtype, scaler, t.accum_steps)
+            step_sums += torch.stack([loss, accuracy, torch.zeros((), device=device),
                                       mask.float().mean()]) / t.accum_steps
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad if t.clip_grad > 0 else math.inf,
-                                                   foreach=True)
-        step_sums[2] += grad_norm.detach().float()
-        ok = guard.check(grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        guard.finish(ok)
-        optimizer.zero_grad(set_to_none=True)
         momentum = teacher_momentum(step, plan.total_steps, t.momentum, t.momentum_end)
-        model.update_teacher(momentum, apply=ok)
+        grad_norm, ok = optimizer_step(model, optimizer, scaler, params, t.clip_grad, momentum, guard=guard)
+        step_sums[2] += grad_norm.float()
         sums[:4] += torch.where(ok, step_sums, 0.0)  # a skipped step's NaN stays out of the means
         sums[4] += ok
         step += 1
@@ -355,7 +351,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             step, meter = back
             sums = meter if meter is not None else torch.zeros_like(sums)
             sampler.start_step = step * t.accum_steps
-            batches = iter(loader)
+            batches = device_batches(loader, views, device)
             if writer:
                 writer.rewind(step)
             bar.n = step

@@ -228,6 +228,7 @@ class ConMIM(nn.Module):
         self.spec = timm_spec(**common, drop_path=0.0)  # exported encoders carry no drop path
         self.temperature = temperature
         self.teacher_bn_eval = teacher_bn_eval
+        self.loss_fn = denoising_contrastive_loss  # replaced by its compiled form in the fast step
         self.student = Branch(timm_spec(**common, drop_path=drop_path), proj_hidden_dim, proj_out_dim, sync_bn)
         _official_init(self.student, trunc_normal_1std)
         _official_init(self.student.encoder, trunc_normal_1std)
@@ -271,24 +272,37 @@ class ConMIM(nn.Module):
                            student: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, retrieval accuracy). ``student`` lets the engine pass a DDP-wrapped student."""
         targets = self.teacher_targets(strong)
-        predictions = (student or self.student)(weak, mask)
-        return denoising_contrastive_loss(predictions, targets, mask, self.temperature)
+        predictions = (self.student if student is None else student)(weak, mask)
+        return self.loss_fn(predictions, targets, mask, self.temperature)
 
     def forward(self, weak: torch.Tensor, strong: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.forward_with_stats(weak, strong, mask)[0]
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float, apply: torch.Tensor | None = None) -> None:
+    def update_teacher(self, momentum: float, apply: torch.Tensor | None = None, foreach: bool = True) -> None:
         """teacher <- momentum * teacher + (1 - momentum) * student, for parameters only (spec §6).
 
         ``apply`` (a 0-dim 0/1 tensor on the model's device) scales the update, so the engine can
-        skip it after a non-finite step without reading the flag back to the host.
+        skip it after a non-finite step without reading the flag back to the host. ``foreach=False``
+        is the one-kernel-per-parameter loop of a plain implementation (benchmarks).
         """
         t_params = [p for p in self.teacher.parameters()]
         s_params = [p.detach() for p in self.student.parameters()]
-        if apply is None:
-            torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
-        else:
+        if apply is not None:
             delta = torch._foreach_sub(s_params, t_params)
             torch._foreach_mul_(delta, apply.to(t_params[0].dtype) * (1.0 - momentum))
             torch._foreach_add_(t_params, delta)
+        elif foreach:
+            torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+        else:
+            for t, s in zip(t_params, s_params, strict=True):
+                t.lerp_(s, 1.0 - momentum)
+
+
+def set_fused_attention(module: nn.Module, fused: bool) -> None:
+    """Switch every timm attention layer between SDPA kernels (``fused=True``, timm's default; the
+    relative position bias goes in as SDPA's additive ``attn_mask``) and the explicit
+    softmax(QK^T + bias)V of a plain implementation (``conmim bench``'s reference path)."""
+    for m in module.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused

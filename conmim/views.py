@@ -129,13 +129,17 @@ class PairedViews:
     def normalize(self, img: torch.Tensor) -> torch.Tensor:
         return TF.normalize(img.float().div_(255), self.mean, self.std)
 
+    def sample(self, gen: torch.Generator | None, height: int, width: int) -> tuple[ViewParams, ViewParams | None]:
+        """The draws for one image: ``p`` (crop, flip, strong ops) and, with ``weak_strong``, ``q`` (the
+        weak view's own photometric ops; its crop is unused). The device path draws through this too."""
+        p = sample_view_params(gen, height, width, self.crop_scale)
+        q = sample_view_params(gen, height, width, self.crop_scale) if self.weak_strong else None
+        return p, q
+
     def __call__(self, img: Image.Image, gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         img = img.convert("RGB")
-        p = sample_view_params(gen, img.height, img.width, self.crop_scale)
+        p, q = self.sample(gen, img.height, img.width)
         base = self.crop(img, p)
         strong = apply_photometric(base, p) if self.strong else base
-        weak = base
-        if self.weak_strong:
-            q = sample_view_params(gen, img.height, img.width, self.crop_scale)
-            weak = apply_photometric(base, q)
+        weak = apply_photometric(base, q) if q is not None else base
         return self.normalize(weak), self.normalize(strong)

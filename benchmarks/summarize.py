@@ -1,0 +1,28 @@
+"""Markdown table of `conmim bench` JSON lines: python benchmarks/summarize.py FILE.jsonl [...]."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def rows(paths: list[str]) -> list[str]:
+    out = ["| arch | px | batch | data | variant | precision | compile | data path | img/s | step ms | chunks img/s "
+           "| peak mem GB | MFU | speed-up | host syncs | date |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        for line in open(path):
+            if not line.startswith("{"):
+                continue
+            r = json.loads(line)
+            mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "—"
+            out.append(f"| {r['arch']} | {r['img_size']} | {r['batch_size']} | {r['data']} | {r['variant']} | "
+                       f"{r['precision']} | {r['compile']} | {r['data_path']} | {r['img_per_s']:.1f} | "
+                       f"{r['step_ms']:.0f} | {', '.join(f'{c:.1f}' for c in r['img_per_s_chunks'])} | "
+                       f"{r['peak_mem_gb']:.2f} | {mfu} | {r.get('speedup_vs_plain', '—')} | "
+                       f"{'—' if r['host_syncs'] is None else r['host_syncs']} | {r['date'][:10]} |")
+    return out
+
+
+if __name__ == "__main__":
+    print("\n".join(rows(sys.argv[1:])))

@@ -1,0 +1,68 @@
+"""``conmim bench``: analytic FLOPs, configuration checks, and real runs of both data modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conmim.bench import flops_per_image, run_bench, write_jpeg_folder
+from conmim.config import BenchRunConfig, ConfigError, ModelConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.arch=vit_tiny", "model.depth=1", "model.img_size=32", "model.patch_size=8", "model.proj_hidden_dim=64",
+        "model.proj_out_dim=32", "train.batch_size=4", "bench.steps=2", "bench.repeats=2", "bench.warmup=1"]
+
+
+@pytest.mark.parametrize("arch, gflop", [("vit_small", 67), ("vit_base", 173), ("vit_large", 526)])
+def test_flops_per_image_match_the_spec_estimates(arch, gflop):
+    """conmim-spec.md §11: 4 x (backbone + projector forward) per 224 px image."""
+    assert flops_per_image(ModelConfig(arch=arch)) / 1e9 == pytest.approx(gflop, rel=0.01)
+
+
+def test_bench_settings_are_checked():
+    with pytest.raises(ConfigError, match="bench.data"):
+        load_config(None, ["bench.data=/no/such/folder"], schema_cls=BenchRunConfig)
+    with pytest.raises(ConfigError, match="bench.steps"):
+        load_config(None, ["bench.steps=2", "bench.repeats=3"], schema_cls=BenchRunConfig)
+    with pytest.raises(ConfigError, match="bench"):  # pretrain does not take bench settings
+        load_config(None, ["bench.steps=2"])
+
+
+def test_cli_bench_prints_one_json_line_per_variant():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "conmim.cli", "bench", *TINY, "train.precision=bf16"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fast, plain = (json.loads(ln) for ln in proc.stdout.splitlines())
+    assert (fast["variant"], plain["variant"]) == ("fast", "plain")
+    assert (fast["precision"], fast["attention"], plain["precision"], plain["attention"]) == ("bf16", "sdpa", "fp32",
+                                                                                              "math")
+    assert plain["config"]["train"]["precision"] == "fp32" and fast["config"]["train"]["precision"] == "bf16"
+    for line in (fast, plain):
+        assert line["img_per_s"] > 0 and line["step_ms"] > 0 and len(line["img_per_s_chunks"]) == 2
+        assert line["peak_mem_gb"] >= 0 and line["mfu"] is None and line["data"] == "synthetic"
+        assert line["gflop_per_img"] == pytest.approx(flops_per_image(ModelConfig(
+            arch="vit_tiny", depth=1, img_size=32, patch_size=8, proj_hidden_dim=64, proj_out_dim=32)) / 1e9, abs=0.01)
+    assert fast["speedup_vs_plain"] == pytest.approx(fast["img_per_s"] / plain["img_per_s"], rel=1e-2)
+    assert "vs plain eager fp32" in proc.stderr
+
+
+def test_jpeg_mode_runs_the_file_data_paths():
+    cfg = load_config(None, [*TINY, "bench.data=jpeg", "bench.jpeg_images=8", "data.gpu_aug=true",
+                             "data.num_workers=0"], schema_cls=BenchRunConfig)
+    fast, plain = run_bench(cfg)
+    assert (fast["data"], fast["data_path"], plain["data_path"]) == ("jpeg", "device", "cpu")
+    assert fast["img_per_s"] > 0 and plain["img_per_s"] > 0
+
+
+def test_jpeg_writer_makes_imagenet_sized_rgb_jpegs(tmp_path):
+    paths = write_jpeg_folder(tmp_path, 6, seed=1)
+    sizes = [Image.open(p).size for p in paths]
+    assert all(Image.open(p).format == "JPEG" and Image.open(p).mode == "RGB" for p in paths)
+    assert all(300 <= min(s) and max(s) <= 860 for s in sizes) and len(set(sizes)) > 1
