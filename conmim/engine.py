@@ -358,6 +358,11 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             bar.refresh()
             continue
 
+        knn: dict[str, float] = {}  # the online k-NN, in the step's record when it has one
+        if monitor and (step % cfg.eval.monitor_every == 0 or step == plan.run_steps):
+            t_monitor = time.perf_counter()
+            knn = monitor(model.teacher.encoder, device, amp_dtype)
+            t0 += time.perf_counter() - t_monitor  # keep img_per_s a training throughput
         if step % t.log_every == 0 or step == plan.run_steps:
             totals = distributed.all_mean(sums).tolist()
             means = [v / totals[4] if totals[4] else None for v in totals[:4]]
@@ -365,7 +370,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "loss": means[0],
                       "retrieval_acc": means[1], "grad_norm": means[2], "mask_ratio": means[3], "lr": lr,
                       "weight_decay": wd, "momentum": momentum, "img_per_s": images_since / elapsed,
-                      "skipped_steps": int(guard.skipped), "nan_restores": guard.restores}
+                      "skipped_steps": int(guard.skipped), "nan_restores": guard.restores, **knn}
             if writer:
                 writer.write(record)
             shown = [math.nan if v is None else v for v in means]
@@ -373,10 +378,8 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             if step % t.log_every == 0:  # a run's last record may cover a partial interval: keep it open
                 sums.zero_()
                 images_since, t0 = 0, time.perf_counter()
-        if monitor and (step % cfg.eval.monitor_every == 0 or step == plan.run_steps):
-            t_monitor = time.perf_counter()
-            writer.write({"step": step, **monitor(model.teacher.encoder, device, amp_dtype)})
-            t0 += time.perf_counter() - t_monitor  # keep img_per_s a training throughput
+        elif knn and writer:
+            writer.write({"step": step, **knn})
         if step % t.checkpoint_every == 0 or step == plan.run_steps:
             _save(cfg, out, step, model, optimizer, scaler, guard, sums, device, dist)
     bar.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -14,6 +16,7 @@ from tqdm import tqdm
 from .config import ConfigError
 from .data import DataError, build_source
 
+log = logging.getLogger(__name__)
 
 class EvalTransform:
     """Resize the shorter side to ``img_size / crop_pct`` (bicubic), centre-crop, normalise."""
@@ -123,6 +126,10 @@ def knn_top1(encoder: nn.Module, train_source, test_source, transform, k: int = 
     return knn_accuracy(train_x, train_y, test_x, test_y, k, temperature)
 
 
+class UnlabelledError(DataError):
+    """A labelled source was needed."""
+
+
 class SourceSubset:
     """Some images of a source, by index, with their labels (a source itself)."""
 
@@ -164,17 +171,23 @@ class KnnMonitor:
         order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).tolist()
         self.bank, self.queries = SourceSubset(source, order[:bank]), SourceSubset(source, order[bank:bank + queries])
         if self.bank.labels is not None and min(self.bank.labels + self.queries.labels) < 0:
-            raise DataError("eval.monitor_every needs labelled images (class sub-folders, list-file labels or "
-                            "Fashion-MNIST); this data source has unlabelled ones, set eval.monitor_every=0")
+            raise UnlabelledError("eval.monitor_every needs labelled images (class sub-folders, list-file labels "
+                                  "or Fashion-MNIST); this data source has unlabelled ones")
         self.transform = EvalTransform(img_size, mean, std)
         self.k, self.temperature, self.pool, self.batch_size = k, temperature, pool, batch_size
 
     @classmethod
-    def from_config(cls, cfg) -> KnnMonitor:
-        """The monitor of a :class:`conmim.config.Config` (its pre-training source and ``eval`` section)."""
+    def from_config(cls, cfg) -> KnnMonitor | None:
+        """The monitor of a :class:`conmim.config.Config` (its pre-training source and ``eval`` section),
+        or None with a warning when that source is unlabelled (the monitor is on in the built-in
+        preset, and pointing that preset at an unlabelled folder must still run)."""
         e = cfg.eval
-        return cls(build_source(cfg.data, cfg.model.img_size), cfg.model.img_size, cfg.data.mean, cfg.data.std,
-                   e.monitor_bank, e.monitor_queries, e.knn_k, e.knn_t, e.pool, e.batch_size, cfg.train.seed)
+        try:
+            return cls(build_source(cfg.data, cfg.model.img_size), cfg.model.img_size, cfg.data.mean, cfg.data.std,
+                       e.monitor_bank, e.monitor_queries, e.knn_k, e.knn_t, e.pool, e.batch_size, cfg.train.seed)
+        except UnlabelledError as err:
+            log.warning("online k-NN monitor off: %s", err)
+            return None
 
     def __call__(self, encoder: nn.Module, device: str | torch.device = "cpu",
                  amp_dtype: torch.dtype | str | None = "auto") -> dict[str, float]:

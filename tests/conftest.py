@@ -16,7 +16,7 @@ TINY = [
     "model.proj_hidden_dim=64", "model.proj_out_dim=32", "mask.unit=2", "data.num_workers=0",
     "train.batch_size=8", "train.epochs=1", "train.warmup_epochs=0.1", "train.log_every=2",
     "train.checkpoint_every=3", "train.precision=fp32", "train.base_lr=1e-3",
-    "eval.final_knn=false",
+    "eval.final_knn=false", "eval.monitor_every=0",
 ]
 
 

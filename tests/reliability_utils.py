@@ -34,7 +34,7 @@ TINY = [
     "data.source=synthetic", "data.synthetic_size=64", "data.num_workers=0",
     "train.batch_size=8", "train.epochs=2", "train.warmup_epochs=0.5", "train.base_lr=1e-3",
     "train.precision=fp32", "train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=3",
-    "eval.final_knn=false",
+    "eval.final_knn=false", "eval.monitor_every=0",
 ]
 
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conmim.config import ConfigError, load_config
-from conmim.data import DataError, PretrainDataset, image_folder, sample_generator
+from conmim.data import DataError, PretrainDataset, image_folder, read_skipped, sample_generator
 from conmim.engine import pretrain
 from conmim.gpu_views import DeviceViews, EncodedPretrainDataset, collate_encoded, pack_params, photometric_batch
 from conmim.masking import MaskGenerator
@@ -114,12 +114,14 @@ def test_an_undecodable_jpeg_is_skipped_or_raises(image_dir, tmp_path):
         shutil.copy(f, tmp_path / f.name)
     raw = (tmp_path / "imagenet_00_243.jpg").read_bytes()
     (tmp_path / "truncated.jpg").write_bytes(raw[:raw.index(b"\xff\xda") + 200])  # header fine, data cut
-    _cpu, encoded, _views, device_views = both_paths(tmp_path)
+    _cpu, encoded, views, device_views = both_paths(tmp_path)
+    skip_log = tmp_path / "skipped_files.txt"
+    encoded.skip_log, device_views.bad_file = skip_log, encoded.bad_file
     batch = collate_encoded([encoded[(0, i)] for i in range(3)])
     weak, strong, mask = device_views(batch)
     assert weak.shape == (3, 3, SIZE, SIZE) and torch.isfinite(strong).all()
-    assert [Path(p).name for p in device_views.skipped] == ["truncated.jpg"]
-    device_views.on_error = "raise"
+    assert [Path(p).name for p in read_skipped(skip_log)] == ["truncated.jpg"]
+    encoded.on_error = "raise"
     with pytest.raises(DataError, match="truncated.jpg"):
         device_views(batch)
 

@@ -44,13 +44,14 @@ def test_pretrain_fashion_mnist_cli_writes_a_complete_run(tmp_path, tiny_overrid
     out = tmp_path / "fm"
     proc = cli("pretrain", *tiny_overrides, "model.img_size=32", f"data.path={fashion_mnist_dir}",
                "train.max_steps=4", f"output_dir={out}", "eval.final_knn=true", "eval.train_limit=300",
-               "eval.test_limit=100")
+               "eval.test_limit=100", "eval.monitor_every=3", "eval.monitor_bank=200", "eval.monitor_queries=100")
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in lines if "loss" in r]
     assert [r["step"] for r in records] == [2, 4]
-    monitor = [r for r in lines if "knn_top1" in r]  # the preset's online k-NN, also at the run's end
-    assert [r["step"] for r in monitor] == [4] and 0 <= monitor[0]["knn_top1"] <= 100
+    monitor = [r for r in lines if "knn_top1" in r]  # online k-NN: its own record at 3, in the last at 4
+    assert [r["step"] for r in monitor] == [3, 4] and "loss" not in monitor[0] and "loss" in monitor[1]
+    assert all(10 <= r["knn_top1"] <= 100 for r in monitor)
     for key in ("epoch", "loss", "lr", "momentum", "grad_norm", "img_per_s", "retrieval_acc", "mask_ratio"):
         assert key in records[0]
     assert records[0]["mask_ratio"] == pytest.approx(0.75)  # 8x8 grid, 16 units, 12 masked
