@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
 ENCODERS = ("beit", "vit")
+OBJECTIVES = ("conmim", "pixel")
 MASK_TYPES = ("random_unit", "block", "random")
 SOURCES = ("fashion_mnist", "folder", "list", "synthetic")
 
@@ -29,6 +30,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    objective: str = "conmim"  # conmim: denoising contrast; pixel: MAE/SimMIM-style baseline (conmim.pixel_mim)
     arch: str = "vit_small"
     encoder: str = "beit"  # beit: shared relative position bias (official); vit: absolute position embedding
     img_size: int = 224
@@ -158,6 +160,7 @@ def validate(cfg: Config) -> None:
     """Reject meaningless values before any work starts."""
     m, k, d, t = cfg.model, cfg.mask, cfg.data, cfg.train
     _require(m.arch in ARCHS, "model.arch", m.arch, f"one of {', '.join(ARCHS)}")
+    _require(m.objective in OBJECTIVES, "model.objective", m.objective, f"one of {', '.join(OBJECTIVES)}")
     _require(m.encoder in ENCODERS, "model.encoder", m.encoder, f"one of {', '.join(ENCODERS)}")
     _require(m.depth >= 0, "model.depth", m.depth, "0 (the arch's depth) or a positive integer")
     _require(m.patch_size > 0, "model.patch_size", m.patch_size, "a positive integer")

@@ -29,6 +29,7 @@ from .data import EpochSampler, PretrainDataset, build_source
 from .masking import MaskGenerator
 from .model import ConMIM
 from .optim import build_adamw
+from .pixel_mim import PixelMIM
 from .schedules import teacher_momentum, warmup_cosine
 from .views import PairedViews
 
@@ -145,7 +146,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed + dist.rank)
     t = cfg.train
 
-    model = ConMIM.from_config(cfg.model).to(device)
+    model = (PixelMIM if cfg.model.objective == "pixel" else ConMIM).from_config(cfg.model).to(device)
     optimizer = build_adamw(model.student, t.base_lr, t.weight_decay, tuple(t.betas), t.decay_mask_token,
                             t.decay_rel_pos, fused=device.type == "cuda")
     amp_dtype = resolve_precision(t.precision, device)
