@@ -70,6 +70,7 @@ class DataConfig:
     weak_aug_strong: bool = False  # ablation: strong photometric ops on the student's view too
     synthetic_size: int = 1024
     on_error: str = "skip"  # skip | raise, for unreadable image files
+    eval_split: str = "test"  # labelled held-out split of knn / linprobe / finetune (folder: a sub-folder, e.g. val)
 
 
 @dataclass
@@ -104,6 +105,55 @@ class EvalConfig:
     pool: str = "cls"  # cls | mean
     batch_size: int = 256
     final_knn: bool = False  # after pre-training, k-NN of teacher vs random init (built-in default)
+    monitor_every: int = 0  # pre-training steps between k-NN checks of the teacher (0: off)
+    monitor_bank: int = 2000  # labelled pre-training images as the monitor's memory bank
+    monitor_queries: int = 1000  # other labelled pre-training images as its queries
+
+
+@dataclass
+class LinProbeConfig:
+    """Linear probe (ours; the paper reports none, spec §8.4): MAE's protocol scaled to the data."""
+
+    block: int = -1  # which block's tokens (-1: the last; the final norm is applied to any block)
+    pool: str = "cls"  # cls | mean
+    cache_features: bool = True  # extract features once (no augmentation), train the head on the cache
+    optimizer: str = "sgd"  # sgd | lars
+    epochs: int = 90
+    warmup_epochs: float = 10.0
+    batch_size: int = 256
+    base_lr: float = 0.1  # lr = base_lr * batch_size / 256
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass
+class FinetuneConfig:
+    """Full fine-tuning, spec §8.1 (official ViT-B ImageNet recipe) unless a preset says otherwise."""
+
+    img_size: int = 0  # 0: the pre-training resolution; another size resizes the position tables
+    epochs: int = 100
+    warmup_epochs: float = 20.0
+    batch_size: int = 128  # per process
+    base_lr: float = 1.0e-3  # lr = base_lr * total_batch / 256 (official: 4e-3 at batch 1024)
+    min_lr: float = 1.0e-6
+    layer_decay: float = 0.65
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: float = 0.0  # 0: none (official)
+    drop_path: float = 0.1
+    head_init_scale: float = 0.001
+    decay_rel_pos: bool = True  # official quirk: weight decay on the per-block relative position tables
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; "" for none
+    reprob: float = 0.25  # random erasing
+    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, centre-crop img_size (224/256)
+    num_classes: int = 0  # 0: from the training split's labels
+    which: str = "teacher"  # encoder of a conmim checkpoint (teacher, as the authors fine-tune)
+    log_every: int = 20
 
 
 @dataclass
@@ -113,6 +163,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    linprobe: LinProbeConfig = field(default_factory=LinProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     output_dir: str = "runs/default"
     resume: str = ""
     device: str = "auto"
@@ -196,4 +248,27 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= t.momentum <= 1.0 and 0.0 <= t.momentum_end <= 1.0, "train.momentum",
              (t.momentum, t.momentum_end), "values in [0, 1]")
     _require(len(t.betas) == 2, "train.betas", t.betas, "two numbers")
-    _require(cfg.eval.pool in ("cls", "mean"), "eval.pool", cfg.eval.pool, "cls or mean")
+    _validate_eval(cfg)
+
+
+def _validate_eval(cfg: Config) -> None:
+    e, lp, ft = cfg.eval, cfg.linprobe, cfg.finetune
+    _require(e.pool in ("cls", "mean"), "eval.pool", e.pool, "cls or mean")
+    _require(e.knn_k > 0 and e.knn_t > 0, "eval.knn_k/knn_t", (e.knn_k, e.knn_t), "positive numbers")
+    _require(e.monitor_every >= 0, "eval.monitor_every", e.monitor_every, "0 (off) or a positive step count")
+    _require(e.monitor_bank > 0 and e.monitor_queries > 0, "eval.monitor_bank/monitor_queries",
+             (e.monitor_bank, e.monitor_queries), "positive integers")
+    _require(lp.pool in ("cls", "mean"), "linprobe.pool", lp.pool, "cls or mean")
+    _require(lp.optimizer in ("sgd", "lars"), "linprobe.optimizer", lp.optimizer, "sgd or lars")
+    _require(lp.epochs > 0 and lp.batch_size > 0, "linprobe.epochs/batch_size", (lp.epochs, lp.batch_size),
+             "positive integers")
+    _require(ft.img_size >= 0, "finetune.img_size", ft.img_size, "0 (pre-training size) or a positive size")
+    _require(ft.epochs > 0 and ft.batch_size > 0, "finetune.epochs/batch_size", (ft.epochs, ft.batch_size),
+             "positive integers")
+    _require(0.0 < ft.layer_decay <= 1.0, "finetune.layer_decay", ft.layer_decay, "a number in (0, 1]")
+    _require(0.0 <= ft.drop_path < 1.0, "finetune.drop_path", ft.drop_path, "a number in [0, 1)")
+    _require(0.0 <= ft.label_smoothing < 1.0, "finetune.label_smoothing", ft.label_smoothing, "in [0, 1)")
+    _require(0.0 < ft.crop_pct <= 1.0, "finetune.crop_pct", ft.crop_pct, "in (0, 1]")
+    _require(ft.which in ("teacher", "student"), "finetune.which", ft.which, "teacher or student")
+    _require(ft.mixup == 0 and ft.cutmix == 0 or ft.batch_size % 2 == 0, "finetune.batch_size", ft.batch_size,
+             "an even number when mixup/cutmix is on (timm mixes a batch with its reverse)")

@@ -26,6 +26,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import Config, ConfigError, to_yaml
 from .data import EpochSampler, PretrainDataset, build_source
+from .knn import KnnMonitor
 from .masking import MaskGenerator
 from .model import ConMIM
 from .optim import build_adamw
@@ -82,9 +83,10 @@ def make_plan(cfg: Config, micro_steps_per_epoch: int, world_size: int) -> Plan:
 
 
 class MetricsWriter:
-    """``metrics.jsonl`` plus TensorBoard events, rank 0 only."""
+    """``metrics.jsonl`` plus TensorBoard events (scalars named ``tag/key``), rank 0 only."""
 
-    def __init__(self, out: Path, resume_step: int):
+    def __init__(self, out: Path, resume_step: int, tag: str = "pretrain"):
+        self.tag = tag
         self.path = out / "metrics.jsonl"
         if self.path.exists():  # drop records written after the checkpoint we resume from
             kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
@@ -98,7 +100,7 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
-                self.tb.add_scalar(f"pretrain/{key}", value, record["step"])
+                self.tb.add_scalar(f"{self.tag}/{key}", value, record["step"])
 
     def close(self) -> None:
         self.tb.close()
@@ -177,6 +179,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     if t.compile:
         student = torch.compile(student)
     writer = MetricsWriter(out, step) if dist.is_main else None
+    monitor = KnnMonitor.from_config(cfg) if cfg.eval.monitor_every and dist.is_main else None
     if dist.is_main:
         log.info("%d images, %d steps/epoch, %d steps (%d this run), total batch %d, peak lr %.3g",
                  len(dataset), plan.steps_per_epoch, plan.total_steps, plan.run_steps - step, plan.total_batch,
@@ -226,6 +229,10 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             bar.set_postfix(loss=f"{means[0]:.3f}", acc=f"{means[1]:.2f}", img_s=f"{record['img_per_s']:.0f}")
             sums.zero_()
             since, images_since, t0 = 0, 0, time.perf_counter()
+        if monitor and (step % cfg.eval.monitor_every == 0 or step == plan.run_steps):
+            t_monitor = time.perf_counter()
+            writer.write({"step": step, **monitor(model.teacher.encoder, device)})
+            t0 += time.perf_counter() - t_monitor  # keep img_per_s a training throughput
         if step % t.checkpoint_every == 0 or step == plan.run_steps:
             if dist.is_main:
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -9,6 +9,7 @@ from typing import Any
 import timm
 import torch
 from omegaconf import OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import checkpoint as ckpt
@@ -71,10 +72,36 @@ def export(source: str | Path, out: str | Path, which: str = "teacher") -> tuple
     return write_encoder(encoder_state(state, which), spec_of(config_of(state)), out)
 
 
-def load_encoder(path: str | Path, **overrides: Any) -> torch.nn.Module:
-    """Build the timm encoder of an exported file and load its weights strictly."""
+def read_spec(path: str | Path) -> dict[str, Any]:
+    """The timm arguments of an exported file: the JSON beside it, else the safetensors metadata."""
     path = Path(path)
-    spec = json.loads(path.with_suffix(".json").read_text())
+    if path.with_suffix(".json").is_file():
+        return json.loads(path.with_suffix(".json").read_text())
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "timm_spec" not in meta:
+        raise FileNotFoundError(f"{path}: no {path.with_suffix('.json').name} beside it and no timm_spec metadata")
+    return json.loads(meta["timm_spec"])
+
+
+def load_pretrained(path: str | Path, which: str = "teacher") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Encoder weights and timm spec of an exported ``.safetensors``, a run directory or a checkpoint."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        return load_file(str(path)), read_spec(path)
+    state, _found = load_run_checkpoint(path)
+    return encoder_state(state, which), spec_of(config_of(state))
+
+
+def build_encoder(weights: dict[str, torch.Tensor], spec: dict[str, Any], **overrides: Any) -> torch.nn.Module:
+    """The timm model of ``spec`` with ``weights`` loaded strictly."""
     model = timm.create_model(spec["model_name"], pretrained=False, **{**spec["kwargs"], **overrides})
-    model.load_state_dict(load_file(str(path)), strict=True)
+    model.load_state_dict(weights, strict=True)
     return model
+
+
+def load_encoder(path: str | Path, which: str = "teacher", **overrides: Any) -> torch.nn.Module:
+    """The timm encoder of an exported file, a run directory or a checkpoint, weights loaded strictly."""
+    return build_encoder(*load_pretrained(path, which), **overrides)

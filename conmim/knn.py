@@ -40,15 +40,29 @@ class LabeledDataset(Dataset):
         return self.transform(img), label
 
 
-def pool_tokens(tokens: torch.Tensor, pool: str = "cls", num_prefix: int = 1) -> torch.Tensor:
-    """(B, T, D) -> (B, D): the [CLS] token, or the mean of the patch tokens."""
-    return tokens[:, 0] if pool == "cls" else tokens[:, num_prefix:].mean(1)
+def encode(encoder: nn.Module, images: torch.Tensor, pool: str = "cls", block: int = -1) -> torch.Tensor:
+    """(B, D) features: one block's [CLS] token or mean patch token, after the final norm.
+
+    ``block=-1`` is the last block, i.e. exactly ``forward_features``. A fine-tuned model (mean
+    pooling + fc_norm, final norm removed) gets its fc_norm on the mean, as its head sees it.
+    """
+    depth = len(encoder.blocks)
+    if not -depth <= block < depth:
+        raise ValueError(f"block={block} is outside the encoder's {depth} blocks (use -1 for the last)")
+    (patches, prefix), = encoder.forward_intermediates(
+        images, indices=[block % depth], norm=True, output_fmt="NLC", return_prefix_tokens=True,
+        intermediates_only=True, stop_early=True)
+    if pool == "cls":
+        return prefix[:, 0]
+    fc_norm = getattr(encoder, "fc_norm", None)
+    mean = patches.mean(1)
+    return fc_norm(mean) if fc_norm is not None and block % depth == depth - 1 else mean
 
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset: Dataset, batch_size: int = 256, pool: str = "cls",
-                     device: str | torch.device = "cpu", num_workers: int = 0,
-                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+                     device: str | torch.device = "cpu", num_workers: int = 0, desc: str = "features",
+                     block: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, D) in fp32 and labels (N,) of a timm encoder over a labelled dataset."""
     was_training = encoder.training
     encoder.eval()
@@ -57,8 +71,7 @@ def extract_features(encoder: nn.Module, dataset: Dataset, batch_size: int = 256
     device = torch.device(device)
     for images, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            tokens = encoder.forward_features(images.to(device, non_blocking=True))
-        feats.append(pool_tokens(tokens, pool).float().cpu())
+            feats.append(encode(encoder, images.to(device, non_blocking=True), pool, block).float().cpu())
         labels.append(torch.as_tensor(y))
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
@@ -104,3 +117,50 @@ def knn_on_splits(encoder: nn.Module, data_cfg, img_size: int, k: int = 20, temp
                                       desc=f"k-NN {split} features"))
     (train_x, train_y), (test_x, test_y) = feats
     return knn_accuracy(train_x, train_y, test_x, test_y, k, temperature)
+
+
+class KnnMonitor:
+    """Online k-NN during pre-training (solo-learn style): is the encoder learning before the run ends?
+
+    A memory bank and disjoint queries are drawn once, with a fixed seed, from the labelled
+    pre-training images and seen through the evaluation transform, so every check is comparable.
+    """
+
+    def __init__(self, source, img_size: int, mean, std, bank: int = 2000, queries: int = 1000, k: int = 20,
+                 temperature: float = 0.07, pool: str = "cls", batch_size: int = 256, seed: int = 0):
+        queries = min(queries, len(source) // 2)
+        bank = min(bank, len(source) - queries)
+        order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).tolist()
+        labels = getattr(source, "labels", None)
+        if labels is not None and min(int(labels[i]) for i in order[:bank + queries]) < 0:
+            raise ValueError("eval.monitor_every needs labelled images (class sub-folders, list-file labels or "
+                             "Fashion-MNIST); this data source has unlabelled ones, set eval.monitor_every=0")
+        transform = EvalTransform(img_size, mean, std)
+        self.bank = LabeledDataset(source, transform, order[:bank])
+        self.queries = LabeledDataset(source, transform, order[bank:bank + queries])
+        self.k, self.temperature, self.pool, self.batch_size = k, temperature, pool, batch_size
+
+    @classmethod
+    def from_config(cls, cfg) -> KnnMonitor:
+        """The monitor of a :class:`conmim.config.Config` (its pre-training source and ``eval`` section)."""
+        from .data import build_source
+
+        e = cfg.eval
+        return cls(build_source(cfg.data, cfg.model.img_size), cfg.model.img_size, cfg.data.mean, cfg.data.std,
+                   e.monitor_bank, e.monitor_queries, e.knn_k, e.knn_t, e.pool, e.batch_size, cfg.train.seed)
+
+    def __call__(self, encoder: nn.Module, device: str | torch.device = "cpu") -> dict[str, float]:
+        bank_x, bank_y = extract_features(encoder, self.bank, self.batch_size, self.pool, device, desc="monitor bank")
+        query_x, query_y = extract_features(encoder, self.queries, self.batch_size, self.pool, device,
+                                            desc="monitor queries")
+        return {"knn_top1": knn_accuracy(bank_x, bank_y, query_x, query_y, self.k, self.temperature)}
+
+
+def num_classes_of(*sources) -> int:
+    """Number of classes of labelled sources: their class names, else the largest label + 1."""
+    named = max((len(getattr(s, "classes", ()) or ()) for s in sources), default=0)
+    labels = [int(max(s.labels)) for s in sources if len(getattr(s, "labels", ())) > 0]
+    found = max([named] + [n + 1 for n in labels])
+    if found < 2:
+        raise ValueError("the data source has no labels (need class sub-folders, list-file labels or Fashion-MNIST)")
+    return found

@@ -1,0 +1,107 @@
+"""Pre-trained encoder weights -> a timm classifier ready for fine-tuning (spec §2.3, §2.5, §8.1).
+
+The fine-tuning model differs from the pre-training encoder in four ways, all handled here:
+mean-pooled patch tokens + a new ``fc_norm`` replace the [CLS] output and the final ``norm``; each
+block gets its own relative position table, initialised from the shared pre-trained one; a new head
+is initialised with a small scale; at another resolution the tables (timm's geometric-progression
+resize, keeping the 3 [CLS] entries) and any absolute position embedding (timm's bicubic resample)
+are resized. Resizing uses timm's helpers, not hand-written interpolation.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
+from torch import nn
+
+SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
+DROPPED = ("mask_token", "norm.", "head.", "fc_norm.", "rel_pos_bias.")
+
+
+def grid_of(spec: dict[str, Any]) -> tuple[int, int]:
+    """Patch grid of a timm spec (``img_size // patch_size``)."""
+    kw = spec["kwargs"]
+    size, patch = kw.get("img_size", 224), kw.get("patch_size", 16)
+    size = size if isinstance(size, (list, tuple)) else (size, size)
+    patch = patch if isinstance(patch, (list, tuple)) else (patch, patch)
+    return size[0] // patch[0], size[1] // patch[1]
+
+
+def resize_rel_pos_table(table: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """A (num_rel, heads) BEiT table for ``old_grid`` resized to ``new_grid``; unchanged at the same grid."""
+    if tuple(old_grid) == tuple(new_grid):
+        return table
+    size = (2 * new_grid[0] - 1) * (2 * new_grid[1] - 1) + 3
+    return resize_rel_pos_bias_table(table, new_window_size=tuple(new_grid), new_bias_shape=(size, table.shape[1]),
+                                     old_window_size=tuple(old_grid))
+
+
+def classifier_spec(spec: dict[str, Any], num_classes: int, img_size: int = 0, drop_path: float = 0.1) -> dict:
+    """The timm spec of the fine-tuning model: mean pooling + fc_norm, per-block tables, a head."""
+    kwargs = dict(spec["kwargs"], num_classes=num_classes, global_pool="avg", drop_path_rate=drop_path)
+    if img_size:
+        kwargs["img_size"] = img_size
+    if spec["model_name"].startswith("beit"):
+        has_rel = kwargs.get("use_shared_rel_pos_bias") or kwargs.get("use_rel_pos_bias")
+        kwargs.update(use_shared_rel_pos_bias=False, use_rel_pos_bias=bool(has_rel))
+    return {"model_name": spec["model_name"], "kwargs": kwargs}
+
+
+def transfer_weights(weights: dict[str, torch.Tensor], spec: dict[str, Any], model: nn.Module) -> dict:
+    """Pre-trained encoder weights renamed and resized for ``model`` (built from :func:`classifier_spec`).
+
+    Drops the mask token, the final norm (replaced by fc_norm) and any old head; copies the shared
+    relative position table into every block; resizes tables and the absolute position embedding
+    from the pre-training grid to the model's.
+    """
+    old_grid, new_grid = grid_of(spec), tuple(model.patch_embed.grid_size)
+    out = {k: v for k, v in weights.items() if not k.startswith(DROPPED)}
+    if isinstance(model.norm, nn.Identity) is False:  # a model that keeps the final norm keeps its weights
+        out.update({k: v for k, v in weights.items() if k.startswith("norm.")})
+    shared = weights.get(SHARED_TABLE)
+    for i, block in enumerate(model.blocks):
+        key = f"blocks.{i}.attn.relative_position_bias_table"
+        if getattr(block.attn, "relative_position_bias_table", None) is None:
+            continue
+        table = out.get(key, shared)
+        if table is None:
+            raise KeyError(f"pre-trained weights have neither {key} nor {SHARED_TABLE}")
+        out[key] = resize_rel_pos_table(table.clone(), old_grid, new_grid)
+    if "pos_embed" in out:
+        out["pos_embed"] = resample_abs_pos_embed(out["pos_embed"], new_size=list(new_grid), old_size=list(old_grid),
+                                                  num_prefix_tokens=getattr(model, "num_prefix_tokens", 1))
+    return out
+
+
+@torch.no_grad()
+def init_head(head: nn.Linear, scale: float) -> None:
+    """Truncated normal (std 0.02) then weight and bias times ``scale`` (spec §2.5: 0.001)."""
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    head.weight.mul_(scale)
+
+
+def build_classifier(weights: dict[str, torch.Tensor], spec: dict[str, Any], num_classes: int, img_size: int = 0,
+                     drop_path: float = 0.1, head_init_scale: float = 0.001) -> tuple[nn.Module, dict]:
+    """(timm classifier with the pre-trained weights, its spec); only the head and fc_norm are new."""
+    target = classifier_spec(spec, num_classes, img_size, drop_path)
+    model = timm.create_model(target["model_name"], pretrained=False, **target["kwargs"])
+    missing, unexpected = model.load_state_dict(transfer_weights(weights, spec, model), strict=False)
+    new = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
+    if new or unexpected:
+        raise KeyError(f"pre-trained weights do not fit {target['model_name']}: missing {new}, unexpected {unexpected}")
+    init_head(model.head, head_init_scale)
+    return model, target
+
+
+def spec_from_module(encoder: nn.Module) -> dict[str, Any]:
+    """The timm spec of a model built by ``timm.create_model`` (needs timm's recorded model arguments)."""
+    args = getattr(encoder, "_model_args", None)
+    name = getattr(encoder, "pretrained_cfg", {}).get("architecture")
+    if not args or not name:
+        raise ValueError("this encoder carries no timm construction arguments; pass its spec (conmim.timm_spec)")
+    return {"model_name": name, "kwargs": copy.deepcopy(dict(args))}
