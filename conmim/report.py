@@ -70,13 +70,15 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], objectives: dict[str, s
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colors = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(objectives)}  # one colour per variant
     for key, records in sorted(curves.items()):
         records = [r for r in records if "loss" in r]
         steps = [r["step"] for r in records]
-        variant = key.rsplit("_s", 1)[0]
+        variant, seed = key.rsplit("_s", 1)
+        style = {"label": key, "lw": 1.2, "color": colors.get(variant), "ls": "-" if seed == "0" else "--"}
         loss_ax = axes[1] if objectives.get(variant) == "pixel" else axes[0]
-        line, = loss_ax.plot(steps, [r["loss"] for r in records], label=key, lw=1.2)
-        axes[2].plot(steps, [100 * r["retrieval_acc"] for r in records], label=key, lw=1.2, color=line.get_color())
+        loss_ax.plot(steps, [r["loss"] for r in records], **style)
+        axes[2].plot(steps, [100 * r["retrieval_acc"] for r in records], **style)
     axes[0].set(title="ConMIM variants: denoising-contrast loss", xlabel="pre-training step", ylabel="InfoNCE loss")
     axes[1].set(title="pixel baseline: normalised-pixel MSE", xlabel="pre-training step", ylabel="MSE")
     axes[2].set(title="masked-patch retrieval accuracy", xlabel="pre-training step", ylabel="accuracy (%)")
