@@ -12,6 +12,7 @@ from typing import Any
 
 import timm
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -90,14 +91,64 @@ def init_student(branch: nn.Module, trunc_1std: bool) -> None:
     _rescale_blocks(branch.encoder)
 
 
-class Projector(nn.Sequential):
-    """MoCo-v3 style 3-layer MLP with BatchNorm, applied to every token (spec §2.6)."""
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes, differentiable: the gradient of a summed input is the summed gradient."""
 
-    def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics span every process of the group.
+
+    ``nn.SyncBatchNorm`` refuses CPU tensors; this one all-reduces (sum, sum of squares, count)
+    with autograd-aware collectives, so it works with gloo on CPU and NCCL on GPU alike.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        xf = x.float()
+        count = torch.full((1,), float(x.shape[0]), device=x.device)
+        stats = _AllReduceSum.apply(torch.cat([xf.sum(0), (xf * xf).sum(0), count]))
+        c = self.num_features
+        total = stats[-1]
+        mean = stats[:c] / total
+        var = (stats[c:2 * c] / total - mean * mean).clamp_min(0.0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                unbiased = var * total / (total - 1).clamp_min(1.0)
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(unbiased, self.momentum)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+class Projector(nn.Sequential):
+    """MoCo-v3 style 3-layer MLP with BatchNorm, applied to every token (spec §2.6).
+
+    BatchNorm statistics are per process by default (official); ``global_bn`` makes them span
+    all processes.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256, global_bn: bool = False):
+        bn = GlobalBatchNorm1d if global_bn else nn.BatchNorm1d
         super().__init__(
-            nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False),
+            nn.Linear(in_dim, hidden_dim, bias=False), bn(hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, hidden_dim, bias=False), bn(hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim, bias=False), bn(out_dim, affine=False),
         )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, out)
@@ -108,13 +159,13 @@ class Projector(nn.Sequential):
 class Branch(nn.Module):
     """One side of ConMIM: timm encoder + mask token + projector. The teacher is a second Branch."""
 
-    def __init__(self, spec: dict[str, Any], proj_hidden_dim: int, proj_out_dim: int):
+    def __init__(self, spec: dict[str, Any], proj_hidden_dim: int, proj_out_dim: int, global_bn: bool = False):
         super().__init__()
         self.encoder = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
         self.is_beit = spec["model_name"].startswith("beit")
         dim = self.encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.projector = Projector(dim, proj_hidden_dim, proj_out_dim)
+        self.projector = Projector(dim, proj_hidden_dim, proj_out_dim, global_bn)
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -189,16 +240,14 @@ class ConMIM(nn.Module):
         self.spec = timm_spec(**common, drop_path=0.0)  # exported encoders carry no drop path
         self.temperature = temperature
         self.teacher_bn_eval = teacher_bn_eval
-        self.student = Branch(timm_spec(**common, drop_path=drop_path), proj_hidden_dim, proj_out_dim)
+        self.student = Branch(timm_spec(**common, drop_path=drop_path), proj_hidden_dim, proj_out_dim, sync_bn)
         init_student(self.student, trunc_normal_1std)
         # The teacher is built with its own drop-path rate (0 by default, spec §14.11), then made
         # an exact copy of the student; it never receives gradients.
-        self.teacher = Branch(timm_spec(**common, drop_path=teacher_drop_path), proj_hidden_dim, proj_out_dim)
+        self.teacher = Branch(timm_spec(**common, drop_path=teacher_drop_path), proj_hidden_dim, proj_out_dim,
+                              sync_bn)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
-        if sync_bn:
-            self.student.projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.student.projector)
-            self.teacher.projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher.projector)
         self.train()
 
     @classmethod

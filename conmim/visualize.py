@@ -6,8 +6,8 @@ so :func:`last_block_attention` captures the last block's input with a forward p
 recomputes softmax(q k^T / sqrt(d) + relative position bias) from that block's own qkv weights.
 
 Retrieval map (pre-training checkpoints only; it needs both projectors): each masked patch of the
-student's masked view is matched against all teacher patches of the unmasked image, as in the loss;
-green = it picks its own position, red = it picks another patch (a line points to that patch).
+student's masked view is matched against all teacher patches of the unmasked image, as in the loss,
+and shown as the pixels of the patch it picks (green frame = its own position, red = another).
 """
 
 from __future__ import annotations
@@ -100,27 +100,36 @@ def retrieval_choices(model, image: torch.Tensor, mask: torch.Tensor) -> torch.T
 
 def retrieval_picture(image: Image.Image, mask: torch.Tensor, choices: torch.Tensor,
                       grid: tuple[int, int]) -> Image.Image:
-    """Input with masked patches darkened, beside the map: green = own patch picked, red = another one."""
+    """Three panels: the input with masked patches darkened; each masked patch replaced by the pixels
+    of the patch the student picked (a correct pick restores the image); green = own patch, red = another."""
     size = image.size
-    ph, pw = size[1] / grid[0], size[0] / grid[1]
-    masked_view = image.convert("RGB").copy()
-    shade = ImageDraw.Draw(masked_view, "RGBA")
-    result = image.convert("L").convert("RGB")
-    draw = ImageDraw.Draw(result, "RGBA")
+    ph, pw = size[1] // grid[0], size[0] // grid[1]
+    rgb = image.convert("RGB")
+    masked_view, picked = rgb.copy(), rgb.copy()
+    shade, frame = ImageDraw.Draw(masked_view, "RGBA"), ImageDraw.Draw(picked, "RGBA")
+    correct = 0
     for i in torch.nonzero(mask).flatten().tolist():
-        r, c = divmod(i, grid[1])
-        box = (c * pw, r * ph, (c + 1) * pw - 1, (r + 1) * ph - 1)
-        shade.rectangle(box, fill=(0, 0, 0, 170))
+        (r, c), (rr, cc) = divmod(i, grid[1]), divmod(int(choices[i]), grid[1])
+        box = (c * pw, r * ph, (c + 1) * pw, (r + 1) * ph)
+        shade.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=(0, 0, 0, 190))
+        picked.paste(rgb.crop((cc * pw, rr * ph, (cc + 1) * pw, (rr + 1) * ph)), box[:2])
         own = int(choices[i]) == i
-        draw.rectangle(box, fill=(0, 200, 0, 110) if own else (230, 0, 0, 110))
-        if not own:
-            rr, cc = divmod(int(choices[i]), grid[1])
-            draw.line(((c + 0.5) * pw, (r + 0.5) * ph, (cc + 0.5) * pw, (rr + 0.5) * ph), fill=(255, 255, 0, 230),
-                      width=max(1, int(min(ph, pw) // 8)))
-    canvas = Image.new("RGB", (2 * size[0], size[1]))
-    canvas.paste(masked_view, (0, 0))
-    canvas.paste(result, (size[0], 0))
+        correct += own
+        frame.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline=(0, 220, 0) if own else (230, 0, 0),
+                        width=max(1, min(ph, pw) // 10))
+    heat = torch.zeros(grid)
+    heat.view(-1)[mask] = (choices[mask] == torch.nonzero(mask).flatten()).float() * 2 - 1
+    canvas = Image.new("RGB", (3 * size[0], size[1]))
+    for k, panel in enumerate((masked_view, picked, _correctness(heat, size))):
+        canvas.paste(panel, (k * size[0], 0))
     return canvas
+
+
+def _correctness(cells: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+    """Grid of -1 (wrong pick, red), 0 (visible patch, grey), +1 (own patch picked, green), nearest-upsampled."""
+    palette = torch.tensor([[200, 30, 30], [90, 90, 90], [30, 180, 30]], dtype=torch.uint8)
+    small = Image.fromarray(palette[(cells + 1).long()].numpy())
+    return small.resize(size, Image.NEAREST)
 
 
 def load_for_visualization(source: str | Path, which: str = "teacher") -> tuple[nn.Module, Any, Config]:

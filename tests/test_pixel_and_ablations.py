@@ -13,13 +13,7 @@ from conmim.export import encoder_state
 from conmim.model import ConMIM, denoising_contrastive_loss
 from conmim.pixel_mim import PixelMIM, normalized_patches, patchify
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CPU is shared: one intra-op thread is several times faster than two here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = ["model.arch=vit_tiny", "model.depth=2", "model.img_size=32", "model.patch_size=4",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 
 import pytest
@@ -15,16 +14,7 @@ from conmim.engine import pretrain
 from conmim.model import ConMIM
 from conmim.visualize import last_block_attention
 
-FOOLBOX_DATA = os.path.join(os.path.dirname(__import__("importlib.util").util.find_spec("foolbox").origin), "data")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CPU is shared: one intra-op thread is several times faster than two here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("encoder", ["beit", "vit"])
@@ -51,22 +41,22 @@ def test_attention_matches_timm_explicit_path(encoder):
     assert torch.allclose(ours.sum(-1), torch.ones(2, 3, 65))
 
 
-def test_visualize_writes_pngs_from_a_real_checkpoint(tmp_path, capsys):
+def test_visualize_writes_pngs_from_a_real_checkpoint(tmp_path, natural_images):
     cfg = load_config(None, ["model.arch=vit_tiny", "model.depth=2", "model.img_size=32", "model.patch_size=4",
                              "model.proj_hidden_dim=64", "model.proj_out_dim=32", "data.source=synthetic",
                              "data.synthetic_size=16", "data.num_workers=0", "train.batch_size=8", "train.epochs=1",
                              "train.max_steps=2", "train.precision=fp32", f"output_dir={tmp_path / 'run'}"],
                       default_preset="fashion_mnist")
     pretrain(cfg)
-    images = sorted(glob.glob(os.path.join(FOOLBOX_DATA, "imagenet_*.jpg")))[:2]
+    images = [str(p) for p in sorted(natural_images.glob("imagenet_*.jpg"))[:2]]
     assert len(images) == 2
     assert main(["visualize", str(tmp_path / "run"), *images, "--out", str(tmp_path / "viz")]) == 0
     written = sorted(p.name for p in (tmp_path / "viz").iterdir())
     stems = [os.path.splitext(os.path.basename(p))[0] for p in images]
     assert written == sorted([f"{s}_attention.png" for s in stems] + [f"{s}_retrieval.png" for s in stems])
-    for name in written:
+    for name in written:  # attention: input | overlay; retrieval: masked | picked patches | correctness
         with Image.open(tmp_path / "viz" / name) as im:
-            assert im.size == (64, 32) and im.mode == "RGB"
+            assert im.size == ((64, 32) if name.endswith("_attention.png") else (96, 32)) and im.mode == "RGB"
     # an exported encoder has no projectors: attention only
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "enc.safetensors")]) == 0
     assert main(["visualize", str(tmp_path / "enc.safetensors"), images[0], "--out", str(tmp_path / "viz2")]) == 0
