@@ -41,6 +41,7 @@ class Variant:
     overrides: list[str] = field(default_factory=list)  # dotted key=value on top of the base config
     seeds: list[int] = field(default_factory=list)  # empty: study.seeds
     pretrain: bool = True  # false: evaluate a randomly initialised encoder (scratch fine-tuning)
+    finetune: bool = True  # false: k-NN and linear probe only for this variant
     label: str = ""  # legend text; empty: the name
 
 
@@ -193,7 +194,7 @@ def run_one(study: StudySettings, base: Any, variant: Variant, seed: int, train:
         stages.run("knn", knn)
     if study.linprobe:
         stages.run("linprobe", lambda: linear_probe(encoder, train, test, cfg, device, run_dir / "linprobe"))
-    if study.finetune:
+    if study.finetune and variant.finetune:
         stages.run("finetune", lambda: {"epochs": cfg.finetune.epochs, **{
             k: v for k, v in finetune(encoder, train, test, cfg, run_dir / "finetune").items()
             if isinstance(v, (int, float, str))}})
