@@ -142,7 +142,7 @@ def write_report(summary: dict[str, Any], study, out: Path) -> dict[str, Path]:
     paths["json"].write_text(json.dumps({**summary, "aggregate": rows, "not_run": missing}, indent=2) + "\n")
     table = markdown_table(rows, labels)
     if missing:
-        table += f"\nNot run (out of time): {', '.join(missing)}\n"
+        table += f"\nNot finished when this report was written: {', '.join(missing)}\n"
     paths["table"].write_text(table)
     plot_curves(read_curves(out, summary["runs"]), objectives, paths["curves"])
     plot_bars(rows, labels, paths["bars"])

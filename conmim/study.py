@@ -98,7 +98,8 @@ def variant_config(base: Any, variant: Variant, seed: int, run_dir: Path, data_d
     return cfg
 
 
-def _subset(source: ArraySource, count: int, seed: int) -> ArraySource:
+def fixed_subset(source: ArraySource, count: int, seed: int) -> ArraySource:
+    """``count`` images of ``source`` drawn once by ``seed`` (in index order); 0 or more than there are: all."""
     if not count or count >= len(source):
         return source
     order = np.random.default_rng(seed).permutation(len(source))[:count]
@@ -116,10 +117,15 @@ def write_idx(images: np.ndarray, labels: np.ndarray, folder: Path, prefix: str 
         os.replace(tmp, folder / f"{prefix}-{kind}")
 
 
+def study_splits(study: StudySettings, fashion_root: str) -> tuple[ArraySource, ArraySource]:
+    """The study's fixed train and test subsets of Fashion-MNIST."""
+    return (fixed_subset(fashion_mnist(fashion_root, "train"), study.train_images, study.subset_seed),
+            fixed_subset(fashion_mnist(fashion_root, "test"), study.test_images, study.subset_seed + 1))
+
+
 def prepare_data(study: StudySettings, fashion_root: str) -> tuple[ArraySource, ArraySource, Path]:
     """The fixed train/test subsets; the train subset is also written as IDX files for pre-training."""
-    train = _subset(fashion_mnist(fashion_root, "train"), study.train_images, study.subset_seed)
-    test = _subset(fashion_mnist(fashion_root, "test"), study.test_images, study.subset_seed + 1)
+    train, test = study_splits(study, fashion_root)
     data_dir = Path(study.output_dir) / "data"
     write_idx(train.images, train.labels, data_dir)
     return train, test, data_dir
