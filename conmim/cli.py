@@ -1,4 +1,4 @@
-"""The ``conmim`` command line: ``conmim pretrain|export|knn|linprobe|finetune|convert|bench ...``."""
+"""The ``conmim`` command line: ``conmim pretrain|export|knn|linprobe|finetune|convert|bench|study|visualize``."""
 
 from __future__ import annotations
 
@@ -193,6 +193,22 @@ def _add_eval_command(sub, name: str, func, help_text: str) -> None:
     p.set_defaults(func=_run_eval(func))
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study import run_study
+
+    summary = run_study(args.config, report_only=args.report_only)
+    print(f"{len(summary['runs'])} run(s) reported in {summary['study']['docs_dir']}")
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from .visualize import visualize
+
+    for path in visualize(args.source, args.images, args.out, args.which, args.seed):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conmim", description="ConMIM pre-training for Vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -220,6 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors file (the .json goes beside it)")
     p.add_argument("--img-size", type=int, default=0, help="image size (default: inferred from the weights)")
     p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("study", help="run (or continue) the small-scale study and write its report",
+                       description="ConMIM vs. scratch, pixel MIM and ablations, as fixed by a study YAML. "
+                                   "Running it again skips finished stages and resumes unfinished ones.")
+    p.add_argument("--config", default="study_cpu", help="study YAML file or packaged preset (default: study_cpu)")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished stages")
+    p.set_defaults(func=cmd_study)
+    p = sub.add_parser("visualize", help="last-block [CLS] attention maps and masked-patch retrieval maps as PNG",
+                       description="Writes NAME_attention.png for every image, and NAME_retrieval.png when SOURCE "
+                                   "is a ConMIM pre-training run or checkpoint (the map needs the projectors)")
+    p.add_argument("source", help="pre-training run directory, checkpoint file, or exported .safetensors")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--which", choices=("teacher", "student"), default="teacher",
+                   help="encoder of a checkpoint whose attention is shown (default: teacher)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the masks of the retrieval maps")
+    p.set_defaults(func=cmd_visualize)
     return parser
 
 

@@ -22,6 +22,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
 NAN_POLICIES = ("restore", "stop")
 ENCODERS = ("beit", "vit")
+OBJECTIVES = ("conmim", "pixel")
 MASK_TYPES = ("random_unit", "block", "random")
 SOURCES = ("fashion_mnist", "folder", "list", "synthetic")
 
@@ -32,6 +33,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    objective: str = "conmim"  # conmim: denoising contrast; pixel: MAE/SimMIM-style baseline (conmim.pixel_mim)
     arch: str = "vit_small"
     encoder: str = "beit"  # beit: shared relative position bias (official); vit: absolute position embedding
     img_size: int = 224
@@ -278,6 +280,7 @@ def validate(cfg: Config) -> None:
     """
     m, k, d, t = cfg.model, cfg.mask, cfg.data, cfg.train
     _require(m.arch in ARCHS, "model.arch", m.arch, f"one of {', '.join(ARCHS)}")
+    _require(m.objective in OBJECTIVES, "model.objective", m.objective, f"one of {', '.join(OBJECTIVES)}")
     _require(m.encoder in ENCODERS, "model.encoder", m.encoder, f"one of {', '.join(ENCODERS)}")
     _require(m.depth >= 0, "model.depth", m.depth, "0 (the arch's depth) or a positive integer")
     _require(m.patch_size > 0, "model.patch_size", m.patch_size, "a positive integer")

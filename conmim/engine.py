@@ -41,6 +41,7 @@ from .knn import KnnMonitor
 from .masking import MaskGenerator
 from .model import ConMIM
 from .optim import build_adamw
+from .pixel_mim import PixelMIM
 from .schedules import teacher_momentum, warmup_cosine
 from .step import compile_step, forward_backward, optimizer_step
 from .views import PairedViews
@@ -279,7 +280,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed + dist.rank)
     t = cfg.train
 
-    model = ConMIM.from_config(cfg.model).to(device)
+    model = (PixelMIM if cfg.model.objective == "pixel" else ConMIM).from_config(cfg.model).to(device)
     distributed.broadcast_from_main(model)  # ranks seed differently and DDP only syncs the student, not the teacher
     optimizer = build_adamw(model.student, t.base_lr, t.weight_decay, tuple(t.betas), t.decay_mask_token,
                             t.decay_rel_pos, fused=True)  # fused: skips a non-finite step on the device

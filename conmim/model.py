@@ -79,6 +79,18 @@ def _rescale_blocks(encoder: nn.Module) -> None:
             blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
 
+def init_student(branch: nn.Module, trunc_1std: bool) -> None:
+    """Spec §2.5 for a freshly built student Branch: official init, mask token, block rescaling.
+
+    Shared by ConMIM and the pixel baseline so both start from the same initialisation.
+    """
+    _official_init(branch, trunc_1std)
+    _official_init(branch.encoder, trunc_1std)
+    bound = 0.02 if trunc_1std else 2.0
+    nn.init.trunc_normal_(branch.mask_token, std=0.02, a=-bound, b=bound)
+    _rescale_blocks(branch.encoder)
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over processes, differentiable: the gradient of a summed input is the summed gradient."""
 
@@ -230,11 +242,7 @@ class ConMIM(nn.Module):
         self.teacher_bn_eval = teacher_bn_eval
         self.loss_fn = denoising_contrastive_loss  # replaced by its compiled form in the fast step
         self.student = Branch(timm_spec(**common, drop_path=drop_path), proj_hidden_dim, proj_out_dim, sync_bn)
-        _official_init(self.student, trunc_normal_1std)
-        _official_init(self.student.encoder, trunc_normal_1std)
-        nn.init.trunc_normal_(self.student.mask_token, std=0.02,
-                              a=-0.02 if trunc_normal_1std else -2.0, b=0.02 if trunc_normal_1std else 2.0)
-        _rescale_blocks(self.student.encoder)
+        init_student(self.student, trunc_normal_1std)
         # The teacher is built with its own drop-path rate (0 by default, spec §14.11), then made
         # an exact copy of the student; it never receives gradients.
         self.teacher = Branch(timm_spec(**common, drop_path=teacher_drop_path), proj_hidden_dim, proj_out_dim,

@@ -43,3 +43,15 @@ def fashion_mnist_dir() -> str:
 @pytest.fixture
 def tiny_overrides(tmp_path) -> list[str]:
     return TINY + [f"output_dir={tmp_path / 'run'}"]
+
+
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread: on the shared 2-core machine it ran a training step several times
+    faster than two threads competing with other processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

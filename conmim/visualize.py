@@ -1,0 +1,179 @@
+"""``conmim visualize``: the paper's attention figure and the masked-patch retrieval map, as PNG.
+
+Attention: the [CLS]-to-patch self-attention of the encoder's last block, averaged over heads and
+overlaid on the input. timm's attention modules use fused SDPA and never materialise the weights,
+so :func:`last_block_attention` captures the last block's input with a forward pre-hook and
+recomputes softmax(q k^T / sqrt(d) + relative position bias) from that block's own qkv weights.
+
+Retrieval map (pre-training checkpoints only; it needs both projectors): each masked patch of the
+student's masked view is matched against all teacher patches of the unmasked image, as in the loss,
+and shown as the pixels of the patch it picks (green frame = its own position, red = another).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import nn
+
+from .config import Config
+from .knn import EvalTransform
+
+
+def _colormap(name: str = "inferno"):
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("conmim visualize needs matplotlib: pip install 'conmim[viz]'") from None
+    return matplotlib.colormaps[name]
+
+
+@torch.no_grad()
+def last_block_attention(encoder: nn.Module, images: torch.Tensor, run=None) -> torch.Tensor:
+    """Attention probabilities of the last block, (B, heads, T, T), for a timm BEiT or ViT encoder.
+
+    ``run`` is the forward to execute (default ``encoder.forward_features``); a masked forward such
+    as ``Branch.features`` can be passed instead, since only the last block's input is captured.
+    """
+    block = encoder.blocks[-1]
+    captured: dict[str, Any] = {}
+
+    def hook(_module, args, kwargs):
+        captured["x"] = args[0]
+        captured["bias"] = kwargs.get("shared_rel_pos_bias", args[1] if len(args) > 1 else None)
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        (run or encoder.forward_features)(images)
+    finally:
+        handle.remove()
+    attn = block.attn
+    x = block.norm1(captured["x"])
+    b, t, _ = x.shape
+    if getattr(attn, "q_bias", None) is not None:  # BEiT: q and v biases, no k bias
+        bias = torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias))
+        qkv = F.linear(x, attn.qkv.weight, bias)
+    else:
+        qkv = attn.qkv(x)
+    q, k, _v = qkv.reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = getattr(attn, "q_norm", nn.Identity())(q), getattr(attn, "k_norm", nn.Identity())(k)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if getattr(attn, "relative_position_bias_table", None) is not None:
+        logits = logits + attn._get_rel_pos_bias()
+    if captured["bias"] is not None:
+        logits = logits + captured["bias"]
+    return logits.softmax(-1)
+
+
+def cls_attention_map(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) head-averaged attention of [CLS] to each patch, rows summing to the patch share."""
+    attn = last_block_attention(encoder, images).mean(1)  # (B, T, T)
+    h, w = encoder.patch_embed.grid_size
+    prefix = attn.shape[-1] - h * w
+    return attn[:, 0, prefix:].reshape(-1, h, w)
+
+
+def overlay(image: Image.Image, heat: torch.Tensor, alpha: float = 0.55) -> Image.Image:
+    """The input beside the input with the heat map (min-max scaled, bicubic-upsampled) blended on top."""
+    size = image.size
+    heat = F.interpolate(heat[None, None].float(), size=(size[1], size[0]), mode="bicubic", align_corners=False)[0, 0]
+    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+    colored = (_colormap()(heat.numpy())[..., :3] * 255).astype("uint8")
+    blended = Image.blend(image.convert("RGB"), Image.fromarray(colored), alpha)
+    canvas = Image.new("RGB", (2 * size[0], size[1]))
+    canvas.paste(image.convert("RGB"), (0, 0))
+    canvas.paste(blended, (size[0], 0))
+    return canvas
+
+
+@torch.no_grad()
+def retrieval_choices(model, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """For every patch, the index of the teacher patch the student's masked-view token is most similar to."""
+    student = F.normalize(model.student(image, mask[None]).float(), dim=-1)
+    teacher = F.normalize(model.teacher(image).float(), dim=-1)
+    return (student @ teacher.transpose(1, 2))[0].argmax(-1)
+
+
+def retrieval_picture(image: Image.Image, mask: torch.Tensor, choices: torch.Tensor,
+                      grid: tuple[int, int]) -> Image.Image:
+    """Three panels: the input with masked patches darkened; each masked patch replaced by the pixels
+    of the patch the student picked (a correct pick restores the image); green = own patch, red = another."""
+    size = image.size
+    ph, pw = size[1] // grid[0], size[0] // grid[1]
+    rgb = image.convert("RGB")
+    masked_view, picked = rgb.copy(), rgb.copy()
+    shade, frame = ImageDraw.Draw(masked_view, "RGBA"), ImageDraw.Draw(picked, "RGBA")
+    correct = 0
+    for i in torch.nonzero(mask).flatten().tolist():
+        (r, c), (rr, cc) = divmod(i, grid[1]), divmod(int(choices[i]), grid[1])
+        box = (c * pw, r * ph, (c + 1) * pw, (r + 1) * ph)
+        shade.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=(0, 0, 0, 190))
+        picked.paste(rgb.crop((cc * pw, rr * ph, (cc + 1) * pw, (rr + 1) * ph)), box[:2])
+        own = int(choices[i]) == i
+        correct += own
+        frame.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline=(0, 220, 0) if own else (230, 0, 0),
+                        width=max(1, min(ph, pw) // 10))
+    heat = torch.zeros(grid)
+    heat.view(-1)[mask] = (choices[mask] == torch.nonzero(mask).flatten()).float() * 2 - 1
+    canvas = Image.new("RGB", (3 * size[0], size[1]))
+    for k, panel in enumerate((masked_view, picked, _correctness(heat, size))):
+        canvas.paste(panel, (k * size[0], 0))
+    return canvas
+
+
+def _correctness(cells: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+    """Grid of -1 (wrong pick, red), 0 (visible patch, grey), +1 (own patch picked, green), nearest-upsampled."""
+    palette = torch.tensor([[200, 30, 30], [90, 90, 90], [30, 180, 30]], dtype=torch.uint8)
+    small = Image.fromarray(palette[(cells + 1).long()].numpy())
+    return small.resize(size, Image.NEAREST)
+
+
+def load_for_visualization(source: str | Path, which: str = "teacher") -> tuple[nn.Module, Any, Config]:
+    """(encoder, pre-training model or None, config) from a run folder, checkpoint or exported file."""
+    from .export import config_of, load_encoder, load_run_checkpoint
+    from .model import ConMIM
+    from .pixel_mim import PixelMIM
+
+    source = Path(source)
+    if source.suffix == ".safetensors":
+        return load_encoder(source).eval(), None, Config()
+    state, _path = load_run_checkpoint(source)
+    cfg = config_of(state)
+    model = (PixelMIM if cfg.model.objective == "pixel" else ConMIM).from_config(cfg.model)
+    model.load_state_dict(state["model"])
+    model.eval()
+    encoder = getattr(model, which).encoder
+    return encoder, model if cfg.model.objective == "conmim" else None, cfg
+
+
+def visualize(source: str | Path, images: list[str | Path], out: str | Path, which: str = "teacher",
+              seed: int = 0) -> list[Path]:
+    """Write ``NAME_attention.png`` (and ``NAME_retrieval.png`` for ConMIM checkpoints) per image."""
+    from .data import load_image
+    from .masking import MaskGenerator
+
+    encoder, model, cfg = load_for_visualization(source, which)
+    size = encoder.patch_embed.img_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    transform = EvalTransform(size, cfg.data.mean, cfg.data.std)
+    masks = MaskGenerator.from_config(cfg.mask, size, size // encoder.patch_embed.grid_size[0])
+    mean, std = torch.tensor(cfg.data.mean)[:, None, None], torch.tensor(cfg.data.std)[:, None, None]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, path in enumerate(images):
+        x = transform(load_image(path))[None]
+        shown = Image.fromarray((((x[0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0)).numpy())
+        stem = Path(path).stem
+        written.append(out / f"{stem}_attention.png")
+        overlay(shown, cls_attention_map(encoder, x)[0]).save(written[-1])
+        if model is not None:
+            mask = masks(torch.Generator().manual_seed(seed * 1_000_003 + i))
+            choices = retrieval_choices(model, x, mask)
+            written.append(out / f"{stem}_retrieval.png")
+            retrieval_picture(shown, mask, choices, tuple(encoder.patch_embed.grid_size)).save(written[-1])
+    return written
