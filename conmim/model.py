@@ -296,10 +296,9 @@ class ConMIM(nn.Module):
         """
         t_params = [p for p in self.teacher.parameters()]
         s_params = [p.detach() for p in self.student.parameters()]
-        if apply is not None:
-            delta = torch._foreach_sub(s_params, t_params)
-            torch._foreach_mul_(delta, apply.to(t_params[0].dtype) * (1.0 - momentum))
-            torch._foreach_add_(t_params, delta)
+        if apply is not None:  # weight 0 leaves the teacher bitwise unchanged; per-tensor weights, no host read
+            weight = apply.to(t_params[0].dtype) * (1.0 - momentum)
+            torch._foreach_lerp_(t_params, s_params, [weight.expand_as(p) for p in t_params])
         elif foreach:
             torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
         else:
