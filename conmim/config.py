@@ -116,7 +116,7 @@ class TrainConfig:
 class EvalConfig:
     knn_k: int = 20
     knn_t: float = 0.07
-    pool: str = "cls"  # cls | mean
+    pool: str = "mean"  # mean (patch tokens, what ConMIM trains) | cls (never in the loss); docs/evaluation.md
     batch_size: int = 256
     train_limit: int = 0  # knn / linprobe / finetune: images of data.split used, drawn with train.seed (0: all)
     test_limit: int = 0  # ... and of data.eval_split (0: all)
@@ -132,7 +132,7 @@ class LinProbeConfig:
     """Linear probe (ours; the paper reports none, spec §8.4): MAE's protocol scaled to the data."""
 
     block: int = -1  # which block's tokens (-1: the last; the final norm is applied to any block)
-    pool: str = "cls"  # cls | mean
+    pool: str = "mean"  # mean | cls, as eval.pool
     cache_features: bool = True  # extract features once (no augmentation), train the head on the cache
     optimizer: str = "sgd"  # sgd | lars
     epochs: int = 90

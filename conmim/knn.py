@@ -46,7 +46,7 @@ class LabeledDataset(Dataset):
         return self.transform(img), label
 
 
-def encode(encoder: nn.Module, images: torch.Tensor, pool: str = "cls", block: int = -1) -> torch.Tensor:
+def encode(encoder: nn.Module, images: torch.Tensor, pool: str = "mean", block: int = -1) -> torch.Tensor:
     """(B, D) features: one block's [CLS] token or mean patch token, after the final norm.
 
     ``block=-1`` is the last block, i.e. exactly ``forward_features``. A fine-tuned model (mean
@@ -66,7 +66,7 @@ def encode(encoder: nn.Module, images: torch.Tensor, pool: str = "cls", block: i
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, dataset: Dataset, batch_size: int = 256, pool: str = "cls",
+def extract_features(encoder: nn.Module, dataset: Dataset, batch_size: int = 256, pool: str = "mean",
                      device: str | torch.device = "cpu", num_workers: int = 0, desc: str = "features",
                      block: int = -1, amp_dtype: torch.dtype | str | None = "auto"
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +116,7 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = 20
 
 
 def knn_top1(encoder: nn.Module, train_source, test_source, transform, k: int = 20, temperature: float = 0.07,
-             pool: str = "cls", batch_size: int = 256, device: str | torch.device = "cpu",
+             pool: str = "mean", batch_size: int = 256, device: str | torch.device = "cpu",
              num_workers: int = 0, amp_dtype: torch.dtype | str | None = "auto") -> float:
     """k-NN top-1 (%) of an encoder: ``train_source`` as memory bank, ``test_source`` as queries."""
     feats = [extract_features(encoder, LabeledDataset(src, transform), batch_size, pool, device, num_workers,
@@ -165,7 +165,7 @@ class KnnMonitor:
     """
 
     def __init__(self, source, img_size: int, mean, std, bank: int = 2000, queries: int = 1000, k: int = 20,
-                 temperature: float = 0.07, pool: str = "cls", batch_size: int = 256, seed: int = 0):
+                 temperature: float = 0.07, pool: str = "mean", batch_size: int = 256, seed: int = 0):
         queries = min(queries, len(source) // 2)
         bank = min(bank, len(source) - queries)
         order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).tolist()
