@@ -176,7 +176,7 @@ class Variant:
     device: torch.device
     memory: MemoryMeter
     step: Callable[[], None] = field(init=False)
-    close: Callable[[], None] = field(init=False)
+    _stop_loader: Callable[[], None] = field(init=False)
     warmup_s: float = 0.0
     peak_mem: list[float] = field(default_factory=list)
     chunks: list[float] = field(default_factory=list)  # seconds per step, per timed chunk
@@ -189,13 +189,12 @@ class Variant:
         model = ConMIM.from_config(cfg.model).to(device).train()
         set_fused_attention(model, fast)
         optimizer = build_adamw(model.student, t.base_lr * t.batch_size / 256, t.weight_decay, tuple(t.betas),
-                                t.decay_mask_token, t.decay_rel_pos, fused=fast,
-                                foreach=fast)
+                                t.decay_mask_token, t.decay_rel_pos, fused=fast, foreach=fast)
         amp_dtype = resolve_precision(t.precision, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         student = compile_step(model, model.student) if t.compile else model.student
         params = [p for p in model.student.parameters() if p.requires_grad]
-        batches, self.close = self._batches()
+        batches, self._stop_loader = self._batches()
 
         def step() -> None:
             weak, strong, mask = next(batches)
@@ -214,6 +213,11 @@ class Variant:
         self._drain = lambda: [next(raw) for _ in range(queued)]
         batches = device_batches(raw, device_views(cfg, device, dataset), device)
         return batches, lambda: raw._shutdown_workers() if hasattr(raw, "_shutdown_workers") else None
+
+    def close(self) -> None:
+        """Stop the loader's workers and drop model, optimizer and batches, so their memory goes back."""
+        self._stop_loader()
+        del self.step
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -329,6 +333,7 @@ def run_bench(cfg: BenchRunConfig) -> list[dict[str, Any]]:
                     v.time_chunk(n)
                 v.close()
                 variants.append(v)
+                del v
         lines = [report(v, cfg, device, b.data if b.data in ("synthetic", "jpeg") else "folder") for v in variants]
     lines[0]["speedup_vs_plain"] = round(lines[0]["img_per_s"] / lines[1]["img_per_s"], 3)
     return lines

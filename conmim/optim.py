@@ -32,6 +32,6 @@ def build_adamw(module: nn.Module, lr: float, weight_decay: float, betas: tuple[
                 decay_mask_token: bool = True, decay_rel_pos: bool = True, fused: bool = False,
                 foreach: bool | None = None) -> torch.optim.AdamW:
     """``fused`` (GPU and CPU) runs the whole update in one pass per tensor; ``foreach=False`` with
-    ``fused=False`` is the per-parameter loop of a plain implementation, kept for ``conmim bench``'s reference path."""
+    ``fused=False`` is the per-parameter loop of a plain implementation (``conmim bench``'s reference)."""
     groups = param_groups(module, weight_decay, decay_mask_token, decay_rel_pos)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None, foreach=None if fused else foreach)

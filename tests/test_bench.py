@@ -55,7 +55,7 @@ def test_cli_bench_prints_one_json_line_per_variant():
 
 def test_jpeg_mode_runs_the_file_data_paths():
     cfg = load_config(None, [*TINY, "bench.data=jpeg", "bench.jpeg_images=8", "data.gpu_aug=true",
-                             "data.num_workers=0"], schema_cls=BenchRunConfig)
+                             "data.num_workers=0", "bench.steps=1", "bench.repeats=1"], schema_cls=BenchRunConfig)
     fast, plain = run_bench(cfg)
     assert (fast["data"], fast["data_path"], plain["data_path"]) == ("jpeg", "device", "cpu")
     assert fast["img_per_s"] > 0 and plain["img_per_s"] > 0
