@@ -35,7 +35,7 @@ def aggregate(runs: list[dict[str, Any]], order: list[str]) -> list[dict[str, An
 
 def _cell(stat: dict[str, Any] | None) -> str:
     if not stat:
-        return "not run"
+        return "—"
     if len(stat["values"]) == 1:
         return f"{stat['mean']:.2f} (1 seed)"
     return f"{stat['mean']:.2f} ± {stat['std']:.2f} ({', '.join(f'{v:.2f}' for v in stat['values'])})"
