@@ -50,6 +50,8 @@ def test_cli_bench_prints_one_json_line_per_variant():
         assert line["gflop_per_img"] == pytest.approx(flops_per_image(ModelConfig(
             arch="vit_tiny", depth=1, img_size=32, patch_size=8, proj_hidden_dim=64, proj_out_dim=32)) / 1e9, abs=0.01)
     assert fast["speedup_vs_plain"] == pytest.approx(fast["img_per_s"] / plain["img_per_s"], rel=1e-2)
+    assert fast["cpu_ms_per_step"] > 0 and fast["speedup_vs_plain_cpu_time"] == pytest.approx(
+        plain["cpu_ms_per_step"] / fast["cpu_ms_per_step"], rel=1e-2)
     assert "vs plain eager fp32" in proc.stderr
 
 
