@@ -34,19 +34,23 @@ def test_bench_settings_are_checked():
         load_config(None, ["bench.steps=2"])
 
 
-def test_cli_bench_prints_one_json_line_per_variant():
+def test_cli_bench_jpeg_mode_prints_one_json_line_per_variant():
+    """A real ``conmim bench`` process over generated JPEG files: device data path vs CPU path."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "conmim.cli", "bench", *TINY, "train.precision=bf16"],
+    args = [*TINY, "train.precision=bf16", "bench.data=jpeg", "bench.jpeg_images=8", "data.gpu_aug=true",
+            "data.num_workers=0"]
+    proc = subprocess.run([sys.executable, "-m", "conmim.cli", "bench", *args],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     fast, plain = (json.loads(ln) for ln in proc.stdout.splitlines())
     assert (fast["variant"], plain["variant"]) == ("fast", "plain")
     assert (fast["precision"], fast["attention"], plain["precision"], plain["attention"]) == ("bf16", "sdpa", "fp32",
                                                                                               "math")
+    assert (fast["data"], fast["data_path"], plain["data_path"]) == ("jpeg", "device", "cpu")
     assert plain["config"]["train"]["precision"] == "fp32" and fast["config"]["train"]["precision"] == "bf16"
     for line in (fast, plain):
         assert line["img_per_s"] > 0 and line["step_ms"] > 0 and len(line["img_per_s_chunks"]) == 2
-        assert line["peak_mem_gb"] >= 0 and line["mfu"] is None and line["data"] == "synthetic"
+        assert line["peak_mem_gb"] >= 0 and line["mfu"] is None
         assert line["gflop_per_img"] == pytest.approx(flops_per_image(ModelConfig(
             arch="vit_tiny", depth=1, img_size=32, patch_size=8, proj_hidden_dim=64, proj_out_dim=32)) / 1e9, abs=0.01)
     assert fast["speedup_vs_plain"] == pytest.approx(fast["img_per_s"] / plain["img_per_s"], rel=1e-2)
@@ -55,12 +59,12 @@ def test_cli_bench_prints_one_json_line_per_variant():
     assert "vs plain eager fp32" in proc.stderr
 
 
-def test_jpeg_mode_runs_the_file_data_paths():
-    cfg = load_config(None, [*TINY, "bench.data=jpeg", "bench.jpeg_images=8", "data.gpu_aug=true",
-                             "data.num_workers=0", "bench.steps=1", "bench.repeats=1"], schema_cls=BenchRunConfig)
+def test_synthetic_mode_alternates_the_variants():
+    cfg = load_config(None, [*TINY, "bench.steps=3", "bench.repeats=3"], schema_cls=BenchRunConfig)
     fast, plain = run_bench(cfg)
-    assert (fast["data"], fast["data_path"], plain["data_path"]) == ("jpeg", "device", "cpu")
-    assert fast["img_per_s"] > 0 and plain["img_per_s"] > 0
+    assert (fast["data_path"], fast["precision"], plain["precision"]) == ("synthetic", "fp32", "fp32")
+    assert (fast["optimizer"], plain["optimizer"]) == ("fused", "for-loop")
+    assert len(fast["img_per_s_chunks"]) == len(plain["img_per_s_chunks"]) == 3
 
 
 def test_jpeg_writer_makes_imagenet_sized_rgb_jpegs(tmp_path):
