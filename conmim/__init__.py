@@ -1,9 +1,9 @@
 """conmim: ConMIM (Masked Image Modeling with Denoising Contrast, ICLR 2023) pre-training for ViTs."""
 
 from .config import Config, load_config
-from .export import load_encoder
-from .masking import MaskGenerator
-from .model import ConMIM, denoising_contrastive_loss, timm_spec
+from .data.masking import MaskGenerator
+from .export.encoders import load_encoder
+from .models.conmim import ConMIM, denoising_contrastive_loss, timm_spec
 
 __all__ = ["ConMIM", "Config", "MaskGenerator", "denoising_contrastive_loss", "load_config", "load_encoder",
            "timm_spec"]

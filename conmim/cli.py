@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from .checkpoint import CheckpointError
 from .config import BenchRunConfig, ConfigError, load_config, to_yaml
-from .data import DataError
-from .guard import NonFiniteError
+from .data.sources import DataError
+from .runtime.checkpoint import CheckpointError
+from .train.guard import NonFiniteError
 
 DEFAULT_PRESET = "fashion_mnist"
 
@@ -30,32 +30,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    import torch
-
-    from .engine import pretrain, resolve_device, resolve_precision
-    from .knn import EvalTransform, knn_top1
-    from .model import ConMIM
+    from .eval.knn import KnnMonitor, final_knn
+    from .train.engine import pretrain
 
     start = time.perf_counter()
-    summary = pretrain(cfg)
+    summary = pretrain(cfg, make_monitor=KnnMonitor.from_config)
     minutes = (time.perf_counter() - start) / 60
     if cfg.eval.final_knn and summary["is_main"]:
-        device = resolve_device(cfg.device)
-        torch.manual_seed(cfg.train.seed)
-        random_init = ConMIM.from_config(cfg.model).teacher.encoder.to(device)
-        e, amp_dtype = cfg.eval, resolve_precision(cfg.train.precision, device)
-        sources = _eval_sources(cfg, cfg.model.img_size)
-        transform = EvalTransform(cfg.model.img_size, cfg.data.mean, cfg.data.std)
-        results = {}
-        for name, encoder in (("conmim_teacher", summary["model"].teacher.encoder), ("random_init", random_init)):
-            results[name] = knn_top1(encoder, *sources, transform, e.knn_k, e.knn_t, e.pool, e.batch_size, device,
-                                     cfg.data.num_workers, amp_dtype)
-        report = {"pretrain_minutes": round(minutes, 2), "steps": summary["steps"],
-                  "knn_top1_conmim_teacher": round(results["conmim_teacher"], 2),
-                  "knn_top1_random_init": round(results["random_init"], 2), "knn_k": e.knn_k, "pool": e.pool}
-        (Path(cfg.output_dir) / "knn.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(f"k-NN top-1 on the test split (k={e.knn_k}, {e.pool} features): "
-              f"ConMIM teacher {results['conmim_teacher']:.2f}%  vs  random init {results['random_init']:.2f}%")
+        report = final_knn(cfg, summary["model"].teacher.encoder, summary["steps"], minutes)
+        print(f"k-NN top-1 on the test split (k={report['knn_k']}, {report['pool']} features): "
+              f"ConMIM teacher {report['knn_top1_conmim_teacher']:.2f}%  vs  "
+              f"random init {report['knn_top1_random_init']:.2f}%")
     return 0
 
 
@@ -64,7 +49,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from .bench import run_bench
+    from .tools.bench import run_bench
 
     lines = run_bench(cfg)
     for line in lines:
@@ -77,7 +62,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
+    from .export.encoders import export
 
     weights, spec = export(args.source, args.out, args.which)
     print(f"wrote {weights} and {spec}")
@@ -100,16 +85,6 @@ def _eval_config(args: argparse.Namespace):
     return load_config(config, args.overrides, default_preset=DEFAULT_PRESET)
 
 
-def _eval_sources(cfg, img_size: int):
-    """The labelled (train, test) sources of knn / linprobe / finetune, cut to eval.train_limit / test_limit."""
-    from .data import build_source
-    from .knn import limit_source
-
-    e, seed = cfg.eval, cfg.train.seed
-    return (limit_source(build_source(cfg.data, img_size, cfg.data.split), e.train_limit, seed),
-            limit_source(build_source(cfg.data, img_size, cfg.data.eval_split), e.test_limit, seed))
-
-
 def _report(cfg, name: str, result: dict) -> None:
     out = Path(cfg.output_dir) / name
     out.mkdir(parents=True, exist_ok=True)
@@ -119,15 +94,15 @@ def _report(cfg, name: str, result: dict) -> None:
 
 
 def cmd_knn(args: argparse.Namespace, cfg) -> int:
-    from .engine import resolve_device, resolve_precision
-    from .export import load_encoder
-    from .knn import EvalTransform, knn_top1
-    from .linprobe import img_size_of
+    from .eval.common import EvalTransform, eval_sources, img_size_of
+    from .eval.knn import knn_top1
+    from .export.encoders import load_encoder
+    from .runtime.device import resolve_device, resolve_precision
 
     e, d, device = cfg.eval, cfg.data, resolve_device(cfg.device)
     encoder = load_encoder(args.source, e.which).to(device)
     size = img_size_of(encoder)
-    train, test = _eval_sources(cfg, size)
+    train, test = eval_sources(cfg, size)
     top1 = knn_top1(encoder, train, test, EvalTransform(size, d.mean, d.std), e.knn_k, e.knn_t, e.pool, e.batch_size,
                     device, d.num_workers, resolve_precision(cfg.train.precision, device))
     _report(cfg, "knn", {"top1": top1, "k": e.knn_k, "temperature": e.knn_t, "pool": e.pool, "which": e.which,
@@ -137,22 +112,24 @@ def cmd_knn(args: argparse.Namespace, cfg) -> int:
 
 
 def cmd_linprobe(args: argparse.Namespace, cfg) -> int:
-    from .engine import resolve_device
-    from .export import load_encoder
-    from .linprobe import img_size_of, linear_probe
+    from .eval.common import eval_sources, img_size_of
+    from .eval.linprobe import linear_probe
+    from .export.encoders import load_encoder
+    from .runtime.device import resolve_device
 
     device = resolve_device(cfg.device)
     encoder = load_encoder(args.source, cfg.eval.which)
-    train, test = _eval_sources(cfg, img_size_of(encoder))
+    train, test = eval_sources(cfg, img_size_of(encoder))
     result = linear_probe(encoder, train, test, cfg, device, Path(cfg.output_dir) / "linprobe")
     _report(cfg, "linprobe", {**result, "source": str(args.source)})
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace, cfg) -> int:
-    from .finetune import finetune
+    from .eval.common import eval_sources
+    from .eval.finetune import finetune
 
-    train, test = _eval_sources(cfg, cfg.finetune.img_size or cfg.model.img_size)
+    train, test = eval_sources(cfg, cfg.finetune.img_size or cfg.model.img_size)
     result = finetune(args.source, train, test, cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
@@ -160,7 +137,7 @@ def cmd_finetune(args: argparse.Namespace, cfg) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .export.convert import convert
 
     try:
         weights, spec = convert(args.source, args.out, args.img_size)
@@ -194,7 +171,7 @@ def _add_eval_command(sub, name: str, func, help_text: str) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from .study import run_study
+    from .tools.study import run_study
 
     summary = run_study(args.config, report_only=args.report_only)
     print(f"{len(summary['runs'])} run(s) reported in {summary['study']['docs_dir']}")
@@ -202,7 +179,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    from .visualize import visualize
+    from .tools.visualize import visualize
 
     for path in visualize(args.source, args.images, args.out, args.which, args.seed):
         print(path)
@@ -264,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"conmim: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:
-        from .distributed import describe_failure
+        from .runtime.distributed import describe_failure
 
         if (message := describe_failure(err)) is None:
             raise

@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    objective: str = "conmim"  # conmim: denoising contrast; pixel: MAE/SimMIM-style baseline (conmim.pixel_mim)
+    objective: str = "conmim"  # conmim: denoising contrast; pixel: MAE/SimMIM-style baseline (conmim.models.pixel_mim)
     arch: str = "vit_small"
     encoder: str = "beit"  # beit: shared relative position bias (official); vit: absolute position embedding
     img_size: int = 224
@@ -276,7 +276,7 @@ def validate(cfg: Config) -> None:
     """Reject meaningless values before any work starts.
 
     Checks that need the data or the process group (enough images for one batch on every rank,
-    a writable output folder) are in :func:`conmim.engine.preflight`.
+    a writable output folder) are in :func:`conmim.train.engine.preflight`.
     """
     m, k, d, t = cfg.model, cfg.mask, cfg.data, cfg.train
     _require(m.arch in ARCHS, "model.arch", m.arch, f"one of {', '.join(ARCHS)}")

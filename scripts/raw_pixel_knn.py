@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from conmim.knn import EvalTransform, knn_accuracy
-from conmim.study import load_study, study_splits, variant_config
+from conmim.eval.common import EvalTransform
+from conmim.eval.knn import knn_accuracy
+from conmim.tools.study import load_study, study_splits, variant_config
 
 
 def main(config: str = "study_cpu") -> float:

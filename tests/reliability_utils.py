@@ -174,8 +174,8 @@ def load_tiny(run_dir: Path, *overrides: str):
 
 
 def pretrain_in_process(run_dir: Path, *overrides: str) -> dict:
-    """``conmim.engine.pretrain`` in this process, on one intra-op thread (see the module docstring)."""
-    from conmim.engine import pretrain
+    """``conmim.train.engine.pretrain`` in this process, on one intra-op thread (see the module docstring)."""
+    from conmim.train.engine import pretrain
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conmim.bench import flops_per_image, run_bench, write_jpeg_folder
 from conmim.config import BenchRunConfig, ConfigError, ModelConfig, load_config
+from conmim.tools.bench import flops_per_image, run_bench, write_jpeg_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.arch=vit_tiny", "model.depth=1", "model.img_size=32", "model.patch_size=8", "model.proj_hidden_dim=64",

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from conmim.cli import main
-from conmim.export import load_encoder, load_pretrained
-from conmim.knn import encode
-from conmim.transfer import build_classifier
+from conmim.eval.knn import encode
+from conmim.eval.transfer import build_classifier
+from conmim.export.encoders import load_encoder, load_pretrained
 
 DIM, HEADS, DEPTH, PATCH, GRID = 64, 2, 2, 16, 14  # a narrow ViT at the official 224 / 16 geometry
 

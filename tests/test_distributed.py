@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conmim import ConMIM
-from conmim.masking import MaskGenerator
+from conmim.data.masking import MaskGenerator
 
 WORKER = Path(__file__).parent / "scripts" / "ddp_grads.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

@@ -13,13 +13,14 @@ import torch
 from conmim import ConMIM
 from conmim.cli import main
 from conmim.config import Config, ConfigError
-from conmim.data import ArraySource, fashion_mnist
-from conmim.export import load_encoder, write_encoder
-from conmim.finetune import evaluate, finetune, layer_decay_groups
-from conmim.knn import EvalTransform, LabeledDataset, encode, extract_features, knn_accuracy, knn_predict
-from conmim.linprobe import linear_probe
-from conmim.model import timm_spec
-from conmim.transfer import build_classifier, resize_rel_pos_table
+from conmim.data.sources import ArraySource, fashion_mnist
+from conmim.eval.common import EvalTransform, LabeledDataset
+from conmim.eval.finetune import evaluate, finetune, layer_decay_groups
+from conmim.eval.knn import encode, extract_features, knn_accuracy, knn_predict
+from conmim.eval.linprobe import linear_probe
+from conmim.eval.transfer import build_classifier, resize_rel_pos_table
+from conmim.export.encoders import load_encoder, write_encoder
+from conmim.models.conmim import timm_spec
 
 FM = "/usr/share/datasets/fashion-mnist"
 TINY = ["model.arch=vit_tiny", "model.depth=2", "model.img_size=16", "model.patch_size=4",
@@ -110,7 +111,7 @@ def test_finetune_two_epochs_improves_and_resumes(exported, fm, tmp_path):
                finetune__layer_decay=0.75, finetune__crop_pct=1.0, finetune__log_every=8,
                finetune__crop_scale_min=1.0)  # 16-px images: smaller crops leave too little to learn from
     torch.manual_seed(cfg.train.seed)
-    from conmim.export import load_pretrained
+    from conmim.export.encoders import load_pretrained
 
     before, _ = build_classifier(*load_pretrained(exported), 10, drop_path=0.1)
     test_set = LabeledDataset(test, EvalTransform(16, cfg.data.mean, cfg.data.std))

@@ -8,9 +8,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conmim import ConMIM
-from conmim.model import denoising_contrastive_loss, set_fused_attention
-from conmim.optim import build_adamw
-from conmim.step import compile_step, forward_backward, optimizer_step
+from conmim.models.conmim import denoising_contrastive_loss, set_fused_attention
+from conmim.train.optim import build_adamw
+from conmim.train.step import compile_step, forward_backward, optimizer_step
 
 TINY = dict(arch="vit_tiny", img_size=32, patch_size=8, depth=2, proj_hidden_dim=64, proj_out_dim=32)
 B = 4

@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 
 from conmim.config import ConfigError, load_config
-from conmim.data import DataError, PretrainDataset, image_folder, read_skipped, sample_generator
-from conmim.engine import pretrain
-from conmim.gpu_views import DeviceViews, EncodedPretrainDataset, collate_encoded, pack_params, photometric_batch
-from conmim.masking import MaskGenerator
-from conmim.views import PairedViews, apply_photometric, sample_view_params
+from conmim.data.gpu_views import DeviceViews, EncodedPretrainDataset, collate_encoded, pack_params, photometric_batch
+from conmim.data.masking import MaskGenerator
+from conmim.data.pretrain import PretrainDataset, read_skipped, sample_generator
+from conmim.data.sources import DataError, image_folder
+from conmim.data.views import PairedViews, apply_photometric, sample_view_params
+from conmim.train.engine import pretrain
 
 FOOLBOX = importlib.util.find_spec("foolbox")
 

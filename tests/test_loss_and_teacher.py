@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conmim import ConMIM, denoising_contrastive_loss, timm_spec
-from conmim.schedules import teacher_momentum, warmup_cosine
+from conmim.train.schedules import teacher_momentum, warmup_cosine
 
 
 def tiny_model(**kw) -> ConMIM:
@@ -66,9 +66,9 @@ def test_loss_near_log_n_at_initialisation(natural_images):
     """ViT-S/16 measured 6.26 at 224 on these images (ln 196 = 5.28): the projector's final
     BatchNorm spreads the cosine logits, so the start sits a little above ln N. A 4-block ViT-Ti
     keeps the test fast."""
-    from conmim.data import image_folder
-    from conmim.masking import MaskGenerator
-    from conmim.views import PairedViews
+    from conmim.data.masking import MaskGenerator
+    from conmim.data.sources import image_folder
+    from conmim.data.views import PairedViews
 
     torch.manual_seed(0)
     model = ConMIM("vit_tiny", 224, 16, depth=4)

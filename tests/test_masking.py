@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conmim.data import EpochSampler, PretrainDataset, SyntheticSource
-from conmim.masking import MaskGenerator, block_mask, random_unit_mask
-from conmim.views import PairedViews
+from conmim.data.masking import MaskGenerator, block_mask, random_unit_mask
+from conmim.data.pretrain import EpochSampler, PretrainDataset
+from conmim.data.sources import SyntheticSource
+from conmim.data.views import PairedViews
 
 
 def test_random_unit_official_count():

@@ -1,5 +1,5 @@
 from conmim import ConMIM
-from conmim.optim import param_groups
+from conmim.train.optim import param_groups
 
 
 def names_in(model, group):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conmim.checkpoint import load_latest
 from conmim.config import load_config
-from conmim.distributed import DistInfo
-from conmim.engine import build_loader, pretrain
-from conmim.export import encoder_state
-from conmim.model import ConMIM, denoising_contrastive_loss
-from conmim.pixel_mim import PixelMIM, normalized_patches, patchify
+from conmim.export.encoders import encoder_state
+from conmim.models.conmim import ConMIM, denoising_contrastive_loss
+from conmim.models.pixel_mim import PixelMIM, normalized_patches, patchify
+from conmim.runtime.checkpoint import load_latest
+from conmim.runtime.distributed import DistInfo
+from conmim.train.engine import build_loader, pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from conmim.cli import main
 from conmim.config import ConfigError, load_config, preset_path
-from conmim.engine import pretrain
-from conmim.export import export, load_encoder
+from conmim.export.encoders import export, load_encoder
+from conmim.train.engine import pretrain
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -121,7 +121,7 @@ def test_every_shipped_preset_loads_and_validates():
 
     names = sorted(p.name[:-5] for p in (resources.files("conmim") / "configs").iterdir() if p.name.endswith(".yaml"))
     assert {"fashion_mnist", "vit_small_in1k", "vit_base_in1k", "vit_large_in1k"} <= set(names)
-    from conmim.study import load_study, variant_config
+    from conmim.tools.study import load_study, variant_config
 
     for name in names:
         if name.startswith("study_"):  # a study file: a protocol around a base config, checked per variant

@@ -10,8 +10,8 @@ from reliability_utils import load_tiny
 
 from conmim.cli import main as cli_main
 from conmim.config import ConfigError
-from conmim.distributed import DistInfo
-from conmim.engine import preflight, pretrain
+from conmim.runtime.distributed import DistInfo
+from conmim.train.engine import preflight, pretrain
 
 
 @pytest.mark.parametrize("override, expected", [

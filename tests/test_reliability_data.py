@@ -21,9 +21,10 @@ from reliability_utils import TINY, pretrain_cmd, run
 
 from conmim.cli import main as cli_main
 from conmim.config import MaskConfig
-from conmim.data import DataError, FileSource, PretrainDataset, list_file, load_image
-from conmim.masking import MaskGenerator
-from conmim.views import PairedViews
+from conmim.data.masking import MaskGenerator
+from conmim.data.pretrain import PretrainDataset
+from conmim.data.sources import DataError, FileSource, list_file, load_image
+from conmim.data.views import PairedViews
 
 BAD_REASONS = {  # file -> a piece of the reason the error must give
     "truncated.jpg": "truncated",

@@ -15,10 +15,10 @@ from reliability_utils import load_tiny, pretrain_in_process
 from safetensors import safe_open
 
 from conmim import checkpoint as ckpt
-from conmim.checkpoint import CheckpointError
 from conmim.cli import main as cli_main
-from conmim.engine import pretrain
-from conmim.export import encoder_state, load_encoder
+from conmim.export.encoders import encoder_state, load_encoder
+from conmim.runtime.checkpoint import CheckpointError
+from conmim.train.engine import pretrain
 
 
 class RunsCode:
@@ -68,7 +68,7 @@ def test_crafted_newest_checkpoint_is_skipped_with_a_warning(real_run, tmp_path,
     os.link(good, folder / good.name)
     marker = tmp_path / "code_ran"
     crafted(folder / "step_00000099.pt", marker)
-    with caplog.at_level(logging.WARNING, logger="conmim.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="conmim.runtime.checkpoint"):
         state, path = ckpt.load_latest(folder)
     assert path.name == good.name and not marker.exists()
     assert any("refusing to load" in r.getMessage() and "step_00000099.pt" in r.getMessage() for r in caplog.records)

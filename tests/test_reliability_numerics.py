@@ -16,9 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conmim import checkpoint as ckpt
 from conmim.cli import main as cli_main
-from conmim.guard import StepGuard
-from conmim.model import ConMIM
-from conmim.optim import build_adamw
+from conmim.models.conmim import ConMIM
+from conmim.train.guard import StepGuard
+from conmim.train.optim import build_adamw
 
 
 def test_a_nan_step_is_skipped_exactly(tmp_path):
@@ -35,7 +35,7 @@ def test_a_nan_step_is_skipped_exactly(tmp_path):
 def test_consecutive_nan_steps_restore_the_last_good_checkpoint_with_a_lower_lr(tmp_path, caplog):
     clean, bad = tmp_path / "clean", tmp_path / "bad"
     pretrain_in_process(clean, "train.max_steps=8")
-    with caplog.at_level(logging.WARNING, logger="conmim.engine"):
+    with caplog.at_level(logging.WARNING, logger="conmim.train.engine"):
         pretrain_in_process(bad, "train.max_steps=8", "train.inject_nan_steps=[4,5,6]", "train.max_bad_steps=3",
                             "train.nan_lr_factor=0.25")
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -105,7 +105,7 @@ def test_corrupt_last_checkpoint_falls_back_with_a_warning(reference, tmp_path, 
         else:
             f.seek(size // 3)
             f.write(os.urandom(4096))
-    with caplog.at_level(logging.WARNING, logger="conmim.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="conmim.runtime.checkpoint"):
         state, path = ckpt.load_latest(folder)
     assert path.name == f"step_{STEPS - 1:08d}.pt" and state["step"] == STEPS - 1
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

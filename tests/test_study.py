@@ -9,7 +9,7 @@ from PIL import Image
 
 from conmim.cli import main
 from conmim.config import ConfigError
-from conmim.study import load_study, plan
+from conmim.tools.study import load_study, plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conmim.data import DataError, build_source, fashion_mnist, image_folder, list_file
-from conmim.views import PairedViews, sample_view_params
+from conmim.data.sources import DataError, build_source, fashion_mnist, image_folder, list_file
+from conmim.data.views import PairedViews, sample_view_params
 
 
 def test_views_are_pixel_aligned_without_photometric_ops(natural_images):

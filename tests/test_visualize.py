@@ -10,9 +10,9 @@ from PIL import Image
 
 from conmim.cli import main
 from conmim.config import load_config
-from conmim.engine import pretrain
-from conmim.model import ConMIM
-from conmim.visualize import last_block_attention
+from conmim.models.conmim import ConMIM
+from conmim.tools.visualize import last_block_attention
+from conmim.train.engine import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

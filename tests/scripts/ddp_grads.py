@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from conmim import ConMIM
-from conmim.distributed import setup
+from conmim.runtime.distributed import setup
 
 out, sync_bn = sys.argv[1], sys.argv[2] == "1"
 info = setup("cpu")
@@ -18,7 +18,7 @@ torch.manual_seed(0)
 model = ConMIM("vit_tiny", 16, 4, depth=2, proj_hidden_dim=64, proj_out_dim=32, sync_bn=sync_bn)
 g = torch.Generator().manual_seed(1)
 weak, strong = torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g)
-from conmim.masking import MaskGenerator  # noqa: E402
+from conmim.data.masking import MaskGenerator  # noqa: E402
 
 masks = MaskGenerator((4, 4), "random_unit", 0.5, unit=2)
 mask = torch.stack([masks(g) for _ in range(8)])

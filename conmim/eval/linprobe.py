@@ -24,20 +24,11 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from .config import Config
-from .engine import resolve_precision
-from .knn import EvalTransform, LabeledDataset, encode, extract_features, num_classes_of
-from .schedules import warmup_cosine
-
-
-class RGBTransform:
-    """Any image transform, applied after converting to RGB (Fashion-MNIST images are grayscale)."""
-
-    def __init__(self, ops):
-        self.ops = ops
-
-    def __call__(self, img):
-        return self.ops(img.convert("RGB"))
+from ..config import Config
+from ..runtime.device import autocast, resolve_precision
+from ..train.schedules import warmup_cosine
+from .common import EvalTransform, LabeledDataset, RGBTransform, img_size_of, num_classes_of
+from .knn import encode, extract_features
 
 
 def probe_transform(img_size: int, mean, std, scale_min: float = 0.08) -> RGBTransform:
@@ -60,14 +51,9 @@ def resolve_encoder(encoder: nn.Module | str | Path, which: str = "teacher") -> 
     """A timm encoder, or one loaded from an export / run directory / checkpoint path."""
     if isinstance(encoder, nn.Module):
         return encoder
-    from .export import load_encoder
+    from ..export.encoders import load_encoder
 
     return load_encoder(encoder, which)
-
-
-def img_size_of(encoder: nn.Module) -> int:
-    size = encoder.patch_embed.img_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def linear_probe(encoder: nn.Module | str | Path, train_source, test_source, cfg: Config | None = None,
@@ -144,8 +130,7 @@ def _encoded_batches(encoder: nn.Module, dataset, p, device: torch.device, worke
     loader = DataLoader(dataset, batch_size=p.batch_size, shuffle=True, generator=gen, num_workers=workers,
                         drop_last=len(dataset) > p.batch_size)
     for images, y in loader:
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                             enabled=amp_dtype is not None):
+        with torch.no_grad(), autocast(device, amp_dtype):
             feats = encode(encoder, images.to(device, non_blocking=True), p.pool, p.block).float()
         yield feats, y
 

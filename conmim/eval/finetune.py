@@ -3,7 +3,7 @@
 Layer-wise lr decay (timm's ``param_groups_layer_decay``), AdamW, per-step warm-up + cosine,
 drop path, timm's RandAugment / random erasing transform and Mixup/CutMix with label smoothing
 (soft-target cross-entropy), a mean-pooled fc_norm head initialised at scale 0.001 (see
-:mod:`conmim.transfer`). Evaluation is resize + centre crop, top-1 / top-5 after every epoch;
+:mod:`conmim.eval.transfer`). Evaluation is resize + centre crop, top-1 / top-5 after every epoch;
 ``checkpoints/last.pt`` (resumed from automatically) and ``checkpoints/best.pt`` are written
 atomically, and the best model is also exported as timm-loadable ``best.safetensors``.
 """
@@ -28,15 +28,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from . import distributed
-from .config import Config, to_yaml
-from .data import DataError
-from .engine import MetricsWriter, resolve_device, resolve_precision
-from .export import load_pretrained, write_encoder
-from .knn import EvalTransform, LabeledDataset, num_classes_of
-from .linprobe import RGBTransform, img_size_of
-from .schedules import warmup_cosine
+from ..config import Config, to_yaml
+from ..data.sources import DataError
+from ..export.encoders import load_pretrained, write_encoder
+from ..runtime import checkpoint as ckpt
+from ..runtime import distributed
+from ..runtime.device import resolve_device, resolve_precision
+from ..runtime.metrics import MetricsWriter
+from ..train.schedules import warmup_cosine
+from .common import EvalTransform, LabeledDataset, RGBTransform, img_size_of, num_classes_of
 from .transfer import build_classifier, grid_of, spec_from_module
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
-from .config import Config
-from .data import DataError, FileSource, PretrainDataset, load_image, sample_generator
+from ..config import Config
+from .pretrain import PretrainDataset, sample_generator
+from .sources import DataError, FileSource, load_image
 from .views import ViewParams
 
 # Columns of the packed parameter table, one row per view (ViewParams flattened).
@@ -135,7 +136,7 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def photometric_batch(x: torch.Tensor, prm: torch.Tensor) -> torch.Tensor:
-    """:func:`conmim.views.apply_photometric` for a (B, 3, H, W) uint8 batch, one parameter row each.
+    """:func:`conmim.data.views.apply_photometric` for a (B, 3, H, W) uint8 batch, one parameter row each.
 
     Every op is evaluated for the whole batch and selected per sample with ``torch.where``: no
     data-dependent branch, so no host synchronisation and one graph for ``torch.compile``.

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .config import Config
-from .knn import EvalTransform
+from ..config import Config
+from ..eval.common import EvalTransform
 
 
 def _colormap(name: str = "inferno"):
@@ -134,9 +134,9 @@ def _correctness(cells: torch.Tensor, size: tuple[int, int]) -> Image.Image:
 
 def load_for_visualization(source: str | Path, which: str = "teacher") -> tuple[nn.Module, Any, Config]:
     """(encoder, pre-training model or None, config) from a run folder, checkpoint or exported file."""
-    from .export import config_of, load_encoder, load_run_checkpoint
-    from .model import ConMIM
-    from .pixel_mim import PixelMIM
+    from ..export.encoders import config_of, load_encoder, load_run_checkpoint
+    from ..models.conmim import ConMIM
+    from ..models.pixel_mim import PixelMIM
 
     source = Path(source)
     if source.suffix == ".safetensors":
@@ -153,8 +153,8 @@ def load_for_visualization(source: str | Path, which: str = "teacher") -> tuple[
 def visualize(source: str | Path, images: list[str | Path], out: str | Path, which: str = "teacher",
               seed: int = 0) -> list[Path]:
     """Write ``NAME_attention.png`` (and ``NAME_retrieval.png`` for ConMIM checkpoints) per image."""
-    from .data import load_image
-    from .masking import MaskGenerator
+    from ..data.masking import MaskGenerator
+    from ..data.sources import load_image
 
     encoder, model, cfg = load_for_visualization(source, which)
     size = encoder.patch_embed.img_size

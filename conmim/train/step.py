@@ -12,8 +12,9 @@ import math
 import torch
 from torch import nn
 
+from ..models.conmim import ConMIM, denoising_contrastive_loss
+from ..runtime.device import autocast
 from .guard import StepGuard
-from .model import ConMIM, denoising_contrastive_loss
 
 
 def compile_step(model: ConMIM, student: nn.Module, **compile_kwargs) -> nn.Module:
@@ -30,7 +31,7 @@ def forward_backward(model: ConMIM, student: nn.Module, weak: torch.Tensor, stro
                      accum_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher and student forward under autocast (the loss itself runs in fp32), then backward of
     ``loss / accum_steps``; returns the detached (loss, retrieval accuracy)."""
-    with torch.autocast(weak.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with autocast(weak.device, amp_dtype):
         loss, accuracy = model.forward_with_stats(weak, strong, mask, student=student)
     scaler.scale(loss / accum_steps).backward()
     return loss.detach(), accuracy.detach()

@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from . import checkpoint as ckpt
-from .config import Config, ConfigError
-from .model import timm_spec
+from ..config import Config, ConfigError
+from ..models.conmim import timm_spec
+from ..runtime import checkpoint as ckpt
 
 
 def load_run_checkpoint(path: str | Path) -> tuple[dict, Path]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .export import write_encoder
+from .encoders import write_encoder
 
 DROP_PREFIXES = ("projectors.", "lm_head.", "mask_token", "module.projectors.")
 CONTAINERS = ("model", "module", "state_dict")

@@ -28,8 +28,8 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import Config, ConfigError, preset_path, validate
-from .data import ArraySource, fashion_mnist
+from ..config import Config, ConfigError, preset_path, validate
+from ..data.sources import ArraySource, fashion_mnist
 
 log = logging.getLogger(__name__)
 METRICS = ("finetune_top1", "linprobe_top1", "knn_top1")
@@ -161,7 +161,7 @@ def _random_encoder(cfg: Config, seed: int) -> torch.nn.Module:
     """timm's own random initialisation of the encoder (what fine-tuning from scratch starts from)."""
     import timm
 
-    from .export import spec_of
+    from ..export.encoders import spec_of
 
     spec = spec_of(cfg)
     torch.manual_seed(seed)
@@ -171,18 +171,20 @@ def _random_encoder(cfg: Config, seed: int) -> torch.nn.Module:
 def run_one(study: StudySettings, base: Any, variant: Variant, seed: int, train: ArraySource, test: ArraySource,
             data_dir: Path) -> dict[str, Any]:
     """Pre-train (or not), then k-NN, linear probe and fine-tuning of one (variant, seed)."""
-    from .engine import pretrain, resolve_device
-    from .export import load_encoder
-    from .finetune import finetune
-    from .knn import EvalTransform, LabeledDataset, extract_features, knn_accuracy
-    from .linprobe import linear_probe
+    from ..eval.common import EvalTransform, LabeledDataset
+    from ..eval.finetune import finetune
+    from ..eval.knn import KnnMonitor, extract_features, knn_accuracy
+    from ..eval.linprobe import linear_probe
+    from ..export.encoders import load_encoder
+    from ..runtime.device import resolve_device
+    from ..train.engine import pretrain
 
     run_dir = Path(study.output_dir) / f"{variant.name}_s{seed}"
     cfg = variant_config(base, variant, seed, run_dir, data_dir)
     device = resolve_device(cfg.device)
     stages = Stages(run_dir)
     if variant.pretrain:
-        stages.run("pretrain", lambda: {"steps": pretrain(cfg)["steps"]})
+        stages.run("pretrain", lambda: {"steps": pretrain(cfg, KnnMonitor.from_config)["steps"]})
         encoder = load_encoder(run_dir / "pretrain", "teacher").to(device)
     else:
         cfg.finetune.epochs = scratch_epochs(cfg, len(train))

@@ -6,45 +6,16 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from .config import ConfigError
-from .data import DataError, build_source
+from ..config import ConfigError
+from ..data.sources import build_source
+from ..runtime.device import autocast
+from .common import EvalTransform, LabeledDataset, SourceSubset, UnlabelledError
 
 log = logging.getLogger(__name__)
-
-class EvalTransform:
-    """Resize the shorter side to ``img_size / crop_pct`` (bicubic), centre-crop, normalise."""
-
-    def __init__(self, img_size: int, mean, std, crop_pct: float = 1.0):
-        self.img_size, self.resize = img_size, int(round(img_size / crop_pct))
-        self.mean, self.std = list(mean), list(std)
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = TF.resize(img.convert("RGB"), [self.resize], interpolation=InterpolationMode.BICUBIC, antialias=True)
-        img = TF.center_crop(img, [self.img_size, self.img_size])
-        return TF.normalize(TF.pil_to_tensor(img).float().div_(255), self.mean, self.std)
-
-
-class LabeledDataset(Dataset):
-    """A source of ``(PIL image, label)`` seen through a deterministic transform."""
-
-    def __init__(self, source, transform, indices: list[int] | None = None):
-        self.source, self.transform = source, transform
-        self.indices = list(range(len(source))) if indices is None else list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img, label = self.source[self.indices[i]]
-        return self.transform(img), label
-
 
 def encode(encoder: nn.Module, images: torch.Tensor, pool: str = "mean", block: int = -1) -> torch.Tensor:
     """(B, D) features: one block's [CLS] token or mean patch token, after the final norm.
@@ -82,7 +53,7 @@ def extract_features(encoder: nn.Module, dataset: Dataset, batch_size: int = 256
     if amp_dtype == "auto":
         amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     for images, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             feats.append(encode(encoder, images.to(device, non_blocking=True), pool, block).float().cpu())
         labels.append(torch.as_tensor(y))
     encoder.train(was_training)
@@ -126,37 +97,6 @@ def knn_top1(encoder: nn.Module, train_source, test_source, transform, k: int = 
     return knn_accuracy(train_x, train_y, test_x, test_y, k, temperature)
 
 
-class UnlabelledError(DataError):
-    """A labelled source was needed."""
-
-
-class SourceSubset:
-    """Some images of a source, by index, with their labels (a source itself)."""
-
-    def __init__(self, source, indices: list[int]):
-        self.source, self.indices = source, list(indices)
-        self.classes = getattr(source, "classes", [])
-        labels = getattr(source, "labels", None)
-        self.labels = [int(labels[i]) for i in self.indices] if labels is not None else None
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def name(self, index: int) -> str:
-        return self.source.name(self.indices[index])
-
-    def __getitem__(self, index: int):
-        return self.source[self.indices[index]]
-
-
-def limit_source(source, limit: int, seed: int = 0):
-    """``limit`` images of ``source`` drawn without replacement with ``seed`` (all of it when 0 or larger)."""
-    if not 0 < limit < len(source):
-        return source
-    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
-    return SourceSubset(source, sorted(order[:limit].tolist()))
-
-
 class KnnMonitor:
     """Online k-NN during pre-training (solo-learn style): is the encoder learning before the run ends?
 
@@ -195,13 +135,28 @@ class KnnMonitor:
                                      self.pool, self.batch_size, device, amp_dtype=amp_dtype)}
 
 
-def num_classes_of(*sources) -> int:
-    """Number of classes of labelled sources: their class names, else the largest label + 1."""
-    found = max(len(getattr(s, "classes", None) or ()) for s in sources)
-    for s in sources:
-        labels = getattr(s, "labels", None)
-        if labels is not None and len(labels):
-            found = max(found, int(max(labels)) + 1)
-    if found < 2:
-        raise DataError("the data source has no labels (need class sub-folders, list-file labels or Fashion-MNIST)")
-    return found
+def final_knn(cfg, teacher_encoder: nn.Module, steps: int, minutes: float) -> dict:
+    """The k-NN after pre-training: the trained teacher beside a randomly initialised encoder, both on
+    the evaluation splits; writes ``knn.json`` into the run directory and returns its contents."""
+    import json
+    from pathlib import Path
+
+    from ..models.conmim import ConMIM
+    from ..runtime.device import resolve_device, resolve_precision
+    from .common import eval_sources
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.train.seed)
+    random_init = ConMIM.from_config(cfg.model).teacher.encoder.to(device)
+    e, amp_dtype = cfg.eval, resolve_precision(cfg.train.precision, device)
+    sources = eval_sources(cfg, cfg.model.img_size)
+    transform = EvalTransform(cfg.model.img_size, cfg.data.mean, cfg.data.std)
+    results = {}
+    for name, encoder in (("conmim_teacher", teacher_encoder), ("random_init", random_init)):
+        results[name] = knn_top1(encoder, *sources, transform, e.knn_k, e.knn_t, e.pool, e.batch_size, device,
+                                 cfg.data.num_workers, amp_dtype)
+    report = {"pretrain_minutes": round(minutes, 2), "steps": steps,
+              "knn_top1_conmim_teacher": round(results["conmim_teacher"], 2),
+              "knn_top1_random_init": round(results["random_init"], 2), "knn_k": e.knn_k, "pool": e.pool}
+    (Path(cfg.output_dir) / "knn.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

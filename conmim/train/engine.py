@@ -3,7 +3,7 @@
 Order of one optimizer step (spec §7.3): set lr / wd, teacher forward, student forward, loss,
 backward (accumulated), unscale + clip, AdamW step, EMA update of the teacher, then logging.
 The loss is only read back from the device at log intervals, never every step; a non-finite step
-is skipped on the device (see :mod:`conmim.guard`).
+is skipped on the device (see :mod:`conmim.train.guard`).
 
 Exact resume: a checkpoint holds the model (student and teacher, BatchNorm statistics included),
 the optimizer, the scaler, the step (which fixes every schedule and the sampler position), each
@@ -15,51 +15,41 @@ workers hold no state worth saving.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from . import distributed
-from .config import Config, ConfigError, to_yaml
-from .data import EpochSampler, PretrainDataset, build_source, read_skipped
-from .gpu_views import EncodedPretrainDataset, collate_encoded, device_batches, device_views
+from ..config import Config, ConfigError, to_yaml
+from ..data.gpu_views import EncodedPretrainDataset, collate_encoded, device_batches, device_views
+from ..data.masking import MaskGenerator
+from ..data.pretrain import EpochSampler, PretrainDataset, read_skipped
+from ..data.sources import build_source
+from ..data.views import PairedViews
+from ..models.conmim import ConMIM
+from ..models.pixel_mim import PixelMIM
+from ..runtime import checkpoint as ckpt
+from ..runtime import distributed
+from ..runtime.device import resolve_device, resolve_precision
+from ..runtime.metrics import MetricsWriter
+from ..runtime.seeding import rng_state, seed_process, set_rng_state
 from .guard import NonFiniteError, StepGuard
-from .knn import KnnMonitor
-from .masking import MaskGenerator
-from .model import ConMIM
 from .optim import build_adamw
-from .pixel_mim import PixelMIM
 from .schedules import teacher_momentum, warmup_cosine
 from .step import compile_step, forward_backward, optimizer_step
-from .views import PairedViews
 
 log = logging.getLogger(__name__)
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for fp32. ``auto`` is bf16 on GPU and fp32 on CPU."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+Monitor = Callable[[torch.nn.Module, torch.device, "torch.dtype | None"], dict[str, float]]
 
 
 def check_writable(folder: Path) -> None:
@@ -92,45 +82,6 @@ def make_plan(cfg: Config, micro_steps_per_epoch: int, world_size: int) -> Plan:
     total_batch = t.batch_size * t.accum_steps * world_size
     return Plan(steps_per_epoch, total, min(total, t.max_steps) if t.max_steps else total,
                 int(round(t.warmup_epochs * steps_per_epoch)), t.base_lr * total_batch / 256, total_batch)
-
-
-def _step_of_record(line: str) -> int | None:
-    """The step of one ``metrics.jsonl`` line, or None for a line cut short by a crash."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-class MetricsWriter:
-    """``metrics.jsonl`` plus TensorBoard events (scalars named ``tag/key``), rank 0 only."""
-
-    def __init__(self, out: Path, resume_step: int, tag: str = "pretrain"):
-        self.tag = tag
-        self.out, self.path, self.tb = out, out / "metrics.jsonl", None
-        self.rewind(resume_step)
-
-    def rewind(self, step: int) -> None:
-        """Drop records after ``step`` (the checkpoint a run resumes from) and lines cut short by a crash."""
-        if self.path.exists():
-            lines = self.path.read_text().splitlines()
-            kept = [ln for ln in lines if (s := _step_of_record(ln)) is not None and s <= step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
-        from torch.utils.tensorboard import SummaryWriter
-
-        if self.tb is not None:
-            self.tb.close()
-        self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=step + 1 if step else None)
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.tb.add_scalar(f"{self.tag}/{key}", value, record["step"])
-
-    def close(self) -> None:
-        self.tb.close()
 
 
 def preflight(cfg: Config, dist: distributed.DistInfo, device: torch.device):
@@ -176,26 +127,6 @@ def build_loader(cfg: Config, dist: distributed.DistInfo, start_micro_step: int,
     return loader, sampler, dataset
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    """This process's RNG states, in types that ``torch.load(weights_only=True)`` accepts."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                                       "has_gauss": has_gauss, "gauss": gauss}}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def _apply_checkpoint(state: dict, path: Path, model: ConMIM, optimizer: torch.optim.Optimizer,
                       scaler: torch.amp.GradScaler, device: torch.device, rank: int) -> tuple[int, torch.Tensor | None]:
     """Load a checkpoint into the run; returns its step and this rank's partly filled metrics window."""
@@ -205,7 +136,7 @@ def _apply_checkpoint(state: dict, path: Path, model: ConMIM, optimizer: torch.o
         scaler.load_state_dict(state["scaler"])
     ranks = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older files: rank 0's only
     if rank < len(ranks):
-        _set_rng_state(ranks[rank], device)
+        set_rng_state(ranks[rank], device)
     else:
         log.warning("%s was written by %d process(es); rank %d keeps its fresh RNG seed, so this run will not "
                     "match an uninterrupted one exactly", path, len(ranks), rank)
@@ -217,7 +148,7 @@ def _save(cfg: Config, out: Path, step: int, model: ConMIM, optimizer: torch.opt
           scaler: torch.amp.GradScaler, guard: StepGuard, sums: torch.Tensor, device: torch.device,
           dist: distributed.DistInfo) -> None:
     """Checkpoint ``step`` (rank 0 writes; every rank contributes its RNG states and metrics window)."""
-    rank_states = distributed.gather_to_main({"rng": _rng_state(device), "meter": sums.cpu()})
+    rank_states = distributed.gather_to_main({"rng": rng_state(device), "meter": sums.cpu()})
     if dist.is_main:
         assert rank_states is not None
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -267,8 +198,14 @@ def _report_skipped(out: Path) -> None:
                     len(skipped), log_file)
 
 
-def pretrain(cfg: Config) -> dict[str, Any]:
-    """Run (or resume) ConMIM pre-training as configured; returns a summary of the run."""
+def pretrain(cfg: Config, make_monitor: Callable[[Config], Monitor | None] | None = None) -> dict[str, Any]:
+    """Run (or resume) ConMIM pre-training as configured; returns a summary of the run.
+
+    ``make_monitor``: builds the online evaluation (rank 0 only, when ``eval.monitor_every`` is set),
+    a callable ``(encoder, device, amp_dtype) -> {name: value}`` whose results join the metrics
+    records; the caller supplies it (the CLI passes :meth:`conmim.eval.knn.KnnMonitor.from_config`),
+    so training never depends on evaluation code.
+    """
     device = resolve_device(cfg.device)
     dist = distributed.setup(device.type, cfg.train.dist_timeout_s)
     if dist.enabled and device.type == "cuda":
@@ -277,7 +214,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     source = preflight(cfg, dist, device)
     if dist.is_main:
         (out / "config.yaml").write_text(to_yaml(cfg))
-    torch.manual_seed(cfg.train.seed + dist.rank)
+    seed_process(cfg.train.seed, dist.rank)
     t = cfg.train
 
     model = (PixelMIM if cfg.model.objective == "pixel" else ConMIM).from_config(cfg.model).to(device)
@@ -310,7 +247,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     if t.compile:
         student = compile_step(model, student)
     writer = MetricsWriter(out, step) if dist.is_main else None
-    monitor = KnnMonitor.from_config(cfg) if cfg.eval.monitor_every and dist.is_main else None
+    monitor = make_monitor(cfg) if make_monitor and cfg.eval.monitor_every and dist.is_main else None
     if dist.is_main:
         log.info("%d images, %d steps/epoch, %d steps (%d this run), total batch %d, peak lr %.3g",
                  len(dataset), plan.steps_per_epoch, plan.total_steps, plan.run_steps - step, plan.total_batch,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import Branch, init_student, timm_spec
+from .conmim import Branch, init_student, timm_spec
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """``conmim bench``: throughput of the training step, the fast path beside a plain eager fp32 one.
 
-Both variants run the same optimizer step as ``conmim pretrain`` (:mod:`conmim.step`) on the same
+Both variants run the same optimizer step as ``conmim pretrain`` (:mod:`conmim.train.step`) on the same
 initial weights, in the same process:
 
 - ``fast``: the configuration as given (``train.precision``, ``train.compile``, ``data.gpu_aug``),
@@ -40,14 +40,15 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from . import distributed
-from .config import BenchRunConfig, Config, ModelConfig
-from .engine import build_loader, resolve_device, resolve_precision
-from .gpu_views import device_batches, device_views
-from .masking import MaskGenerator
-from .model import ARCH_DIMS, ConMIM, set_fused_attention
-from .optim import build_adamw
-from .step import compile_step, forward_backward, optimizer_step
+from ..config import BenchRunConfig, Config, ModelConfig
+from ..data.gpu_views import device_batches, device_views
+from ..data.masking import MaskGenerator
+from ..models.conmim import ARCH_DIMS, ConMIM, set_fused_attention
+from ..runtime import distributed
+from ..runtime.device import resolve_device, resolve_precision
+from ..train.engine import build_loader
+from ..train.optim import build_adamw
+from ..train.step import compile_step, forward_backward, optimizer_step
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, no sparsity); the first
 # substring found in the device name wins. bench.peak_tflops overrides.

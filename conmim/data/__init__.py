@@ -1,0 +1,1 @@
+"""Images in: sources (folders, list files, Fashion-MNIST, synthetic), paired views, masks, the pre-training dataset."""

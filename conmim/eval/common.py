@@ -1,0 +1,105 @@
+"""What the evaluations share: evaluation transforms, labelled datasets, subsets and the evaluation splits."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from ..data.sources import DataError, build_source
+
+
+class EvalTransform:
+    """Resize the shorter side to ``img_size / crop_pct`` (bicubic), centre-crop, normalise."""
+
+    def __init__(self, img_size: int, mean, std, crop_pct: float = 1.0):
+        self.img_size, self.resize = img_size, int(round(img_size / crop_pct))
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = TF.resize(img.convert("RGB"), [self.resize], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        img = TF.center_crop(img, [self.img_size, self.img_size])
+        return TF.normalize(TF.pil_to_tensor(img).float().div_(255), self.mean, self.std)
+
+
+class LabeledDataset(Dataset):
+    """A source of ``(PIL image, label)`` seen through a deterministic transform."""
+
+    def __init__(self, source, transform, indices: list[int] | None = None):
+        self.source, self.transform = source, transform
+        self.indices = list(range(len(source))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img, label = self.source[self.indices[i]]
+        return self.transform(img), label
+
+
+class RGBTransform:
+    """Any image transform, applied after converting to RGB (Fashion-MNIST images are grayscale)."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def __call__(self, img):
+        return self.ops(img.convert("RGB"))
+
+
+class UnlabelledError(DataError):
+    """A labelled source was needed."""
+
+
+class SourceSubset:
+    """Some images of a source, by index, with their labels (a source itself)."""
+
+    def __init__(self, source, indices: list[int]):
+        self.source, self.indices = source, list(indices)
+        self.classes = getattr(source, "classes", [])
+        labels = getattr(source, "labels", None)
+        self.labels = [int(labels[i]) for i in self.indices] if labels is not None else None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def name(self, index: int) -> str:
+        return self.source.name(self.indices[index])
+
+    def __getitem__(self, index: int):
+        return self.source[self.indices[index]]
+
+
+def limit_source(source, limit: int, seed: int = 0):
+    """``limit`` images of ``source`` drawn without replacement with ``seed`` (all of it when 0 or larger)."""
+    if not 0 < limit < len(source):
+        return source
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
+    return SourceSubset(source, sorted(order[:limit].tolist()))
+
+
+def num_classes_of(*sources) -> int:
+    """Number of classes of labelled sources: their class names, else the largest label + 1."""
+    found = max(len(getattr(s, "classes", None) or ()) for s in sources)
+    for s in sources:
+        labels = getattr(s, "labels", None)
+        if labels is not None and len(labels):
+            found = max(found, int(max(labels)) + 1)
+    if found < 2:
+        raise DataError("the data source has no labels (need class sub-folders, list-file labels or Fashion-MNIST)")
+    return found
+
+
+def img_size_of(encoder: nn.Module) -> int:
+    size = encoder.patch_embed.img_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def eval_sources(cfg, img_size: int):
+    """The labelled (train, test) sources of knn / linprobe / finetune, cut to eval.train_limit / test_limit."""
+    e, seed = cfg.eval, cfg.train.seed
+    return (limit_source(build_source(cfg.data, img_size, cfg.data.split), e.train_limit, seed),
+            limit_source(build_source(cfg.data, img_size, cfg.data.eval_split), e.test_limit, seed))

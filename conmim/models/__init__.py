@@ -1,0 +1,1 @@
+"""The networks: ConMIM (student, teacher, projectors, loss, EMA) and the pixel-regression baseline."""

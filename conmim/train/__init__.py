@@ -1,0 +1,1 @@
+"""Pre-training: the loop, one optimizer step, parameter groups, schedules and the non-finite step guard."""

@@ -1,0 +1,60 @@
+"""The package layout: sub-packages import only downwards (cli -> tools -> eval -> train -> export ->
+models, data -> config, runtime), and the public names of ``conmim`` stay importable."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import conmim
+
+PACKAGE = Path(conmim.__file__).parent
+LEVEL = {"config": 0, "runtime": 0, "models": 1, "data": 1, "export": 2, "train": 3, "eval": 4, "tools": 5, "cli": 6}
+
+
+def _part_of(module: str) -> str | None:
+    """``conmim.<part>...`` -> part (a sub-package or a top-level module), None outside conmim."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "conmim" and len(parts) > 1 else None
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of the conmim modules that ``path`` imports (relative imports resolved)."""
+    here = ["conmim", *path.relative_to(PACKAGE).with_suffix("").parts]
+    if here[-1] == "__init__":
+        here = here[:-1] + ["__init__"]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = here[:-node.level] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names = [module] if node.module else [f"{module}.{a.name}" for a in node.names]
+            found.update(names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {name for name in found if name.startswith("conmim")}
+
+
+def test_every_module_imports_only_downwards():
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        mine = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        if mine == "__init__":
+            continue
+        for name in _imports(path):
+            other = _part_of(name)
+            if other is None or other == mine or other == "__init__":
+                continue
+            if LEVEL[other] >= LEVEL[mine]:
+                wrong.append(f"{rel} imports {name}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_public_names_and_sub_packages():
+    for name in conmim.__all__:
+        assert getattr(conmim, name) is not None
+    spec = conmim.timm_spec("vit_tiny", 16, 4, depth=1)
+    assert spec["model_name"] and callable(conmim.load_encoder)
+    for sub in ("runtime", "models", "data", "train", "eval", "export", "tools"):
+        assert (PACKAGE / sub / "__init__.py").is_file()
