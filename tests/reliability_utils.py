@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from conmim import checkpoint as ckpt
+from conmim.runtime import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

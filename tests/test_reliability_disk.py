@@ -14,7 +14,7 @@ import subprocess
 import pytest
 from reliability_utils import ROOT, assert_same_state, env, final_state, pretrain_cmd, pretrain_in_process, records
 
-from conmim import checkpoint as ckpt
+from conmim.runtime import checkpoint as ckpt
 from conmim.runtime.checkpoint import CheckpointError
 
 CHECKPOINT_MB = 15  # one checkpoint of the tiny model (14.8 MB)

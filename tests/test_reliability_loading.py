@@ -14,9 +14,9 @@ import torch
 from reliability_utils import load_tiny, pretrain_in_process
 from safetensors import safe_open
 
-from conmim import checkpoint as ckpt
 from conmim.cli import main as cli_main
 from conmim.export.encoders import encoder_state, load_encoder
+from conmim.runtime import checkpoint as ckpt
 from conmim.runtime.checkpoint import CheckpointError
 from conmim.train.engine import pretrain
 

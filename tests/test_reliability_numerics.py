@@ -14,9 +14,9 @@ import torch
 from reliability_utils import TINY, assert_same_state, final_state, pretrain_in_process, records
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conmim import checkpoint as ckpt
 from conmim.cli import main as cli_main
 from conmim.models.conmim import ConMIM
+from conmim.runtime import checkpoint as ckpt
 from conmim.train.guard import StepGuard
 from conmim.train.optim import build_adamw
 

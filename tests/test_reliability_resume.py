@@ -25,7 +25,7 @@ from reliability_utils import (
     wait_for,
 )
 
-from conmim import checkpoint as ckpt
+from conmim.runtime import checkpoint as ckpt
 
 STEPS = 12
 
