@@ -63,8 +63,10 @@ class MaskConfig:
 @dataclass
 class DataConfig:
     source: str = "fashion_mnist"
+    # The data root. Folder sources: data.path/<split>/[<class>/]*.jpg; list sources: <path w/o .txt>_<split>.txt;
+    # split "." means data.path itself (conmim.data.sources.split_location, used by every command).
     path: str = "/usr/share/datasets/fashion-mnist"
-    split: str = "train"  # fashion_mnist: train | test
+    split: str = "train"  # training images: pre-training, and the k-NN bank / probe / fine-tuning train set
     num_workers: int = 2
     crop_scale_min: float = 0.08
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -73,7 +75,7 @@ class DataConfig:
     weak_aug_strong: bool = False  # ablation: strong photometric ops on the student's view too
     synthetic_size: int = 1024
     on_error: str = "skip"  # skip | raise, for unreadable image files
-    eval_split: str = "test"  # labelled held-out split of knn / linprobe / finetune (folder: a sub-folder, e.g. val)
+    eval_split: str = "test"  # labelled held-out split of knn / linprobe / finetune (ImageNet folder: val)
     gpu_aug: bool = False  # folder/list: workers only read file bytes; decode + views run batched on the device
 
 

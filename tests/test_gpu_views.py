@@ -135,7 +135,7 @@ def test_gpu_aug_needs_a_file_source():
 def test_pretrain_runs_on_the_device_data_path(image_dir, tmp_path):
     cfg = load_config(None, [
         "model.arch=vit_tiny", "model.depth=1", "model.img_size=32", "model.patch_size=8", "model.proj_hidden_dim=64",
-        "model.proj_out_dim=32", "data.source=folder", f"data.path={image_dir}", "data.gpu_aug=true",
+        "model.proj_out_dim=32", "data.source=folder", f"data.path={image_dir}", "data.split=.", "data.gpu_aug=true",
         "data.num_workers=1", "train.batch_size=3", "train.max_steps=2", "train.log_every=1", "train.warmup_epochs=0",
         "eval.final_knn=false", f"output_dir={tmp_path / 'run'}"])
     summary = pretrain(cfg)

@@ -68,7 +68,7 @@ def test_pretrain_fashion_mnist_cli_writes_a_complete_run(tmp_path, tiny_overrid
 def test_pretrain_on_natural_images_at_224(tmp_path, natural_images):
     cfg = load_config(None, ["model.arch=vit_tiny", "model.depth=2", "model.img_size=224", "model.patch_size=16",
                              "model.proj_hidden_dim=128", "model.proj_out_dim=64", "data.source=folder",
-                             f"data.path={natural_images}", "data.num_workers=2", "train.batch_size=4",
+                             f"data.path={natural_images}", "data.split=.", "data.num_workers=2", "train.batch_size=4",
                              "train.max_steps=3", "train.log_every=1", "train.precision=fp32",
                              f"output_dir={tmp_path / 'nat'}"])
     summary = pretrain(cfg)

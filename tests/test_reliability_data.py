@@ -142,7 +142,7 @@ def test_skip_policy_runs_lists_every_bad_file_once_and_warns_once(folder, tmp_p
     run_dir = tmp_path / "run"
     n = len(list(folder.glob("*.*")))
     assert n == 32  # 4 steps of 8 visit every file once
-    done = run(pretrain_cmd(run_dir, "data.source=folder", f"data.path={folder}", "data.num_workers=2",
+    done = run(pretrain_cmd(run_dir, "data.source=folder", f"data.path={folder}", "data.split=.", "data.num_workers=2",
                             "train.max_steps=4", "data.on_error=skip"))
     assert done.returncode == 0, done.stderr[-3000:]
     lines = (run_dir / "skipped_files.txt").read_text().splitlines()
@@ -159,7 +159,8 @@ def test_raise_policy_stops_with_the_path_and_reason(folder, tmp_path, capsys):
     torch.set_num_threads(1)
     try:
         code = cli_main(["pretrain", *TINY, f"output_dir={tmp_path / 'run'}", "data.source=folder",
-                         f"data.path={folder}", "data.num_workers=2", "train.max_steps=4", "data.on_error=raise"])
+                         f"data.path={folder}", "data.split=.", "data.num_workers=2", "train.max_steps=4",
+                         "data.on_error=raise"])
     finally:
         torch.set_num_threads(threads)
     err = capsys.readouterr().err

@@ -188,15 +188,51 @@ class SyntheticSource:
         return Image.fromarray(arr), index % len(self.classes)
 
 
+ROOT_SPLIT = "."  # data.split / data.eval_split: the images directly under data.path (no split folders)
+
+
+def split_location(data_cfg, split: str) -> str:
+    """Where the images of ``split`` live for a folder or list source: the one rule of every command.
+
+    ``data.path`` is the data root. A folder source reads ``data.path/<split>`` (ImageNet layout:
+    ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``); a list source reads
+    ``<data.path without .txt>_<split>.txt``. ``split=.`` (or empty) is ``data.path`` itself.
+    Pre-training reads ``data.split``; knn / linprobe / finetune read ``data.split`` as their training
+    set and ``data.eval_split`` as the held-out one. Raises :class:`DataError` naming the missing path.
+    """
+    path = data_cfg.path
+    if split in ("", ROOT_SPLIT):
+        return path
+    if data_cfg.source == "list":
+        found = f"{path.rsplit('.', 1)[0]}_{split}.txt"
+        if not os.path.isfile(found):
+            raise DataError(f"list file {found!r} of split {split!r} not found (data.path={path!r}: list sources "
+                            f"read <data.path without .txt>_<split>.txt; data.split=. reads data.path itself)")
+        return found
+    found = os.path.join(path, split)
+    if not os.path.isdir(found):
+        hint = ""
+        if Path(path).name == split:
+            hint = f"; data.path looks like the split folder itself: use data.path={str(Path(path).parent)!r}"
+        elif os.path.isdir(path):
+            subs = sorted(e.name for e in os.scandir(path) if e.is_dir())[:6]
+            hint = f"; {path!r} holds {', '.join(subs) if subs else 'no sub-folders'}"
+        raise DataError(f"split folder {found!r} not found: folder sources read data.path/<split> (data.path="
+                        f"{path!r}, split {split!r}), data.split=. for images directly under data.path{hint}")
+    return found
+
+
 def build_source(data_cfg, img_size: int, split: str | None = None):
-    """The source named by a :class:`conmim.config.DataConfig`."""
+    """The source named by a :class:`conmim.config.DataConfig`, for ``split`` (default: ``data.split``,
+    the training images); folders and list files are found by :func:`split_location`."""
     src = data_cfg.source
+    split = data_cfg.split if split is None else split
     if src == "fashion_mnist":
-        return fashion_mnist(data_cfg.path, split or data_cfg.split)
+        return fashion_mnist(data_cfg.path, split)
     if src == "folder":
-        return image_folder(os.path.join(data_cfg.path, split) if split else data_cfg.path)
+        return image_folder(split_location(data_cfg, split))
     if src == "list":
-        return list_file(data_cfg.path if not split else f"{data_cfg.path.rsplit('.', 1)[0]}_{split}.txt")
+        return list_file(split_location(data_cfg, split))
     if src == "synthetic":
         return SyntheticSource(data_cfg.synthetic_size, img_size)
     raise DataError(f"data.source={src!r}: choose fashion_mnist, folder, list or synthetic")

@@ -162,7 +162,7 @@ def variant_config(cfg: BenchRunConfig, variant: str, folder: Path | None) -> Be
     """The configuration one variant runs; ``plain`` turns every speed-up off."""
     cfg = copy.deepcopy(cfg)
     if folder is not None:
-        cfg.data.source, cfg.data.path = "folder", str(folder)
+        cfg.data.source, cfg.data.path, cfg.data.split = "folder", str(folder), "."  # the images, unsplit
     if variant == "plain":
         cfg.train.precision, cfg.train.compile, cfg.data.gpu_aug = "fp32", False, False
     return cfg

@@ -1,0 +1,73 @@
+"""Where images live, one rule for every command: ``data.path`` is the root, ``data.split`` and
+``data.eval_split`` its sub-folders (ImageNet layout), ``data.split=.`` the root itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conmim.cli import main
+from conmim.config import DataConfig
+from conmim.data.sources import DataError, build_source, split_location
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CLASSES = {"n01440764": (200, 40, 40), "n01443537": (40, 40, 200)}
+
+
+def imagenet_layout(root: Path, per_class: dict[str, int]) -> Path:
+    """``root/<split>/<class>/*.jpg``: real JPEG files, each class its own dominant colour plus noise."""
+    rng = np.random.default_rng(0)
+    for split, count in per_class.items():
+        for name, colour in CLASSES.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for k in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 40, (20, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{name}_{k}.JPEG", format="JPEG", quality=90)
+    return root
+
+
+def test_pretrain_then_knn_on_an_imagenet_style_folder(tmp_path, tiny_overrides, capsys):
+    root = imagenet_layout(tmp_path / "imagenet", {"train": 8, "val": 3})
+    run = tmp_path / "run"  # tiny_overrides: output_dir
+    data = ["data.source=folder", f"data.path={root}", "data.split=train", "data.eval_split=val"]
+    assert main(["pretrain", *tiny_overrides, *data, "train.max_steps=2", "eval.final_knn=true"]) == 0
+    final = json.loads((run / "knn.json").read_text())  # the k-NN after pre-training: train/ bank, val/ queries
+    assert final["steps"] == 2 and 0 <= final["knn_top1_conmim_teacher"] <= 100
+    capsys.readouterr()
+
+    # the run's config.yaml carries the data root: knn finds train/ and val/ without any override
+    assert main(["knn", str(run), f"output_dir={tmp_path / 'eval'}"]) == 0
+    result = json.loads((tmp_path / "eval" / "knn" / "results.json").read_text())
+    assert result["train_images"] == 16 and result["test_images"] == 6
+    assert 0 <= result["top1"] <= 100
+
+
+def test_a_missing_split_folder_is_named(tmp_path, tiny_overrides, capsys):
+    root = imagenet_layout(tmp_path / "imagenet", {"train": 1})
+    # the old habit: data.path pointing at the split folder itself
+    code = main(["pretrain", *tiny_overrides, "data.source=folder", f"data.path={root / 'train'}",
+                 "data.split=train"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(root / "train" / "train") in err and f"data.path={str(root)!r}" in err
+    with pytest.raises(DataError, match=str(root / "val")):  # no held-out folder
+        build_source(DataConfig(source="folder", path=str(root), eval_split="val"), 16, "val")
+
+
+def test_split_location_rule(tmp_path):
+    root = imagenet_layout(tmp_path / "imagenet", {"train": 1, "val": 1})
+    cfg = DataConfig(source="folder", path=str(root))
+    assert split_location(cfg, "val") == str(root / "val")
+    assert split_location(cfg, ".") == str(root)
+    assert len(build_source(cfg, 16)) == 2 and len(build_source(cfg, 16, ".")) == 4  # default: data.split=train
+    (tmp_path / "names_train.txt").write_text("a.jpg 0\n")
+    lists = DataConfig(source="list", path=str(tmp_path / "names.txt"))
+    assert split_location(lists, "train") == str(tmp_path / "names_train.txt")
+    assert split_location(lists, ".") == str(tmp_path / "names.txt")
+    with pytest.raises(DataError, match="names_test.txt"):
+        split_location(lists, "test")
