@@ -62,7 +62,8 @@ class EncoderAlias(nn.Module):
 
 
 class PixelMIM(nn.Module):
-    """Student Branch with a linear pixel head in place of the projector; same engine interface as ConMIM."""
+    """Student Branch with a linear pixel head in place of the projector; the engine's interface of ConMIM
+    but for the teacher EMA (``teacher`` is the student's encoder, so there is nothing to update)."""
 
     def __init__(self, arch: str = "vit_small", img_size: int = 224, patch_size: int = 16, *,
                  encoder: str = "beit", in_chans: int = 3, depth: int = 0, init_values: float = 0.1,
@@ -92,6 +93,3 @@ class PixelMIM(nn.Module):
 
     def forward(self, weak: torch.Tensor, strong: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.forward_with_stats(weak, strong, mask)[0]
-
-    def update_teacher(self, momentum: float, apply: torch.Tensor | None = None, foreach: bool = True) -> None:
-        """No teacher to update (the engine calls this after every step)."""

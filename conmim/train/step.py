@@ -52,5 +52,6 @@ def optimizer_step(model: ConMIM, optimizer: torch.optim.Optimizer, scaler: torc
     if guard is not None:
         guard.finish(ok)
     optimizer.zero_grad(set_to_none=True)
-    model.update_teacher(momentum, apply=ok, foreach=foreach)
+    if isinstance(model, ConMIM):  # the pixel baseline has no teacher of its own (no EMA)
+        model.update_teacher(momentum, apply=ok, foreach=foreach)
     return grad_norm.detach(), ok
