@@ -110,8 +110,6 @@ class TrainConfig:
     nan_lr_factor: float = 0.5
     nan_max_restores: int = 3
     dist_timeout_s: float = 600.0  # a collective waiting longer than this (dead or hung rank) fails
-    # fault injection (tests): the steps logged as these numbers get NaN inputs, until the first restore
-    inject_nan_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -333,8 +331,6 @@ def validate(cfg: Config) -> None:
     _require(0.0 < t.nan_lr_factor < 1.0, "train.nan_lr_factor", t.nan_lr_factor, "a number strictly between 0 and 1")
     _require(t.nan_max_restores >= 0, "train.nan_max_restores", t.nan_max_restores, "0 or more")
     _require(t.dist_timeout_s > 0, "train.dist_timeout_s", t.dist_timeout_s, "a positive number of seconds")
-    _require(all(s > 0 for s in t.inject_nan_steps), "train.inject_nan_steps", t.inject_nan_steps,
-             "step numbers, 1 or more")
     _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "device", cfg.device,
              "auto, cpu, cuda or cuda:N")
     _require(bool(cfg.output_dir.strip()), "output_dir", cfg.output_dir, "a folder path")

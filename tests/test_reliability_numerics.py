@@ -1,7 +1,8 @@
-"""Numerical faults (issue 5, item 4): NaN injected into a real run's inputs.
+"""Numerical faults: NaN injected into a real run's inputs.
 
-``train.inject_nan_steps`` multiplies the student's and the teacher's inputs by NaN at the listed
-steps, so the forward passes (BatchNorm statistics included), the loss and every gradient are NaN.
+The test hook ``conmim.train.engine.INJECT_NAN_STEPS`` multiplies the student's and the teacher's inputs
+by NaN at the listed steps, so the forward passes (BatchNorm statistics included), the loss and every
+gradient are NaN.
 """
 
 from __future__ import annotations
@@ -17,27 +18,33 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conmim.cli import main as cli_main
 from conmim.models.conmim import ConMIM
 from conmim.runtime import checkpoint as ckpt
+from conmim.train import engine
 from conmim.train.guard import StepGuard
 from conmim.train.optim import build_adamw
 
 
-def test_a_nan_step_is_skipped_exactly(tmp_path):
+def inject_nan(monkeypatch, *steps: int) -> None:
+    monkeypatch.setattr(engine, "INJECT_NAN_STEPS", frozenset(steps))
+
+
+def test_a_nan_step_is_skipped_exactly(tmp_path, monkeypatch):
     """Step 3 is NaN: after it, student, teacher, BatchNorm statistics and AdamW state are bitwise
     those after step 2 of a clean run, and the skip is counted in metrics.jsonl."""
     pretrain_in_process(tmp_path / "clean", "train.max_steps=2")
-    pretrain_in_process(tmp_path / "nan", "train.max_steps=3", "train.inject_nan_steps=[3]")
+    inject_nan(monkeypatch, 3)
+    pretrain_in_process(tmp_path / "nan", "train.max_steps=3")
     assert_same_state(final_state(tmp_path / "nan"), final_state(tmp_path / "clean"), same_step=False)
     last = records(tmp_path / "nan")[-1]
     assert last["step"] == 3 and last["skipped_steps"] == 1 and last["loss"] is None
     assert records(tmp_path / "nan")[:2] == records(tmp_path / "clean")
 
 
-def test_consecutive_nan_steps_restore_the_last_good_checkpoint_with_a_lower_lr(tmp_path, caplog):
+def test_consecutive_nan_steps_restore_the_last_good_checkpoint_with_a_lower_lr(tmp_path, caplog, monkeypatch):
     clean, bad = tmp_path / "clean", tmp_path / "bad"
     pretrain_in_process(clean, "train.max_steps=8")
+    inject_nan(monkeypatch, 4, 5, 6)
     with caplog.at_level(logging.WARNING, logger="conmim.train.engine"):
-        pretrain_in_process(bad, "train.max_steps=8", "train.inject_nan_steps=[4,5,6]", "train.max_bad_steps=3",
-                            "train.nan_lr_factor=0.25")
+        pretrain_in_process(bad, "train.max_steps=8", "train.max_bad_steps=3", "train.nan_lr_factor=0.25")
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("NaN/Inf in 3 consecutive steps (4-6" in m and "step_00000003.pt" in m for m in warned), warned
     got, ref = records(bad), records(clean)
@@ -52,15 +59,15 @@ def test_consecutive_nan_steps_restore_the_last_good_checkpoint_with_a_lower_lr(
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("overrides, expect", [
-    (("train.nan_policy=stop",), "train.nan_policy=stop"),
-    (("train.nan_max_restores=0",), "train.nan_max_restores=0"),
-    (("train.inject_nan_steps=[1,2,3,4]",), "no checkpoint predates them"),
+@pytest.mark.parametrize("overrides, nan_steps, expect", [
+    (("train.nan_policy=stop",), (3, 4, 5, 6), "train.nan_policy=stop"),
+    (("train.nan_max_restores=0",), (3, 4, 5, 6), "train.nan_max_restores=0"),
+    ((), (1, 2, 3, 4), "no checkpoint predates them"),
 ])
-def test_persistent_nan_stops_with_a_clear_message(tmp_path, capsys, overrides, expect):
+def test_persistent_nan_stops_with_a_clear_message(tmp_path, capsys, monkeypatch, overrides, nan_steps, expect):
     run_dir = tmp_path / "run"
-    args = ["pretrain", *TINY, f"output_dir={run_dir}", "train.max_steps=10", "train.max_bad_steps=2",
-            "train.inject_nan_steps=[3,4,5,6]", *overrides]
+    inject_nan(monkeypatch, *nan_steps)
+    args = ["pretrain", *TINY, f"output_dir={run_dir}", "train.max_steps=10", "train.max_bad_steps=2", *overrides]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -49,6 +49,10 @@ from .step import compile_step, forward_backward, optimizer_step
 
 log = logging.getLogger(__name__)
 
+# Test hook (fault injection, not configuration): the steps logged as these numbers get NaN inputs,
+# until the first restore. The reliability tests set it with monkeypatch.
+INJECT_NAN_STEPS: frozenset[int] = frozenset()
+
 Monitor = Callable[[torch.nn.Module, torch.device, "torch.dtype | None"], dict[str, float]]
 
 
@@ -269,7 +273,7 @@ def pretrain(cfg: Config, make_monitor: Callable[[Config], Monitor | None] | Non
         step_sums = torch.zeros(4, device=device)
         for micro in range(t.accum_steps):
             weak, strong, mask = next(batches)
-            if step + 1 in t.inject_nan_steps and not guard.restores:  # fault injection (tests), cured by a restore
+            if step + 1 in INJECT_NAN_STEPS and not guard.restores:  # test hook, cured by a restore
                 weak, strong = weak * math.nan, strong * math.nan
             sync = contextlib.nullcontext() if (micro == t.accum_steps - 1 or not dist.enabled) else student.no_sync()
             with sync:
