@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
-from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 from ..config import Config
 from .pretrain import PretrainDataset, sample_generator
@@ -110,6 +109,40 @@ def _contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return _blend(x, _gray(x).floor_(), f)
+
+
+# torchvision's adjust_hue takes one factor for the whole batch, and its RGB <-> HSV helpers are
+# private: these two reproduce its arithmetic operation for operation (the CPU path's results, bit for bit).
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) RGB in [0, 1] -> HSV, hue in [0, 1); gray pixels get hue and saturation 0."""
+    r, g, _b = x.unbind(dim=-3)
+    minc, maxc = torch.aminmax(x, dim=-3)
+    gray = maxc == minc
+    span = maxc - minc
+    s = span / torch.where(gray, 1.0, maxc)
+    # distance of each channel below the maximum, in units of the span
+    rc, gc, bc = ((maxc.unsqueeze(-3) - x) / torch.where(gray, 1.0, span).unsqueeze(-3)).unbind(dim=-3)
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, (rc + 2.0) - bc, (gc + 4.0) - rc))
+    h = torch.where(gray, 0.0, h)
+    return torch.stack((torch.fmod(h * (1.0 / 6.0) + 1.0, 1.0), s, maxc), dim=-3)
+
+
+# HSV sector (0..5) -> which of (v, p, q, t) becomes R, G and B
+_HSV_SECTORS = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_rgb_to_hsv`, clamped to [0, 1]."""
+    h, s, v = x.unbind(dim=-3)
+    h6 = h * 6
+    sector = torch.floor(h6)
+    frac = h6 - sector
+    sf = s * frac
+    p = ((1.0 - s) * v).clamp(0.0, 1.0)
+    q = ((1.0 - sf) * v).clamp(0.0, 1.0)
+    t = ((sf + (1.0 - s)) * v).clamp(0.0, 1.0)
+    table = torch.tensor(_HSV_SECTORS, device=x.device)[:, sector.long().remainder(6)]  # (3, ..., H, W)
+    return torch.stack((v, p, q, t), dim=-3).gather(-3, table.movedim(0, -3))
 
 
 def _hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:

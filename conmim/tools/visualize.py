@@ -32,6 +32,16 @@ def _colormap(name: str = "inferno"):
     return matplotlib.colormaps[name]
 
 
+def _block_rel_pos_bias(attn: nn.Module) -> torch.Tensor:
+    """(1, heads, T, T) relative position bias of a BEiT block's own table (fine-tuned models).
+
+    timm has no public accessor for a block's own bias, so this is the same table lookup as its private one.
+    """
+    tokens = attn.relative_position_index.shape[0]  # patches + [CLS]
+    bias = attn.relative_position_bias_table[attn.relative_position_index.view(-1)].view(tokens, tokens, -1)
+    return bias.permute(2, 0, 1).unsqueeze(0)
+
+
 @torch.no_grad()
 def last_block_attention(encoder: nn.Module, images: torch.Tensor, run=None) -> torch.Tensor:
     """Attention probabilities of the last block, (B, heads, T, T), for a timm BEiT or ViT encoder.
@@ -63,7 +73,7 @@ def last_block_attention(encoder: nn.Module, images: torch.Tensor, run=None) -> 
     q, k = getattr(attn, "q_norm", nn.Identity())(q), getattr(attn, "k_norm", nn.Identity())(k)
     logits = (q * attn.scale) @ k.transpose(-2, -1)
     if getattr(attn, "relative_position_bias_table", None) is not None:
-        logits = logits + attn._get_rel_pos_bias()
+        logits = logits + _block_rel_pos_bias(attn)
     if captured["bias"] is not None:
         logits = logits + captured["bias"]
     return logits.softmax(-1)
