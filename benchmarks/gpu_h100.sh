@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Issue 4's GPU benchmark, prepared for one H100 (nvidia-h100-x1): ViT-S/16 and ViT-B/16 model steps at
-# 224 px, batch 128, bf16 + torch.compile, and ViT-S end to end from JPEG files with the device data
-# path and 16 workers; every configuration next to the plain eager fp32 step. Estimated 5 minutes; the
-# time limits (140 + 170 + 140 s, a fourth part only before 360 s) keep it under 8 minutes in all.
+# The GPU benchmark for one H100: ViT-S/16 and ViT-B/16 model steps at 224 px, batch 128, bf16 +
+# torch.compile, and ViT-S end to end from JPEG files with the device data path and 16 workers; every
+# configuration next to the plain eager fp32 step. About 5 minutes; the per-part time limits
+# (140 + 170 + 140 s, a fourth part only before 360 s) keep it under 8 minutes in all.
 #
-# The device machine has torch, torchvision, timm, tensorboard, tqdm but not omegaconf: carry it as
-# .pydeps (pure Python, see docs/benchmarks.md), i.e. run with carry [".pydeps"].
-# Results: $OUT/gpu_h100/*.jsonl (or benchmarks/results/gpu_h100/), logs beside them, a table last.
+# Run it from an environment with the project installed (pip install -e .): bash benchmarks/gpu_h100.sh
+# Results: benchmarks/results/gpu_h100/*.jsonl (or $OUT/gpu_h100/ when OUT is set), logs beside
+# them, a table last. See docs/benchmarks.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD:$PWD/.pydeps${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 RES=${OUT:-benchmarks/results}/gpu_h100
 mkdir -p "$RES"

@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
     _add_eval_command(sub, "knn", cmd_knn, "weighted k-NN accuracy of a pre-trained encoder (frozen)")
     _add_eval_command(sub, "linprobe", cmd_linprobe, "linear probe of a frozen pre-trained encoder")
-    _add_eval_command(sub, "finetune", cmd_finetune, "fine-tune a pre-trained encoder (paper recipe, spec 8)")
+    _add_eval_command(sub, "finetune", cmd_finetune,
+                      "fine-tune a pre-trained encoder (paper recipe, docs/method.md §11.1)")
     p = sub.add_parser("convert", help="convert an official ConMIM/BEiT checkpoint to timm-loadable safetensors")
     p.add_argument("source", help="the authors' .pth (pre-training or fine-tuned)")
     p.add_argument("--out", required=True, help="output .safetensors file (the .json goes beside it)")

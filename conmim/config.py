@@ -129,7 +129,7 @@ class EvalConfig:
 
 @dataclass
 class LinProbeConfig:
-    """Linear probe (ours; the paper reports none, spec §8.4): MAE's protocol scaled to the data."""
+    """Linear probe (ours; the paper reports none, docs/method.md §11.4): MAE's protocol scaled to the data."""
 
     block: int = -1  # which block's tokens (-1: the last; the final norm is applied to any block)
     pool: str = "mean"  # mean | cls, as eval.pool
@@ -145,7 +145,7 @@ class LinProbeConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Full fine-tuning, spec §8.1 (official ViT-B ImageNet recipe) unless a preset says otherwise."""
+    """Full fine-tuning, docs/method.md §11.1 (official ViT-B ImageNet recipe) unless a preset says otherwise."""
 
     img_size: int = 0  # 0: the pre-training resolution; another size resizes the position tables
     epochs: int = 100

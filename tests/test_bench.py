@@ -21,7 +21,7 @@ TINY = ["model.arch=vit_tiny", "model.depth=1", "model.img_size=32", "model.patc
 
 @pytest.mark.parametrize("arch, gflop", [("vit_small", 67), ("vit_base", 173), ("vit_large", 526)])
 def test_flops_per_image_match_the_spec_estimates(arch, gflop):
-    """conmim-spec.md §11: 4 x (backbone + projector forward) per 224 px image."""
+    """docs/method.md §12: 4 x (backbone + projector forward) per 224 px image."""
     assert flops_per_image(ModelConfig(arch=arch)) / 1e9 == pytest.approx(gflop, rel=0.01)
 
 

@@ -1,6 +1,6 @@
-"""Official ConMIM checkpoints: state dicts built from the layout of spec §2 (BEiT names, index
-buffers built from the spec's formula), converted, loaded strictly by timm, and checked against a
-forward pass written from the spec's block description."""
+"""Official ConMIM checkpoints: state dicts built from the layout of docs/method.md §2 (BEiT names, index
+buffers built from the formula of docs/method.md §2.3), converted, loaded strictly by timm, and checked against a
+forward pass written from the block description of docs/method.md §2.2."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ DIM, HEADS, DEPTH, PATCH, GRID = 64, 2, 2, 16, 14  # a narrow ViT at the officia
 
 
 def spec_index(g: int) -> torch.Tensor:
-    """Spec §2.3: (h_p - h_q + g - 1) * (2g - 1) + (w_p - w_q + g - 1); [CLS] rows/columns use the 3 extras."""
+    """docs/method.md §2.3: (h_p - h_q + g - 1) * (2g - 1) + (w_p - w_q + g - 1);
+    [CLS] rows/columns use the 3 extras."""
     h, w = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
     h, w, m = h.flatten(), w.flatten(), 2 * g - 1
     index = torch.empty(g * g + 1, g * g + 1, dtype=torch.long)
@@ -64,7 +65,7 @@ def official_state(fine_tuned: bool, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def spec_forward(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Spec §2.2-2.4 written out: pre-norm blocks, qkv bias (q, 0, v), relative bias, layer scale;
+    """docs/method.md §2.2-2.3 written out: pre-norm blocks, qkv bias (q, 0, v), relative bias, layer scale;
     tokens after the final norm (pre-training) or logits of mean-pool + fc_norm + head (fine-tuned)."""
     b, hd = x.shape[0], DIM // HEADS
     t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=PATCH).flatten(2).transpose(1, 2)

@@ -14,7 +14,7 @@ def tiny_model(**kw) -> ConMIM:
 
 
 def official_loss(student, teacher, mask, temperature):
-    """Spec §5.2 written the official way: select the masked rows, target = own position, mean CE."""
+    """docs/method.md §8 written the official way: select the masked rows, target = own position, mean CE."""
     s = F.normalize(student.float(), dim=-1)
     t = F.normalize(teacher.float(), dim=-1)
     logits = torch.einsum("bnd,bmd->bnm", s, t) / temperature
@@ -150,7 +150,7 @@ def test_vit_base_backbone_size_matches_spec():
     spec = timm_spec("vit_base", 224, 16)
     with torch.device("meta"):
         enc = timm.create_model(spec["model_name"], **spec["kwargs"])
-    assert abs(sum(p.numel() for p in enc.parameters()) / 1e6 - 85.7) < 0.3  # spec §2.1
+    assert abs(sum(p.numel() for p in enc.parameters()) / 1e6 - 85.7) < 0.3  # docs/method.md §2.1
 
 
 def test_schedules_hit_their_ends():

@@ -1,4 +1,4 @@
-"""Bad configuration (issue 5, item 3): errors before any work starts, naming field, value and what is allowed."""
+"""Bad configuration: errors before any work starts, naming field, value and what is allowed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad data (issue 5, item 2): a real image folder holding every kind of bad and odd file.
+"""Bad data: a real image folder holding every kind of bad and odd file.
 
 "Unreadable file": we run as root, for whom ``chmod 000`` changes nothing, so as root the file is a
 symlink to ``/proc/self/mem`` (opening works, reading offset 0 fails with EIO, for root too);

@@ -1,4 +1,4 @@
-"""Disk full (issue 5, item 7): a clear error, and no partial file ever becomes ``last.pt``.
+"""Disk full: a clear error, and no partial file ever becomes ``last.pt``.
 
 Two real write failures: a small tmpfs that fills up (ENOSPC; needs root or CAP_SYS_ADMIN to
 mount, else skipped), and ``RLIMIT_FSIZE`` on a CLI subprocess (EFBIG; works for any user).

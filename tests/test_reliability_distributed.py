@@ -1,4 +1,4 @@
-"""Distributed faults (issue 5, item 6) with real ``torchrun --nproc_per_node=2`` gloo runs on the CPU."""
+"""Distributed faults with real ``torchrun --nproc_per_node=2`` gloo runs on the CPU."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Safe loading (issue 5, item 5): a crafted pickle that would run code is refused without running it."""
+"""Safe loading: a crafted pickle that would run code is refused without running it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exact resume under kill -9 (issue 5, item 1): random steps, in the middle of a checkpoint write,
+"""Exact resume under kill -9: random steps, in the middle of a checkpoint write,
 with 0 and 2 data-loader workers; plus retention and corrupt-checkpoint fallback."""
 
 from __future__ import annotations

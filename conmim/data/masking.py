@@ -1,8 +1,8 @@
-"""Mask generators over any patch grid (spec §3). True = masked.
+"""Mask generators over any patch grid (docs/method.md §5). True = masked.
 
 Each generator draws from an explicit ``torch.Generator``, so the data pipeline can seed it per
 sample from (seed, epoch, index): masks then differ across workers and epochs (the official code's
-NumPy masks repeated in every worker and every epoch, spec §14.6) and are reproducible on resume.
+NumPy masks repeated in every worker and every epoch, docs/method.md §13) and are reproducible on resume.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def random_unit_mask(grid: tuple[int, int], ratio: float, unit: int,
 
 def block_mask(grid: tuple[int, int], ratio: float, min_patches: int = 16, aspect: float = 0.3,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """BEiT blockwise masking towards round(ratio * N) patches (spec §3.1); may end a little short."""
+    """BEiT blockwise masking towards round(ratio * N) patches (docs/method.md §5.2); may end a little short."""
     h, w = grid
     target = int(round(ratio * h * w))
     min_patches = min(min_patches, target)

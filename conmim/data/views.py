@@ -1,4 +1,4 @@
-"""Paired weak/strong views with one shared crop and flip (spec §4), CPU reference path.
+"""Paired weak/strong views with one shared crop and flip (docs/method.md §6), CPU reference path.
 
 Every random choice is drawn from an explicit ``torch.Generator`` into a :class:`ViewParams`
 record first, then applied. Sampling and applying are separate so a batched GPU path can reuse

@@ -1,4 +1,4 @@
-"""Full fine-tuning with the paper's recipe (spec §8.1), on CPU, one GPU or torchrun.
+"""Full fine-tuning with the paper's recipe (docs/method.md §11.1), on CPU, one GPU or torchrun.
 
 Layer-wise lr decay (timm's ``param_groups_layer_decay``), AdamW, per-step warm-up + cosine,
 drop path, timm's RandAugment / random erasing transform and Mixup/CutMix with label smoothing
@@ -51,7 +51,7 @@ def pretrained_of(encoder: nn.Module | str | Path, which: str = "teacher") -> tu
 
 def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float, decay_rel_pos: bool = True):
     """AdamW groups with ``lr_scale`` = layer_decay ** (L + 1 - layer id): id 0 = patch embed / cls
-    token / position, id i + 1 = block i, id L + 1 = fc_norm and head (spec §8.1). No weight decay on
+    token / position, id i + 1 = block i, id L + 1 = fc_norm and head (docs/method.md §11.1). No weight decay on
     1-D parameters, ``pos_embed`` and ``cls_token``; per-block relative position tables are decayed
     unless ``decay_rel_pos`` is off (the official code decays them)."""
     skip = ["pos_embed", "cls_token"] + ([] if decay_rel_pos else ["*relative_position_bias_table"])

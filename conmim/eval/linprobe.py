@@ -1,6 +1,6 @@
 """Linear probe: a BatchNorm without affine + a linear head on a frozen encoder (MAE's protocol).
 
-The paper reports no linear probe (spec §8.4); this is ours. The BatchNorm fixes the scale of
+The paper reports no linear probe (docs/method.md §11.4); this is ours. The BatchNorm fixes the scale of
 features that differ wildly between blocks and pretext tasks, so one learning rate fits all. With
 ``cache_features`` the encoder runs once over centre crops and the head trains on the cache (fast,
 no augmentation); without it every epoch sees fresh random crops through the frozen encoder.

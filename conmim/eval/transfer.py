@@ -1,4 +1,4 @@
-"""Pre-trained encoder weights -> a timm classifier ready for fine-tuning (spec §2.3, §2.5, §8.1).
+"""Pre-trained encoder weights -> a timm classifier ready for fine-tuning (docs/method.md §2.3, §3, §11.1).
 
 The fine-tuning model differs from the pre-training encoder in four ways, all handled here:
 mean-pooled patch tokens + a new ``fc_norm`` replace the [CLS] output and the final ``norm``; each
@@ -82,7 +82,7 @@ def transfer_weights(weights: dict[str, torch.Tensor], spec: dict[str, Any], mod
 
 @torch.no_grad()
 def init_head(head: nn.Linear, scale: float) -> None:
-    """Truncated normal (std 0.02) times ``scale`` (spec §2.5: 0.001), zero bias."""
+    """Truncated normal (std 0.02) times ``scale`` (docs/method.md §3: 0.001), zero bias."""
     nn.init.trunc_normal_(head.weight, std=0.02)
     nn.init.zeros_(head.bias)
     head.weight.mul_(scale)

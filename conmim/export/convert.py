@@ -1,7 +1,7 @@
 """Read the authors' released ConMIM checkpoints (BEiT-style state dicts) into our export layout.
 
 Pre-training files hold the encoder plus ``mask_token``, ``projectors.*``, the dead ``lm_head.*``
-and ``relative_position_index`` buffers (spec §2.3, §2.6, §2.7); fine-tuned files keep their
+and ``relative_position_index`` buffers (docs/method.md §2.4); fine-tuned files keep their
 weights under ``model``, with per-block relative position tables, ``fc_norm`` and a ``head``.
 BEiT's parameter names are timm's Beit names, so conversion drops what timm does not hold and
 infers the timm arguments from tensor shapes; the result loads with ``strict=True``.

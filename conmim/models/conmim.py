@@ -1,7 +1,7 @@
 """The ConMIM model: a masked timm encoder with a BN projector, its EMA teacher, and the loss.
 
-Spec references (``conmim-spec.md``): encoder §2.1-2.4, init §2.5, projector §2.6, loss §5,
-teacher §6. The student's ``encoder`` attribute is a plain timm model, so its state dict loads
+The method is described in ``docs/method.md``: encoder §2, init §3, projector §4, loss §8,
+teacher §9. The student's ``encoder`` attribute is a plain timm model, so its state dict loads
 into ``timm.create_model(**ConMIM.timm_spec())`` with ``strict=True``.
 """
 
@@ -42,7 +42,7 @@ def timm_spec(arch: str = "vit_small", img_size: int = 224, patch_size: int = 16
     )
     if encoder == "beit":
         # Official pre-training layout: one relative position bias shared by all blocks, no
-        # absolute position embedding (spec §2.3). The base name only picks the class.
+        # absolute position embedding (docs/method.md §2.3). The base name only picks the class.
         kwargs.update(use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
         return {"model_name": "beit_base_patch16_224", "kwargs": kwargs}
     if encoder == "vit":
@@ -51,7 +51,7 @@ def timm_spec(arch: str = "vit_small", img_size: int = 224, patch_size: int = 16
 
 
 def _official_init(module: nn.Module, trunc_1std: bool) -> None:
-    """Pre-training init of spec §2.5; ``trunc_1std`` keeps BEiT's cut at +-1 std (eff. std 0.0108)."""
+    """Pre-training init (docs/method.md §3); ``trunc_1std`` keeps BEiT's cut at +-1 std (eff. std 0.0108)."""
     bound = 0.02 if trunc_1std else 2.0
 
     def trunc(t: torch.Tensor) -> None:
@@ -80,7 +80,7 @@ def _rescale_blocks(encoder: nn.Module) -> None:
 
 
 def init_student(branch: nn.Module, trunc_1std: bool) -> None:
-    """Spec §2.5 for a freshly built student Branch: official init, mask token, block rescaling.
+    """docs/method.md §3 for a freshly built student Branch: official init, mask token, block rescaling.
 
     Shared by ConMIM and the pixel baseline so both start from the same initialisation.
     """
@@ -137,7 +137,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
 
 class Projector(nn.Sequential):
-    """MoCo-v3 style 3-layer MLP with BatchNorm, applied to every token (spec §2.6).
+    """MoCo-v3 style 3-layer MLP with BatchNorm, applied to every token (docs/method.md §4).
 
     BatchNorm statistics are per process by default (official); ``global_bn`` makes them span
     all processes.
@@ -199,7 +199,7 @@ class Branch(nn.Module):
 
 def denoising_contrastive_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
                                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Intra-image InfoNCE over masked positions (spec §5.2), in fp32 whatever the autocast.
+    """Intra-image InfoNCE over masked positions (docs/method.md §8), in fp32 whatever the autocast.
 
     Each masked student patch must pick the teacher patch at its own position among the N teacher
     patches of the same image. Returns (loss averaged over all masked tokens, retrieval accuracy).
@@ -243,7 +243,7 @@ class ConMIM(nn.Module):
         self.loss_fn = denoising_contrastive_loss  # replaced by its compiled form in the fast step
         self.student = Branch(timm_spec(**common, drop_path=drop_path), proj_hidden_dim, proj_out_dim, sync_bn)
         init_student(self.student, trunc_normal_1std)
-        # The teacher is built with its own drop-path rate (0 by default, spec §14.11), then made
+        # The teacher is built with its own drop-path rate (0 by default, docs/method.md §9), then made
         # an exact copy of the student; it never receives gradients.
         self.teacher = Branch(timm_spec(**common, drop_path=teacher_drop_path), proj_hidden_dim, proj_out_dim,
                               sync_bn)
@@ -288,7 +288,7 @@ class ConMIM(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float, apply: torch.Tensor | None = None, foreach: bool = True) -> None:
-        """teacher <- momentum * teacher + (1 - momentum) * student, for parameters only (spec §6).
+        """teacher <- momentum * teacher + (1 - momentum) * student, for parameters only (docs/method.md §9).
 
         ``apply`` (a 0-dim 0/1 tensor on the model's device) scales the update, so the engine can
         skip it after a non-finite step without reading the flag back to the host. ``foreach=False``

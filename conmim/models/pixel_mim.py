@@ -1,6 +1,6 @@
 """Pixel-regression MIM baseline (MAE / SimMIM style) inside the ConMIM framework.
 
-The issue's control for "is the denoising-contrast target better than a pixel target?": the same
+The control for "is the denoising-contrast target better than a pixel target?" (docs/method.md §14): the same
 encoder, masks, views, optimiser and budget as ConMIM, but the student's masked-token outputs go
 through one linear layer that regresses the per-patch normalised pixels (MAE's ``norm_pix_loss``)
 of the student's own input (the weak view). There is no teacher: ``teacher.encoder`` is the

@@ -1,4 +1,4 @@
-"""The small-scale study of issue 6: ConMIM vs. scratch, pixel MIM and the ablations of spec §10.3.
+"""The small-scale study: ConMIM vs. scratch, pixel MIM and the ablations of docs/method.md §14.
 
 One YAML file fixes the protocol: a ``study`` section (data subset sizes, seeds, the variants as
 dotted overrides of the base configuration, which evaluations run) and a ``base`` section (an

@@ -1,6 +1,6 @@
 """The pre-training loop: one loop for CPU, one GPU and torchrun (DDP), with exact resume.
 
-Order of one optimizer step (spec §7.3): set lr / wd, teacher forward, student forward, loss,
+Order of one optimizer step (docs/method.md §10.3): set lr / wd, teacher forward, student forward, loss,
 backward (accumulated), unscale + clip, AdamW step, EMA update of the teacher, then logging.
 The loss is only read back from the device at log intervals, never every step; a non-finite step
 is skipped on the device (see :mod:`conmim.train.guard`).

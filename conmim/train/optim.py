@@ -1,4 +1,4 @@
-"""AdamW parameter groups for pre-training (spec §7.2)."""
+"""AdamW parameter groups for pre-training (docs/method.md §10.2)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Per-step schedules (spec §7.1, §6): linear warm-up from 0 then half-cosine, and the teacher momentum.
+"""Per-step schedules (docs/method.md §10.1, §9): linear warm-up from 0 then half-cosine, and the teacher momentum.
 
 All schedules are functions of one global step count and one total, so their lengths can never
-disagree (the official code's lr and momentum schedules could differ by one epoch, spec §14.14).
+disagree (the official code's lr and momentum schedules could differ by one epoch, docs/method.md §13).
 """
 
 from __future__ import annotations
