@@ -14,6 +14,8 @@ from conmim.data.masking import MaskGenerator
 WORKER = Path(__file__).parent / "scripts" / "ddp_grads.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
+pytestmark = pytest.mark.slow  # multi-process: pytest -m "not slow" leaves these out
+
 
 def run_torchrun(args: list[str], timeout: int = 240) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

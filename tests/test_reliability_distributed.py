@@ -23,6 +23,8 @@ from reliability_utils import (
 
 STEPS = 10
 
+pytestmark = pytest.mark.slow  # multi-process: pytest -m "not slow" leaves these out
+
 
 def _workers(agent, timeout: float = 60) -> dict[int, int]:
     wait_for(lambda: len(worker_pids(agent)) == 2, agent, timeout)
