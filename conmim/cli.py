@@ -13,6 +13,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .config import BenchRunConfig, ConfigError, load_config, to_yaml
 from .data import DataError
+from .final_eval import eval_sources
 from .guard import NonFiniteError
 
 DEFAULT_PRESET = "fashion_mnist"
@@ -33,7 +34,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     import torch
 
     from .engine import pretrain, resolve_device, resolve_precision
-    from .knn import EvalTransform, knn_top1
+    from .final_eval import final_evaluation, summary_line
     from .model import ConMIM
 
     start = time.perf_counter()
@@ -43,19 +44,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         device = resolve_device(cfg.device)
         torch.manual_seed(cfg.train.seed)
         random_init = ConMIM.from_config(cfg.model).teacher.encoder.to(device)
-        e, amp_dtype = cfg.eval, resolve_precision(cfg.train.precision, device)
-        sources = _eval_sources(cfg, cfg.model.img_size)
-        transform = EvalTransform(cfg.model.img_size, cfg.data.mean, cfg.data.std)
-        results = {}
-        for name, encoder in (("conmim_teacher", summary["model"].teacher.encoder), ("random_init", random_init)):
-            results[name] = knn_top1(encoder, *sources, transform, e.knn_k, e.knn_t, e.pool, e.batch_size, device,
-                                     cfg.data.num_workers, amp_dtype)
-        report = {"pretrain_minutes": round(minutes, 2), "steps": summary["steps"],
-                  "knn_top1_conmim_teacher": round(results["conmim_teacher"], 2),
-                  "knn_top1_random_init": round(results["random_init"], 2), "knn_k": e.knn_k, "pool": e.pool}
-        (Path(cfg.output_dir) / "knn.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(f"k-NN top-1 on the test split (k={e.knn_k}, {e.pool} features): "
-              f"ConMIM teacher {results['conmim_teacher']:.2f}%  vs  random init {results['random_init']:.2f}%")
+        report = final_evaluation(cfg, summary["model"].teacher.encoder, random_init, summary["steps"], minutes,
+                                  device, resolve_precision(cfg.train.precision, device))
+        if report:
+            print(summary_line(report))
     return 0
 
 
@@ -100,16 +92,6 @@ def _eval_config(args: argparse.Namespace):
     return load_config(config, args.overrides, default_preset=DEFAULT_PRESET)
 
 
-def _eval_sources(cfg, img_size: int):
-    """The labelled (train, test) sources of knn / linprobe / finetune, cut to eval.train_limit / test_limit."""
-    from .data import build_source
-    from .knn import limit_source
-
-    e, seed = cfg.eval, cfg.train.seed
-    return (limit_source(build_source(cfg.data, img_size, cfg.data.split), e.train_limit, seed),
-            limit_source(build_source(cfg.data, img_size, cfg.data.eval_split), e.test_limit, seed))
-
-
 def _report(cfg, name: str, result: dict) -> None:
     out = Path(cfg.output_dir) / name
     out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +109,7 @@ def cmd_knn(args: argparse.Namespace, cfg) -> int:
     e, d, device = cfg.eval, cfg.data, resolve_device(cfg.device)
     encoder = load_encoder(args.source, e.which).to(device)
     size = img_size_of(encoder)
-    train, test = _eval_sources(cfg, size)
+    train, test = eval_sources(cfg, size)
     top1 = knn_top1(encoder, train, test, EvalTransform(size, d.mean, d.std), e.knn_k, e.knn_t, e.pool, e.batch_size,
                     device, d.num_workers, resolve_precision(cfg.train.precision, device))
     _report(cfg, "knn", {"top1": top1, "k": e.knn_k, "temperature": e.knn_t, "pool": e.pool, "which": e.which,
@@ -143,7 +125,7 @@ def cmd_linprobe(args: argparse.Namespace, cfg) -> int:
 
     device = resolve_device(cfg.device)
     encoder = load_encoder(args.source, cfg.eval.which)
-    train, test = _eval_sources(cfg, img_size_of(encoder))
+    train, test = eval_sources(cfg, img_size_of(encoder))
     result = linear_probe(encoder, train, test, cfg, device, Path(cfg.output_dir) / "linprobe")
     _report(cfg, "linprobe", {**result, "source": str(args.source)})
     return 0
@@ -152,7 +134,7 @@ def cmd_linprobe(args: argparse.Namespace, cfg) -> int:
 def cmd_finetune(args: argparse.Namespace, cfg) -> int:
     from .finetune import finetune
 
-    train, test = _eval_sources(cfg, cfg.finetune.img_size or cfg.model.img_size)
+    train, test = eval_sources(cfg, cfg.finetune.img_size or cfg.model.img_size)
     result = finetune(args.source, train, test, cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
