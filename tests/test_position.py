@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 from timm.layers import build_sincos2d_pos_embed
 
-from conmim.export import spec_of, write_encoder
 from conmim.config import load_config
+from conmim.export import spec_of, write_encoder
 from conmim.model import ConMIM, locality_slopes
 from conmim.optim import param_groups
 from conmim.transfer import build_classifier

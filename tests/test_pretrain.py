@@ -45,7 +45,8 @@ def test_pretrain_fashion_mnist_cli_writes_a_complete_run(tmp_path, tiny_overrid
     out = tmp_path / "fm"
     proc = cli("pretrain", *tiny_overrides, "model.img_size=32", f"data.path={fashion_mnist_dir}",
                "train.max_steps=4", f"output_dir={out}", "eval.final_knn=true", "eval.final_min_steps=0",
-               "eval.train_limit=300", "eval.test_limit=100", "linprobe.epochs=5", "eval.monitor_every=3", "eval.monitor_bank=200", "eval.monitor_queries=100")
+               "eval.train_limit=300", "eval.test_limit=100", "linprobe.epochs=5",
+               "eval.monitor_every=3", "eval.monitor_bank=200", "eval.monitor_queries=100")
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in lines if "loss" in r]
