@@ -22,7 +22,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
 NAN_POLICIES = ("restore", "stop")
 ENCODERS = ("beit", "vit")
-POS_EMBEDS = ("none", "sincos", "sincos_fixed")
+POS_EMBEDS = ("none", "mask_sincos", "sincos", "sincos_fixed")
 REL_POS_INITS = ("zero", "locality")
 OBJECTIVES = ("conmim", "pixel")
 MASK_TYPES = ("random_unit", "block", "random")
@@ -38,8 +38,9 @@ class ModelConfig:
     objective: str = "conmim"  # conmim: denoising contrast; pixel: MAE/SimMIM-style baseline (conmim.pixel_mim)
     arch: str = "vit_small"
     encoder: str = "beit"  # beit: shared relative position bias (official); vit: absolute position embedding
-    # beit only: none (official: no absolute position embedding) | sincos (2-D sin-cos init, learned) |
-    # sincos_fixed (2-D sin-cos, frozen during pre-training); docs/results.md compares them
+    # beit only: none (official: no absolute position embedding) | mask_sincos (fixed 2-D sin-cos added to
+    # the student's mask tokens only; the encoder keeps the official layout) | sincos (encoder embedding,
+    # 2-D sin-cos init, learned) | sincos_fixed (the same, frozen); docs/results.md compares them
     pos_embed: str = "none"
     rel_pos_init: str = "zero"  # beit only: zero (official) | locality (bias -slope * distance per head)
     img_size: int = 224

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from timm.layers import build_sincos2d_pos_embed
 from torch import nn
 
+# pos_embed choices that give a BEiT encoder timm's absolute position embedding (the others have none)
+ENCODER_POS_EMBEDS = ("sincos", "sincos_fixed")
+
 # name -> (embed_dim, depth, num_heads)
 ARCH_DIMS: dict[str, tuple[int, int, int]] = {
     "vit_tiny": (192, 12, 3),
@@ -31,8 +34,8 @@ def timm_spec(arch: str = "vit_small", img_size: int = 224, patch_size: int = 16
               init_values: float = 0.1, drop_path: float = 0.0, pos_embed: str = "none") -> dict[str, Any]:
     """The ``timm.create_model`` name and keyword arguments of an encoder, headless.
 
-    ``depth=0`` keeps the preset's depth; ``pos_embed`` other than ``none`` gives a BEiT encoder
-    timm's absolute position embedding (how it is initialised is :func:`init_position`'s job).
+    ``depth=0`` keeps the preset's depth; ``pos_embed`` ``sincos`` or ``sincos_fixed`` gives a BEiT
+    encoder timm's absolute position embedding (how it is initialised is :func:`init_position`'s job).
     The result is what ``conmim export`` writes as JSON.
     """
     if arch not in ARCH_DIMS:
@@ -46,7 +49,8 @@ def timm_spec(arch: str = "vit_small", img_size: int = 224, patch_size: int = 16
     if encoder == "beit":
         # Official pre-training layout: one relative position bias shared by all blocks, no
         # absolute position embedding (spec §2.3). The base name only picks the class.
-        kwargs.update(use_abs_pos_emb=pos_embed != "none", use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
+        kwargs.update(use_abs_pos_emb=pos_embed in ENCODER_POS_EMBEDS, use_rel_pos_bias=False,
+                      use_shared_rel_pos_bias=True)
         return {"model_name": "beit_base_patch16_224", "kwargs": kwargs}
     if encoder == "vit":
         return {"model_name": f"{arch}_patch16_224", "kwargs": kwargs}
@@ -107,12 +111,13 @@ def init_position(encoder: nn.Module, pos_embed: str = "none", rel_pos_init: str
     """Position parameters of a BEiT encoder at step 0 (docs/results.md compares the choices).
 
     ``pos_embed``: ``sincos`` fills the absolute embedding with MAE's fixed 2-D sin-cos pattern
-    ([CLS] entry zero), ``sincos_fixed`` also freezes it; ``none`` (official) has no embedding.
+    ([CLS] entry zero), ``sincos_fixed`` also freezes it; ``none`` (official) and ``mask_sincos``
+    (the pattern on the student's mask tokens only, see :class:`Branch`) have no embedding.
     ``rel_pos_init``: ``locality`` gives the shared relative table a distance penalty per head
     (:func:`locality_table`); ``zero`` is the official start.
     """
     grid = tuple(encoder.patch_embed.grid_size)
-    if pos_embed != "none":
+    if pos_embed in ENCODER_POS_EMBEDS:
         table = build_sincos2d_pos_embed(list(grid), encoder.embed_dim)
         encoder.pos_embed.zero_()
         encoder.pos_embed[0, 1:].copy_(table)
@@ -203,14 +208,22 @@ class Projector(nn.Sequential):
 
 
 class Branch(nn.Module):
-    """One side of ConMIM: timm encoder + mask token + projector. The teacher is a second Branch."""
+    """One side of ConMIM: timm encoder + mask token + projector. The teacher is a second Branch.
 
-    def __init__(self, spec: dict[str, Any], proj_hidden_dim: int, proj_out_dim: int, global_bn: bool = False):
+    ``mask_pos=True`` adds the fixed 2-D sin-cos pattern of each masked position to the mask token
+    that replaces it, so masked tokens differ from the first step while the encoder itself, and so
+    the teacher's targets and any export, keep the official layout without absolute positions.
+    """
+
+    def __init__(self, spec: dict[str, Any], proj_hidden_dim: int, proj_out_dim: int, global_bn: bool = False,
+                 mask_pos: bool = False):
         super().__init__()
         self.encoder = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
         self.is_beit = spec["model_name"].startswith("beit")
         dim = self.encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        pattern = build_sincos2d_pos_embed(list(self.grid_size), dim)[None] if mask_pos else None
+        self.register_buffer("mask_pos", pattern, persistent=False)  # deterministic: not in checkpoints
         self.projector = Projector(dim, proj_hidden_dim, proj_out_dim, global_bn)
 
     @property
@@ -223,7 +236,8 @@ class Branch(nn.Module):
         x = enc.patch_embed(images)
         if mask is not None:
             w = mask.unsqueeze(-1).to(x.dtype)
-            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+            token = self.mask_token if self.mask_pos is None else self.mask_token + self.mask_pos
+            x = x * (1 - w) + token.to(x.dtype) * w
         if self.is_beit:
             x = torch.cat((enc.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
             if enc.pos_embed is not None:
@@ -288,12 +302,14 @@ class ConMIM(nn.Module):
         self.temperature = temperature
         self.teacher_bn_eval = teacher_bn_eval
         self.loss_fn = denoising_contrastive_loss  # replaced by its compiled form in the fast step
-        self.student = Branch(timm_spec(**common, drop_path=drop_path), proj_hidden_dim, proj_out_dim, sync_bn)
+        mask_pos = pos_embed == "mask_sincos"
+        self.student = Branch(timm_spec(**common, drop_path=drop_path), proj_hidden_dim, proj_out_dim, sync_bn,
+                              mask_pos)
         init_student(self.student, trunc_normal_1std, pos_embed, rel_pos_init)
         # The teacher is built with its own drop-path rate (0 by default, spec §14.11), then made
         # an exact copy of the student; it never receives gradients.
         self.teacher = Branch(timm_spec(**common, drop_path=teacher_drop_path), proj_hidden_dim, proj_out_dim,
-                              sync_bn)
+                              sync_bn, mask_pos)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.train()

@@ -73,7 +73,7 @@ class PixelMIM(nn.Module):
                       in_chans=in_chans, depth=depth, init_values=init_values, pos_embed=pos_embed)
         self.spec = timm_spec(**common, drop_path=0.0)
         self.patch_size = patch_size
-        self.student = Branch(timm_spec(**common, drop_path=drop_path), 1, 1)
+        self.student = Branch(timm_spec(**common, drop_path=drop_path), 1, 1, mask_pos=pos_embed == "mask_sincos")
         self.student.projector = nn.Linear(self.student.encoder.embed_dim, patch_size * patch_size * in_chans)
         init_student(self.student, trunc_normal_1std, pos_embed, rel_pos_init)
         self.teacher = EncoderAlias(self.student.encoder)

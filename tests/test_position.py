@@ -84,5 +84,18 @@ def test_position_options_are_beit_only():
 
     with pytest.raises(ConfigError, match="model.pos_embed/rel_pos_init"):
         load_config(None, ["model.encoder=vit", "model.rel_pos_init=locality"])
-    with pytest.raises(ConfigError, match="model.pos_embed='learned' is not allowed: one of none, sincos"):
+    with pytest.raises(ConfigError, match="model.pos_embed='learned' is not allowed: one of none, mask_sincos, sincos"):
         load_config(None, ["model.pos_embed=learned"])
+
+
+def test_mask_sincos_marks_masked_tokens_by_position_and_leaves_the_encoder_official():
+    model = ConMIM(**SMALL, pos_embed="mask_sincos")
+    student = model.student
+    assert student.encoder.pos_embed is None  # exports keep the official layout
+    assert "mask_pos" not in student.state_dict()  # fixed pattern, rebuilt on construction
+    torch.testing.assert_close(student.mask_pos[0], build_sincos2d_pos_embed([8, 8], 192))
+    images, mask = torch.zeros(1, 3, 32, 32), torch.ones(1, 64, dtype=torch.bool)
+    tokens = student.eval().features(images, mask)[0, 1:]  # every patch masked, identical pixels
+    assert torch.cdist(tokens, tokens).fill_diagonal_(1.0).min() > 1e-3  # ... yet all 64 outputs differ
+    plain = ConMIM(**SMALL).student.eval().features(images, mask)[0, 1:]
+    assert torch.cdist(plain, plain).max() < 1e-4  # the official start: all masked outputs identical
