@@ -30,17 +30,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from .eval.knn import KnnMonitor, final_knn
+    from .eval.final import evaluate_after_pretrain, summary_line
+    from .eval.knn import KnnMonitor
     from .train.engine import pretrain
 
     start = time.perf_counter()
     summary = pretrain(cfg, make_monitor=KnnMonitor.from_config)
     minutes = (time.perf_counter() - start) / 60
     if cfg.eval.final_knn and summary["is_main"]:
-        report = final_knn(cfg, summary["model"].teacher.encoder, summary["steps"], minutes)
-        print(f"k-NN top-1 on the test split (k={report['knn_k']}, {report['pool']} features): "
-              f"ConMIM teacher {report['knn_top1_conmim_teacher']:.2f}%  vs  "
-              f"random init {report['knn_top1_random_init']:.2f}%")
+        report = evaluate_after_pretrain(cfg, summary["model"], summary["steps"], minutes)
+        if report:
+            print(summary_line(report))
     return 0
 
 

@@ -22,6 +22,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
 NAN_POLICIES = ("restore", "stop")
 ENCODERS = ("beit", "vit")
+POS_EMBEDS = ("none", "mask_sincos", "sincos", "sincos_fixed")
+REL_POS_INITS = ("zero", "locality")
 OBJECTIVES = ("conmim", "pixel")
 MASK_TYPES = ("random_unit", "block", "random")
 SOURCES = ("fashion_mnist", "folder", "list", "synthetic")
@@ -36,6 +38,11 @@ class ModelConfig:
     objective: str = "conmim"  # conmim: denoising contrast; pixel: MAE/SimMIM-style baseline (conmim.models.pixel_mim)
     arch: str = "vit_small"
     encoder: str = "beit"  # beit: shared relative position bias (official); vit: absolute position embedding
+    # beit only: none (official: no absolute position embedding) | mask_sincos (fixed 2-D sin-cos added to
+    # the student's mask tokens only; the encoder keeps the official layout) | sincos (encoder embedding,
+    # 2-D sin-cos init, learned) | sincos_fixed (the same, frozen); docs/results.md compares them
+    pos_embed: str = "none"
+    rel_pos_init: str = "zero"  # beit only: zero (official) | locality (bias -slope * distance per head)
     img_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
@@ -121,7 +128,8 @@ class EvalConfig:
     train_limit: int = 0  # knn / linprobe / finetune: images of data.split used, drawn with train.seed (0: all)
     test_limit: int = 0  # ... and of data.eval_split (0: all)
     which: str = "teacher"  # encoder of a conmim checkpoint for knn / linprobe / finetune (the authors': teacher)
-    final_knn: bool = False  # after pre-training, k-NN of teacher vs random init (built-in default)
+    final_knn: bool = False  # after pre-training, k-NN and linear probe of teacher vs random init (built-in default)
+    final_min_steps: int = 100  # ... skipped (with a log line) for runs shorter than this
     monitor_every: int = 0  # pre-training steps between k-NN checks of the teacher (0: off)
     monitor_bank: int = 2000  # labelled pre-training images as the monitor's memory bank
     monitor_queries: int = 1000  # other labelled pre-training images as its queries
@@ -282,6 +290,12 @@ def validate(cfg: Config) -> None:
     _require(m.arch in ARCHS, "model.arch", m.arch, f"one of {', '.join(ARCHS)}")
     _require(m.objective in OBJECTIVES, "model.objective", m.objective, f"one of {', '.join(OBJECTIVES)}")
     _require(m.encoder in ENCODERS, "model.encoder", m.encoder, f"one of {', '.join(ENCODERS)}")
+    _require(m.pos_embed in POS_EMBEDS, "model.pos_embed", m.pos_embed, f"one of {', '.join(POS_EMBEDS)}")
+    _require(m.rel_pos_init in REL_POS_INITS, "model.rel_pos_init", m.rel_pos_init,
+             f"one of {', '.join(REL_POS_INITS)}")
+    _require(m.encoder == "beit" or (m.pos_embed, m.rel_pos_init) == ("none", "zero"),
+             "model.pos_embed/rel_pos_init", (m.pos_embed, m.rel_pos_init),
+             "none/zero with model.encoder=vit (its absolute position embedding is timm's own)")
     _require(m.depth >= 0, "model.depth", m.depth, "0 (the arch's depth) or a positive integer")
     _require(m.patch_size > 0, "model.patch_size", m.patch_size, "a positive integer")
     _require(m.img_size > 0 and m.img_size % m.patch_size == 0, "model.img_size", m.img_size,

@@ -41,6 +41,20 @@ def fashion_mnist_dir() -> str:
 
 
 @pytest.fixture
+def unlabelled_folder(tmp_path) -> Path:
+    """Twenty real JPEG files straight in one folder: images without labels or splits."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / f"img_{i:02d}.jpg")
+    return folder
+
+
+@pytest.fixture
 def tiny_overrides(tmp_path) -> list[str]:
     return TINY + [f"output_dir={tmp_path / 'run'}"]
 

@@ -36,9 +36,11 @@ def test_pretrain_then_knn_on_an_imagenet_style_folder(tmp_path, tiny_overrides,
     root = imagenet_layout(tmp_path / "imagenet", {"train": 8, "val": 3})
     run = tmp_path / "run"  # tiny_overrides: output_dir
     data = ["data.source=folder", f"data.path={root}", "data.split=train", "data.eval_split=val"]
-    assert main(["pretrain", *tiny_overrides, *data, "train.max_steps=2", "eval.final_knn=true"]) == 0
-    final = json.loads((run / "knn.json").read_text())  # the k-NN after pre-training: train/ bank, val/ queries
-    assert final["steps"] == 2 and 0 <= final["knn_top1_conmim_teacher"] <= 100
+    assert main(["pretrain", *tiny_overrides, *data, "train.max_steps=2", "eval.final_knn=true",
+                 "eval.final_min_steps=0", "linprobe.epochs=2"]) == 0
+    final = json.loads((run / "final_eval.json").read_text())  # after pre-training: train/ and val/ found
+    assert final["steps"] == 2 and (final["train_images"], final["test_images"]) == (16, 6)
+    assert 0 <= final["knn_top1_teacher"] <= 100
     capsys.readouterr()
 
     # the run's config.yaml carries the data root: knn finds train/ and val/ without any override

@@ -133,30 +133,3 @@ class KnnMonitor:
                  amp_dtype: torch.dtype | str | None = "auto") -> dict[str, float]:
         return {"knn_top1": knn_top1(encoder, self.bank, self.queries, self.transform, self.k, self.temperature,
                                      self.pool, self.batch_size, device, amp_dtype=amp_dtype)}
-
-
-def final_knn(cfg, teacher_encoder: nn.Module, steps: int, minutes: float) -> dict:
-    """The k-NN after pre-training: the trained teacher beside a randomly initialised encoder, both on
-    the evaluation splits; writes ``knn.json`` into the run directory and returns its contents."""
-    import json
-    from pathlib import Path
-
-    from ..models.conmim import ConMIM
-    from ..runtime.device import resolve_device, resolve_precision
-    from .common import eval_sources
-
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.train.seed)
-    random_init = ConMIM.from_config(cfg.model).teacher.encoder.to(device)
-    e, amp_dtype = cfg.eval, resolve_precision(cfg.train.precision, device)
-    sources = eval_sources(cfg, cfg.model.img_size)
-    transform = EvalTransform(cfg.model.img_size, cfg.data.mean, cfg.data.std)
-    results = {}
-    for name, encoder in (("conmim_teacher", teacher_encoder), ("random_init", random_init)):
-        results[name] = knn_top1(encoder, *sources, transform, e.knn_k, e.knn_t, e.pool, e.batch_size, device,
-                                 cfg.data.num_workers, amp_dtype)
-    report = {"pretrain_minutes": round(minutes, 2), "steps": steps,
-              "knn_top1_conmim_teacher": round(results["conmim_teacher"], 2),
-              "knn_top1_random_init": round(results["random_init"], 2), "knn_k": e.knn_k, "pool": e.pool}
-    (Path(cfg.output_dir) / "knn.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report

@@ -75,7 +75,6 @@ def linear_probe(encoder: nn.Module | str | Path, train_source, test_source, cfg
     test = LabeledDataset(test_source, EvalTransform(size, d.mean, d.std))
     test_x, test_y = extract_features(encoder, test, cfg.eval.batch_size, p.pool, device, d.num_workers,
                                       "probe test features", p.block, amp_dtype)
-    head = probe_head(test_x.shape[1], classes).to(device)
     if p.cache_features:
         train_x, train_y = extract_features(encoder, LabeledDataset(train_source, EvalTransform(size, d.mean, d.std)),
                                             cfg.eval.batch_size, p.pool, device, d.num_workers,
@@ -86,13 +85,29 @@ def linear_probe(encoder: nn.Module | str | Path, train_source, test_source, cfg
         train = LabeledDataset(train_source, probe_transform(size, d.mean, d.std, d.crop_scale_min))
         batches = partial(_encoded_batches, encoder, train, p, device, d.num_workers, amp_dtype)
         steps_per_epoch = math.ceil(len(train) / p.batch_size)
+    log = _Log(out_dir)
+    top1, top5, lr = fit_head(batches, steps_per_epoch, test_x, test_y, classes, p, device, cfg.train.seed, log)
+    encoder.train(was_training)
+    result = {"top1": top1, "top5": top5, "epochs": p.epochs, "block": p.block, "pool": p.pool,
+              "optimizer": p.optimizer, "lr": lr, "cache_features": p.cache_features, "feature_dim": test_x.shape[1],
+              "train_images": len(train_source), "test_images": len(test_source), "num_classes": classes,
+              "seconds": round(time.perf_counter() - start, 1)}
+    log.finish(result)
+    return result
+
+
+def fit_head(batches, steps_per_epoch: int, test_x: torch.Tensor, test_y: torch.Tensor, classes: int, p,
+             device: torch.device, seed: int = 0, log: _Log | None = None) -> tuple[float, float, float]:
+    """Train :func:`probe_head` with ``cfg.linprobe``'s optimizer and schedule on the feature batches
+    that ``batches(generator)`` yields each epoch; (top-1 %, top-5 %, peak lr) on the test features."""
+    torch.manual_seed(seed)
+    head = probe_head(test_x.shape[1], classes).to(device)
     lr = p.base_lr * p.batch_size / 256
     opt_cls = Lars if p.optimizer == "lars" else torch.optim.SGD
     optimizer = opt_cls(head.parameters(), lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
     total, warmup = p.epochs * steps_per_epoch, int(round(p.warmup_epochs * steps_per_epoch))
-    log = _Log(out_dir)
-    step, gen = 0, torch.Generator().manual_seed(cfg.train.seed)
-    for epoch in tqdm(range(p.epochs), desc="linear probe", dynamic_ncols=True):
+    step, gen = 0, torch.Generator().manual_seed(seed)
+    for epoch in tqdm(range(p.epochs), desc="linear probe", dynamic_ncols=True, leave=False):
         head.train()
         loss_sum, seen = 0.0, 0
         for x, y in batches(gen):
@@ -103,18 +118,21 @@ def linear_probe(encoder: nn.Module | str | Path, train_source, test_source, cfg
             loss.backward()
             optimizer.step()
             loss_sum, seen, step = loss_sum + loss.item() * len(y), seen + len(y), step + 1
-        log.write({"step": step, "epoch": epoch + 1, "train_loss": loss_sum / seen,
-                   "lr": optimizer.param_groups[0]["lr"]})
+        if log:
+            log.write({"step": step, "epoch": epoch + 1, "train_loss": loss_sum / seen,
+                       "lr": optimizer.param_groups[0]["lr"]})
     head.eval()
-    encoder.train(was_training)
     with torch.no_grad():
         top1, top5 = accuracy(head(test_x.to(device)), test_y.to(device), topk=(1, min(5, classes)))
-    result = {"top1": top1.item(), "top5": top5.item(), "epochs": p.epochs, "block": p.block, "pool": p.pool,
-              "optimizer": p.optimizer, "lr": lr, "cache_features": p.cache_features, "feature_dim": test_x.shape[1],
-              "train_images": len(train_source), "test_images": len(test_source), "num_classes": classes,
-              "seconds": round(time.perf_counter() - start, 1)}
-    log.finish(result)
-    return result
+    return top1.item(), top5.item(), lr
+
+
+def probe_cached(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 classes: int, p, device: str | torch.device = "cpu", seed: int = 0) -> float:
+    """Linear-probe top-1 (%) on features extracted already (the final summary of pre-training)."""
+    batches = partial(_cached_batches, train_x, train_y, p.batch_size)
+    return fit_head(batches, math.ceil(len(train_x) / p.batch_size), test_x, test_y, classes, p,
+                    torch.device(device), seed)[0]
 
 
 def _cached_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, gen: torch.Generator):

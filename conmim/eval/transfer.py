@@ -40,9 +40,15 @@ def resize_rel_pos_table(table: torch.Tensor, old_grid: tuple[int, int], new_gri
                                      old_window_size=tuple(old_grid))
 
 
-def classifier_spec(spec: dict[str, Any], num_classes: int, img_size: int = 0, drop_path: float = 0.1) -> dict:
-    """The timm spec of the fine-tuning model: mean pooling + fc_norm, per-block tables, a head."""
+def classifier_spec(spec: dict[str, Any], num_classes: int, img_size: int = 0, drop_path: float = 0.1,
+                    fc_norm: bool = True) -> dict:
+    """The timm spec of the fine-tuning model: mean pooling, per-block tables, a head.
+
+    ``fc_norm=True`` (official) drops the final norm and normalises the mean token with a new
+    ``fc_norm``; ``False`` keeps the pre-trained final norm on every token before the mean.
+    """
     kwargs = dict(spec["kwargs"], num_classes=num_classes, global_pool="avg", drop_path_rate=drop_path)
+    kwargs["use_fc_norm" if spec["model_name"].startswith("beit") else "fc_norm"] = fc_norm
     if img_size:
         kwargs["img_size"] = img_size
     if spec["model_name"].startswith("beit"):
@@ -89,9 +95,10 @@ def init_head(head: nn.Linear, scale: float) -> None:
 
 
 def build_classifier(weights: dict[str, torch.Tensor], spec: dict[str, Any], num_classes: int, img_size: int = 0,
-                     drop_path: float = 0.1, head_init_scale: float = 0.001) -> tuple[nn.Module, dict]:
+                     drop_path: float = 0.1, head_init_scale: float = 0.001, fc_norm: bool = True
+                     ) -> tuple[nn.Module, dict]:
     """(timm classifier with the pre-trained weights, its spec); only the head and fc_norm may be new."""
-    target = classifier_spec(spec, num_classes, img_size, drop_path)
+    target = classifier_spec(spec, num_classes, img_size, drop_path, fc_norm)
     model = timm.create_model(target["model_name"], pretrained=False, **target["kwargs"])
     missing, unexpected = model.load_state_dict(transfer_weights(weights, spec, model), strict=False)
     new = [k for k in missing if not k.startswith(HEAD_PREFIXES)]

@@ -42,7 +42,7 @@ def config_of(state: dict) -> Config:
 def spec_of(cfg: Config) -> dict[str, Any]:
     m = cfg.model
     return timm_spec(m.arch, m.img_size, m.patch_size, encoder=m.encoder, in_chans=m.in_chans, depth=m.depth,
-                     init_values=m.init_values)
+                     init_values=m.init_values, pos_embed=m.pos_embed)
 
 
 def encoder_state(state: dict, which: str = "teacher") -> dict[str, torch.Tensor]:

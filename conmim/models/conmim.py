@@ -14,7 +14,11 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.layers import build_sincos2d_pos_embed
 from torch import nn
+
+# pos_embed choices that give a BEiT encoder timm's absolute position embedding (the others have none)
+ENCODER_POS_EMBEDS = ("sincos", "sincos_fixed")
 
 # name -> (embed_dim, depth, num_heads)
 ARCH_DIMS: dict[str, tuple[int, int, int]] = {
@@ -27,10 +31,12 @@ ARCH_DIMS: dict[str, tuple[int, int, int]] = {
 
 def timm_spec(arch: str = "vit_small", img_size: int = 224, patch_size: int = 16, *,
               encoder: str = "beit", in_chans: int = 3, depth: int = 0,
-              init_values: float = 0.1, drop_path: float = 0.0) -> dict[str, Any]:
+              init_values: float = 0.1, drop_path: float = 0.0, pos_embed: str = "none") -> dict[str, Any]:
     """The ``timm.create_model`` name and keyword arguments of an encoder, headless.
 
-    ``depth=0`` keeps the preset's depth. The result is what ``conmim export`` writes as JSON.
+    ``depth=0`` keeps the preset's depth; ``pos_embed`` ``sincos`` or ``sincos_fixed`` gives a BEiT
+    encoder timm's absolute position embedding (how it is initialised is :func:`init_position`'s job).
+    The result is what ``conmim export`` writes as JSON.
     """
     if arch not in ARCH_DIMS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCH_DIMS)}")
@@ -43,7 +49,8 @@ def timm_spec(arch: str = "vit_small", img_size: int = 224, patch_size: int = 16
     if encoder == "beit":
         # Official pre-training layout: one relative position bias shared by all blocks, no
         # absolute position embedding (docs/method.md §2.3). The base name only picks the class.
-        kwargs.update(use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
+        kwargs.update(use_abs_pos_emb=pos_embed in ENCODER_POS_EMBEDS, use_rel_pos_bias=False,
+                      use_shared_rel_pos_bias=True)
         return {"model_name": "beit_base_patch16_224", "kwargs": kwargs}
     if encoder == "vit":
         return {"model_name": f"{arch}_patch16_224", "kwargs": kwargs}
@@ -79,8 +86,50 @@ def _rescale_blocks(encoder: nn.Module) -> None:
             blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
 
-def init_student(branch: nn.Module, trunc_1std: bool) -> None:
-    """docs/method.md §3 for a freshly built student Branch: official init, mask token, block rescaling.
+def locality_slopes(num_heads: int) -> torch.Tensor:
+    """Per-head distance penalties of the locality prior: 1 for the first head, halving per head
+    down to 1/16 for the last, so some heads look at direct neighbours and others further out."""
+    if num_heads == 1:
+        return torch.ones(1)
+    return torch.pow(2.0, -4.0 * torch.arange(num_heads) / (num_heads - 1))
+
+
+def locality_table(grid: tuple[int, int], num_heads: int) -> torch.Tensor:
+    """A BEiT relative position table (``(2H-1)(2W-1) + 3`` rows, one column per head) holding
+    ``-slope_h * distance`` between patches; the three [CLS] rows stay zero."""
+    h, w = grid
+    dh = torch.arange(2 * h - 1).repeat_interleave(2 * w - 1) - (h - 1)
+    dw = torch.arange(2 * w - 1).repeat(2 * h - 1) - (w - 1)
+    distance = torch.sqrt((dh * dh + dw * dw).float())
+    table = torch.zeros(distance.numel() + 3, num_heads)
+    table[:-3] = -distance[:, None] * locality_slopes(num_heads)[None, :]
+    return table
+
+
+@torch.no_grad()
+def init_position(encoder: nn.Module, pos_embed: str = "none", rel_pos_init: str = "zero") -> None:
+    """Position parameters of a BEiT encoder at step 0 (docs/results.md compares the choices).
+
+    ``pos_embed``: ``sincos`` fills the absolute embedding with MAE's fixed 2-D sin-cos pattern
+    ([CLS] entry zero), ``sincos_fixed`` also freezes it; ``none`` (official) and ``mask_sincos``
+    (the pattern on the student's mask tokens only, see :class:`Branch`) have no embedding.
+    ``rel_pos_init``: ``locality`` gives the shared relative table a distance penalty per head
+    (:func:`locality_table`); ``zero`` is the official start.
+    """
+    grid = tuple(encoder.patch_embed.grid_size)
+    if pos_embed in ENCODER_POS_EMBEDS:
+        table = build_sincos2d_pos_embed(list(grid), encoder.embed_dim)
+        encoder.pos_embed.zero_()
+        encoder.pos_embed[0, 1:].copy_(table)
+        encoder.pos_embed.requires_grad_(pos_embed != "sincos_fixed")
+    if rel_pos_init == "locality":
+        rel = encoder.rel_pos_bias.relative_position_bias_table
+        rel.copy_(locality_table(grid, rel.shape[1]))
+
+
+def init_student(branch: nn.Module, trunc_1std: bool, pos_embed: str = "none", rel_pos_init: str = "zero") -> None:
+    """docs/method.md §3 for a freshly built student Branch: official init, mask token, block rescaling,
+    then the position parameters (:func:`init_position`).
 
     Shared by ConMIM and the pixel baseline so both start from the same initialisation.
     """
@@ -89,6 +138,8 @@ def init_student(branch: nn.Module, trunc_1std: bool) -> None:
     bound = 0.02 if trunc_1std else 2.0
     nn.init.trunc_normal_(branch.mask_token, std=0.02, a=-bound, b=bound)
     _rescale_blocks(branch.encoder)
+    if branch.is_beit:
+        init_position(branch.encoder, pos_embed, rel_pos_init)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -157,14 +208,22 @@ class Projector(nn.Sequential):
 
 
 class Branch(nn.Module):
-    """One side of ConMIM: timm encoder + mask token + projector. The teacher is a second Branch."""
+    """One side of ConMIM: timm encoder + mask token + projector. The teacher is a second Branch.
 
-    def __init__(self, spec: dict[str, Any], proj_hidden_dim: int, proj_out_dim: int, global_bn: bool = False):
+    ``mask_pos=True`` adds the fixed 2-D sin-cos pattern of each masked position to the mask token
+    that replaces it, so masked tokens differ from the first step while the encoder itself, and so
+    the teacher's targets and any export, keep the official layout without absolute positions.
+    """
+
+    def __init__(self, spec: dict[str, Any], proj_hidden_dim: int, proj_out_dim: int, global_bn: bool = False,
+                 mask_pos: bool = False):
         super().__init__()
         self.encoder = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
         self.is_beit = spec["model_name"].startswith("beit")
         dim = self.encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        pattern = build_sincos2d_pos_embed(list(self.grid_size), dim)[None] if mask_pos else None
+        self.register_buffer("mask_pos", pattern, persistent=False)  # deterministic: not in checkpoints
         self.projector = Projector(dim, proj_hidden_dim, proj_out_dim, global_bn)
 
     @property
@@ -177,7 +236,8 @@ class Branch(nn.Module):
         x = enc.patch_embed(images)
         if mask is not None:
             w = mask.unsqueeze(-1).to(x.dtype)
-            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+            token = self.mask_token if self.mask_pos is None else self.mask_token + self.mask_pos
+            x = x * (1 - w) + token.to(x.dtype) * w
         if self.is_beit:
             x = torch.cat((enc.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
             if enc.pos_embed is not None:
@@ -233,20 +293,23 @@ class ConMIM(nn.Module):
                  encoder: str = "beit", in_chans: int = 3, depth: int = 0, init_values: float = 0.1,
                  drop_path: float = 0.0, teacher_drop_path: float = 0.0, proj_hidden_dim: int = 4096,
                  proj_out_dim: int = 256, temperature: float = 0.1, sync_bn: bool = False,
-                 teacher_bn_eval: bool = False, trunc_normal_1std: bool = True):
+                 teacher_bn_eval: bool = False, trunc_normal_1std: bool = True, pos_embed: str = "none",
+                 rel_pos_init: str = "zero"):
         super().__init__()
         common = dict(arch=arch, img_size=img_size, patch_size=patch_size, encoder=encoder,
-                      in_chans=in_chans, depth=depth, init_values=init_values)
+                      in_chans=in_chans, depth=depth, init_values=init_values, pos_embed=pos_embed)
         self.spec = timm_spec(**common, drop_path=0.0)  # exported encoders carry no drop path
         self.temperature = temperature
         self.teacher_bn_eval = teacher_bn_eval
         self.loss_fn = denoising_contrastive_loss  # replaced by its compiled form in the fast step
-        self.student = Branch(timm_spec(**common, drop_path=drop_path), proj_hidden_dim, proj_out_dim, sync_bn)
-        init_student(self.student, trunc_normal_1std)
+        mask_pos = pos_embed == "mask_sincos"
+        self.student = Branch(timm_spec(**common, drop_path=drop_path), proj_hidden_dim, proj_out_dim, sync_bn,
+                              mask_pos)
+        init_student(self.student, trunc_normal_1std, pos_embed, rel_pos_init)
         # The teacher is built with its own drop-path rate (0 by default, docs/method.md §9), then made
         # an exact copy of the student; it never receives gradients.
         self.teacher = Branch(timm_spec(**common, drop_path=teacher_drop_path), proj_hidden_dim, proj_out_dim,
-                              sync_bn)
+                              sync_bn, mask_pos)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.train()
@@ -258,7 +321,8 @@ class ConMIM(nn.Module):
                    in_chans=m.in_chans, depth=m.depth, init_values=m.init_values, drop_path=m.drop_path,
                    teacher_drop_path=m.teacher_drop_path, proj_hidden_dim=m.proj_hidden_dim,
                    proj_out_dim=m.proj_out_dim, temperature=m.temperature, sync_bn=m.sync_bn,
-                   teacher_bn_eval=m.teacher_bn_eval, trunc_normal_1std=m.trunc_normal_1std)
+                   teacher_bn_eval=m.teacher_bn_eval, trunc_normal_1std=m.trunc_normal_1std,
+                   pos_embed=m.pos_embed, rel_pos_init=m.rel_pos_init)
 
     @property
     def num_patches(self) -> int:

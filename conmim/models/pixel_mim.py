@@ -67,15 +67,16 @@ class PixelMIM(nn.Module):
 
     def __init__(self, arch: str = "vit_small", img_size: int = 224, patch_size: int = 16, *,
                  encoder: str = "beit", in_chans: int = 3, depth: int = 0, init_values: float = 0.1,
-                 drop_path: float = 0.0, trunc_normal_1std: bool = True):
+                 drop_path: float = 0.0, trunc_normal_1std: bool = True, pos_embed: str = "none",
+                 rel_pos_init: str = "zero"):
         super().__init__()
         common = dict(arch=arch, img_size=img_size, patch_size=patch_size, encoder=encoder,
-                      in_chans=in_chans, depth=depth, init_values=init_values)
+                      in_chans=in_chans, depth=depth, init_values=init_values, pos_embed=pos_embed)
         self.spec = timm_spec(**common, drop_path=0.0)
         self.patch_size = patch_size
-        self.student = Branch(timm_spec(**common, drop_path=drop_path), 1, 1)
+        self.student = Branch(timm_spec(**common, drop_path=drop_path), 1, 1, mask_pos=pos_embed == "mask_sincos")
         self.student.projector = nn.Linear(self.student.encoder.embed_dim, patch_size * patch_size * in_chans)
-        init_student(self.student, trunc_normal_1std)
+        init_student(self.student, trunc_normal_1std, pos_embed, rel_pos_init)
         self.teacher = EncoderAlias(self.student.encoder)
 
     @classmethod
@@ -83,7 +84,7 @@ class PixelMIM(nn.Module):
         """Build from a :class:`conmim.config.ModelConfig` (projector and temperature fields are unused)."""
         return cls(arch=m.arch, img_size=m.img_size, patch_size=m.patch_size, encoder=m.encoder,
                    in_chans=m.in_chans, depth=m.depth, init_values=m.init_values, drop_path=m.drop_path,
-                   trunc_normal_1std=m.trunc_normal_1std)
+                   trunc_normal_1std=m.trunc_normal_1std, pos_embed=m.pos_embed, rel_pos_init=m.rel_pos_init)
 
     def forward_with_stats(self, weak: torch.Tensor, strong: torch.Tensor, mask: torch.Tensor,
                            student: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
