@@ -5,6 +5,13 @@ from .data.masking import MaskGenerator
 from .export.encoders import load_encoder
 from .models.conmim import ConMIM, denoising_contrastive_loss, timm_spec
 
-__all__ = ["ConMIM", "Config", "MaskGenerator", "denoising_contrastive_loss", "load_config", "load_encoder",
-           "timm_spec"]
+__all__ = [
+    "ConMIM",
+    "Config",
+    "MaskGenerator",
+    "denoising_contrastive_loss",
+    "load_config",
+    "load_encoder",
+    "timm_spec",
+]
 __version__ = "0.1.0"

@@ -36,8 +36,20 @@ def test_pretrain_then_knn_on_an_imagenet_style_folder(tmp_path, tiny_overrides,
     root = imagenet_layout(tmp_path / "imagenet", {"train": 8, "val": 3})
     run = tmp_path / "run"  # tiny_overrides: output_dir
     data = ["data.source=folder", f"data.path={root}", "data.split=train", "data.eval_split=val"]
-    assert main(["pretrain", *tiny_overrides, *data, "train.max_steps=2", "eval.final_knn=true",
-                 "eval.final_min_steps=0", "linprobe.epochs=2"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                *tiny_overrides,
+                *data,
+                "train.max_steps=2",
+                "eval.final_knn=true",
+                "eval.final_min_steps=0",
+                "linprobe.epochs=2",
+            ]
+        )
+        == 0
+    )
     final = json.loads((run / "final_eval.json").read_text())  # after pre-training: train/ and val/ found
     assert final["steps"] == 2 and (final["train_images"], final["test_images"]) == (16, 6)
     assert 0 <= final["knn_top1_teacher"] <= 100
@@ -53,8 +65,7 @@ def test_pretrain_then_knn_on_an_imagenet_style_folder(tmp_path, tiny_overrides,
 def test_a_missing_split_folder_is_named(tmp_path, tiny_overrides, capsys):
     root = imagenet_layout(tmp_path / "imagenet", {"train": 1})
     # the old habit: data.path pointing at the split folder itself
-    code = main(["pretrain", *tiny_overrides, "data.source=folder", f"data.path={root / 'train'}",
-                 "data.split=train"])
+    code = main(["pretrain", *tiny_overrides, "data.source=folder", f"data.path={root / 'train'}", "data.split=train"])
     err = capsys.readouterr().err
     assert code == 2 and str(root / "train" / "train") in err and f"data.path={str(root)!r}" in err
     with pytest.raises(DataError, match=str(root / "val")):  # no held-out folder

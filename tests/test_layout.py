@@ -26,7 +26,7 @@ def _imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            base = here[:-node.level] if node.level else []
+            base = here[: -node.level] if node.level else []
             module = ".".join(base + ([node.module] if node.module else []))
             names = [module] if node.module else [f"{module}.{a.name}" for a in node.names]
             found.update(names)

@@ -57,8 +57,17 @@ def test_the_official_layout_is_untouched_by_default():
 
 @pytest.mark.parametrize("pos_embed, rel_pos_init", [("sincos", "zero"), ("none", "locality")])
 def test_exports_load_strictly_in_timm_and_fine_tune_at_another_resolution(tmp_path, pos_embed, rel_pos_init):
-    cfg = load_config(None, ["model.arch=vit_tiny", "model.depth=2", "model.img_size=32", "model.patch_size=4",
-                             f"model.pos_embed={pos_embed}", f"model.rel_pos_init={rel_pos_init}"])
+    cfg = load_config(
+        None,
+        [
+            "model.arch=vit_tiny",
+            "model.depth=2",
+            "model.img_size=32",
+            "model.patch_size=4",
+            f"model.pos_embed={pos_embed}",
+            f"model.rel_pos_init={rel_pos_init}",
+        ],
+    )
     model = ConMIM.from_config(cfg.model)
     spec = spec_of(cfg)
     weights = {k: v for k, v in model.teacher.encoder.state_dict().items()}

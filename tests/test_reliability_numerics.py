@@ -59,11 +59,14 @@ def test_consecutive_nan_steps_restore_the_last_good_checkpoint_with_a_lower_lr(
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("overrides, nan_steps, expect", [
-    (("train.nan_policy=stop",), (3, 4, 5, 6), "train.nan_policy=stop"),
-    (("train.nan_max_restores=0",), (3, 4, 5, 6), "train.nan_max_restores=0"),
-    ((), (1, 2, 3, 4), "no checkpoint predates them"),
-])
+@pytest.mark.parametrize(
+    "overrides, nan_steps, expect",
+    [
+        (("train.nan_policy=stop",), (3, 4, 5, 6), "train.nan_policy=stop"),
+        (("train.nan_max_restores=0",), (3, 4, 5, 6), "train.nan_max_restores=0"),
+        ((), (1, 2, 3, 4), "no checkpoint predates them"),
+    ],
+)
 def test_persistent_nan_stops_with_a_clear_message(tmp_path, capsys, monkeypatch, overrides, nan_steps, expect):
     run_dir = tmp_path / "run"
     inject_nan(monkeypatch, *nan_steps)

@@ -129,7 +129,7 @@ def _read_idx(path: Path) -> np.ndarray:
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file")
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -149,8 +149,18 @@ class ArraySource:
         return Image.fromarray(self.images[index]), int(self.labels[index])
 
 
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot")
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 def fashion_mnist(root: str | os.PathLike = FASHION_MNIST_DIR, split: str = "train") -> ArraySource:
@@ -206,8 +216,10 @@ def split_location(data_cfg, split: str) -> str:
     if data_cfg.source == "list":
         found = f"{path.rsplit('.', 1)[0]}_{split}.txt"
         if not os.path.isfile(found):
-            raise DataError(f"list file {found!r} of split {split!r} not found (data.path={path!r}: list sources "
-                            f"read <data.path without .txt>_<split>.txt; data.split=. reads data.path itself)")
+            raise DataError(
+                f"list file {found!r} of split {split!r} not found (data.path={path!r}: list sources "
+                f"read <data.path without .txt>_<split>.txt; data.split=. reads data.path itself)"
+            )
         return found
     found = os.path.join(path, split)
     if not os.path.isdir(found):
@@ -217,8 +229,10 @@ def split_location(data_cfg, split: str) -> str:
         elif os.path.isdir(path):
             subs = sorted(e.name for e in os.scandir(path) if e.is_dir())[:6]
             hint = f"; {path!r} holds {', '.join(subs) if subs else 'no sub-folders'}"
-        raise DataError(f"split folder {found!r} not found: folder sources read data.path/<split> (data.path="
-                        f"{path!r}, split {split!r}), data.split=. for images directly under data.path{hint}")
+        raise DataError(
+            f"split folder {found!r} not found: folder sources read data.path/<split> (data.path="
+            f"{path!r}, split {split!r}), data.split=. for images directly under data.path{hint}"
+        )
     return found
 
 

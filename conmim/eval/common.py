@@ -101,5 +101,7 @@ def img_size_of(encoder: nn.Module) -> int:
 def eval_sources(cfg, img_size: int):
     """The labelled (train, test) sources of knn / linprobe / finetune, cut to eval.train_limit / test_limit."""
     e, seed = cfg.eval, cfg.train.seed
-    return (limit_source(build_source(cfg.data, img_size, cfg.data.split), e.train_limit, seed),
-            limit_source(build_source(cfg.data, img_size, cfg.data.eval_split), e.test_limit, seed))
+    return (
+        limit_source(build_source(cfg.data, img_size, cfg.data.split), e.train_limit, seed),
+        limit_source(build_source(cfg.data, img_size, cfg.data.eval_split), e.test_limit, seed),
+    )

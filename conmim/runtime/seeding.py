@@ -17,9 +17,17 @@ def seed_process(seed: int, rank: int = 0) -> None:
 def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's RNG states, in types that ``torch.load(weights_only=True)`` accepts."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                                       "has_gauss": has_gauss, "gauss": gauss}}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+    }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state

@@ -26,9 +26,13 @@ def aggregate(runs: list[dict[str, Any]], order: list[str]) -> list[dict[str, An
         for metric in METRIC_NAMES:
             values = [r[metric] for r in mine if metric in r]
             if values:
-                row[metric] = {"values": values, "mean": statistics.fmean(values),
-                               "std": statistics.stdev(values) if len(values) > 1 else None,
-                               "min": min(values), "max": max(values)}
+                row[metric] = {
+                    "values": values,
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else None,
+                    "min": min(values),
+                    "max": max(values),
+                }
         rows.append(row)
     return rows
 
@@ -42,12 +46,15 @@ def _cell(stat: dict[str, Any] | None) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
-    lines = ["| variant | seeds | " + " | ".join(f"{m} top-1 (%)" for m in METRIC_NAMES.values()) + " |",
-             "|---|---|" + "---|" * len(METRIC_NAMES)]
+    lines = [
+        "| variant | seeds | " + " | ".join(f"{m} top-1 (%)" for m in METRIC_NAMES.values()) + " |",
+        "|---|---|" + "---|" * len(METRIC_NAMES),
+    ]
     for row in rows:
         cells = [_cell(row.get(metric)) for metric in METRIC_NAMES]
-        lines.append(f"| {labels.get(row['variant'], row['variant'])} | {len(row['seeds'])} | " + " | ".join(cells)
-                     + " |")
+        lines.append(
+            f"| {labels.get(row['variant'], row['variant'])} | {len(row['seeds'])} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -113,13 +120,16 @@ def plot_bars(rows: list[dict[str, Any]], labels: dict[str, str], path: Path) ->
             high.append(stat["max"] - stat["mean"])
             ax.scatter([x] * len(stat["values"]), stat["values"], color="black", s=8, zorder=3)
         ax.bar(xs, means, width, yerr=[low, high], capsize=3, label=METRIC_NAMES[metric])
-    ax.set_xticks(range(len(rows)), [labels.get(r["variant"], r["variant"]) for r in rows], rotation=25, ha="right",
-                  fontsize=8)
+    ax.set_xticks(
+        range(len(rows)), [labels.get(r["variant"], r["variant"]) for r in rows], rotation=25, ha="right", fontsize=8
+    )
     values = [v for row in rows for m in metrics if m in row for v in row[m]["values"]]
     if values:
         ax.set_ylim(max(0.0, min(values) - 5), min(100.0, max(values) + 3))
-    ax.set(ylabel="top-1 on the test subset (%)", title="Fashion-MNIST study: mean over seeds, dots = seeds, "
-           "bars = min-max")
+    ax.set(
+        ylabel="top-1 on the test subset (%)",
+        title="Fashion-MNIST study: mean over seeds, dots = seeds, bars = min-max",
+    )
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -137,8 +147,12 @@ def write_report(summary: dict[str, Any], study, out: Path) -> dict[str, Path]:
     rows = aggregate(summary["runs"], order)
     done = {(r["variant"], r["seed"]) for r in summary["runs"]}
     missing = [f"{v.name}_s{s}" for v in study.variants for s in (v.seeds or study.seeds) if (v.name, s) not in done]
-    paths = {"json": docs / "results.json", "table": docs / "table.md", "curves": docs / "pretrain_curves.png",
-             "bars": docs / "accuracy_bars.png"}
+    paths = {
+        "json": docs / "results.json",
+        "table": docs / "table.md",
+        "curves": docs / "pretrain_curves.png",
+        "bars": docs / "accuracy_bars.png",
+    }
     paths["json"].write_text(json.dumps({**summary, "aggregate": rows, "not_run": missing}, indent=2) + "\n")
     table = markdown_table(rows, labels)
     if missing:

@@ -86,11 +86,18 @@ def load_study(path: str | os.PathLike) -> tuple[StudySettings, Any]:
 
 def variant_config(base: Any, variant: Variant, seed: int, run_dir: Path, data_dir: Path) -> Config:
     """The full configuration of one (variant, seed): base, then the variant's overrides, then the run's paths."""
-    run = [f"train.seed={seed}", f"output_dir={run_dir / 'pretrain'}", f"data.path={data_dir}",
-           "data.source=fashion_mnist", "data.split=train", "resume=''"]
+    run = [
+        f"train.seed={seed}",
+        f"output_dir={run_dir / 'pretrain'}",
+        f"data.path={data_dir}",
+        "data.source=fashion_mnist",
+        "data.split=train",
+        "resume=''",
+    ]
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), base,
-                                 OmegaConf.from_dotlist(list(variant.overrides) + run))
+        merged = OmegaConf.merge(
+            OmegaConf.structured(Config), base, OmegaConf.from_dotlist(list(variant.overrides) + run)
+        )
     except OmegaConfBaseException as err:
         raise ConfigError(f"study variant {variant.name!r}: {err}") from None
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -119,8 +126,10 @@ def write_idx(images: np.ndarray, labels: np.ndarray, folder: Path, prefix: str 
 
 def study_splits(study: StudySettings, fashion_root: str) -> tuple[ArraySource, ArraySource]:
     """The study's fixed train and test subsets of Fashion-MNIST."""
-    return (fixed_subset(fashion_mnist(fashion_root, "train"), study.train_images, study.subset_seed),
-            fixed_subset(fashion_mnist(fashion_root, "test"), study.test_images, study.subset_seed + 1))
+    return (
+        fixed_subset(fashion_mnist(fashion_root, "train"), study.train_images, study.subset_seed),
+        fixed_subset(fashion_mnist(fashion_root, "test"), study.test_images, study.subset_seed + 1),
+    )
 
 
 def prepare_data(study: StudySettings, fashion_root: str) -> tuple[ArraySource, ArraySource, Path]:
@@ -168,8 +177,9 @@ def _random_encoder(cfg: Config, seed: int) -> torch.nn.Module:
     return timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
 
 
-def run_one(study: StudySettings, base: Any, variant: Variant, seed: int, train: ArraySource, test: ArraySource,
-            data_dir: Path) -> dict[str, Any]:
+def run_one(
+    study: StudySettings, base: Any, variant: Variant, seed: int, train: ArraySource, test: ArraySource, data_dir: Path
+) -> dict[str, Any]:
     """Pre-train (or not), then k-NN, linear probe and fine-tuning of one (variant, seed)."""
     from ..eval.common import EvalTransform, LabeledDataset
     from ..eval.finetune import finetune
@@ -193,8 +203,10 @@ def run_one(study: StudySettings, base: Any, variant: Variant, seed: int, train:
     def knn() -> float:
         e, d = cfg.eval, cfg.data
         transform = EvalTransform(cfg.model.img_size, d.mean, d.std)
-        feats = [extract_features(encoder, LabeledDataset(src, transform), e.batch_size, e.pool, device,
-                                  0, f"k-NN {name}") for name, src in (("train", train), ("test", test))]
+        feats = [
+            extract_features(encoder, LabeledDataset(src, transform), e.batch_size, e.pool, device, 0, f"k-NN {name}")
+            for name, src in (("train", train), ("test", test))
+        ]
         (tx, ty), (qx, qy) = feats
         return knn_accuracy(tx, ty, qx, qy, e.knn_k, e.knn_t)
 
@@ -203,9 +215,17 @@ def run_one(study: StudySettings, base: Any, variant: Variant, seed: int, train:
     if study.linprobe:
         stages.run("linprobe", lambda: linear_probe(encoder, train, test, cfg, device, run_dir / "linprobe"))
     if study.finetune and variant.finetune:
-        stages.run("finetune", lambda: {"epochs": cfg.finetune.epochs, **{
-            k: v for k, v in finetune(encoder, train, test, cfg, run_dir / "finetune").items()
-            if isinstance(v, (int, float, str))}})
+        stages.run(
+            "finetune",
+            lambda: {
+                "epochs": cfg.finetune.epochs,
+                **{
+                    k: v
+                    for k, v in finetune(encoder, train, test, cfg, run_dir / "finetune").items()
+                    if isinstance(v, (int, float, str))
+                },
+            },
+        )
     return record_of(variant.name, seed, stages.done)
 
 
@@ -252,11 +272,20 @@ def run_study(path: str | os.PathLike, fashion_root: str | None = None, report_o
             stages = Stages(out / f"{variant.name}_s{seed}")
             if stages.done:
                 records.append(record_of(variant.name, seed, stages.done))
-    machine = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    summary = {"config": str(path), "study": OmegaConf.to_container(OmegaConf.structured(study)),
-               "base": OmegaConf.to_container(base), "machine": machine, "runs": records,
-               "this_invocation_seconds": round(time.perf_counter() - start, 1)}
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    summary = {
+        "config": str(path),
+        "study": OmegaConf.to_container(OmegaConf.structured(study)),
+        "base": OmegaConf.to_container(base),
+        "machine": machine,
+        "runs": records,
+        "this_invocation_seconds": round(time.perf_counter() - start, 1),
+    }
     write_report(summary, study, out)
     return summary
