@@ -58,3 +58,26 @@ def test_public_names_and_sub_packages():
     assert spec["model_name"] and callable(conmim.load_encoder)
     for sub in ("runtime", "models", "data", "train", "eval", "export", "tools"):
         assert (PACKAGE / sub / "__init__.py").is_file()
+
+
+def test_method_references_name_existing_sections():
+    """Every ``docs/method.md §N`` (and the ``§N`` right after it in one reference) names a section of it."""
+    import re
+
+    root = PACKAGE.parent
+    headings = re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", (root / "docs" / "method.md").read_text(), re.M)
+    sections = {h.rstrip(".") for h in headings}
+    files = [
+        *PACKAGE.rglob("*.py"),
+        *PACKAGE.rglob("*.yaml"),
+        *(root / "tests").rglob("*.py"),
+        *(root / "docs").glob("*.md"),
+        root / "README.md",
+    ]
+    wrong = []
+    for path in files:
+        for ref in re.findall(r"method\.md\)?`?((?:,? ?§\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)?)+)", path.read_text()):
+            for number in re.findall(r"\d+(?:\.\d+)?", ref):
+                if number not in sections:
+                    wrong.append(f"{path.relative_to(root)}: §{number}")
+    assert sections and not wrong, wrong

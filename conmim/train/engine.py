@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 # until the first restore. The reliability tests set it with monkeypatch.
 INJECT_NAN_STEPS: frozenset[int] = frozenset()
 
-Monitor = Callable[[torch.nn.Module, torch.device, "torch.dtype | None"], dict[str, float]]
+Monitor = Callable[[torch.nn.Module, torch.device, torch.dtype | None], dict[str, float]]
 
 
 def check_writable(folder: Path) -> None:
