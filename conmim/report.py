@@ -127,15 +127,17 @@ def plot_label_efficiency(rows: list[dict[str, Any]], labels: dict[str, str], fr
         values += [v for _, s in points for v in s["values"]]
         title = f"raw pixels: {kind}" if name == reference else f"{labels[name]}: {kind}"
         ax.errorbar(xs, means, yerr=err, capsize=3, lw=1.5, ms=4, label=title, **style)
+    counts = {r["fraction"]: r["labels"] for r in rows}
     ax.set_xscale("log")
-    ax.set_xticks(fractions, [_percent(f) for f in fractions])
+    ax.set_xticks(fractions, [f"{_percent(f)}\n({counts[f]:,})" if f in counts else _percent(f) for f in fractions])
     ax.minorticks_off()
     if values:
         ax.set_ylim(max(0.0, min(values) - 3), min(100.0, max(values) + 2))
-    ax.set(xlabel="fraction of the training labels (class-balanced subset)", ylabel="top-1 on the test split (%)",
+    ax.set(xlabel="fraction of the training labels (class-balanced subset; labelled images)",
+           ylabel="top-1 on the test split (%)",
            title="Fashion-MNIST label efficiency: mean over seeds, bars = min-max")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

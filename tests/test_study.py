@@ -166,3 +166,25 @@ def test_label_fraction_study_runs_resumes_and_reports(tmp_path):
     assert list(again) == list(done) + ["linprobe_f0.1"]
     assert again["linprobe_f0.1"]["result"] == json.loads(stages[path])["linprobe_f0.1"]["result"]
     assert again["pretrain"] == done["pretrain"]
+
+
+def test_label_preset_is_the_default_pretraining_with_equal_fine_tuning_steps(tmp_path):
+    from omegaconf import OmegaConf
+
+    from conmim.config import preset_path
+    from conmim.study import fraction_config, variant_config
+
+    study, base = load_study("study_labels")
+    default = OmegaConf.load(preset_path("fashion_mnist"))
+    for section in ("model", "mask", "data", "train"):  # ConMIM here is the built-in default run
+        assert OmegaConf.to_container(base[section]) == OmegaConf.to_container(default[section]), section
+    assert study.label_fractions == [0.01, 0.1, 1.0] and study.seeds == [0, 1]
+    steps = {}
+    for variant in study.variants:
+        cfg = variant_config(base, variant, 0, tmp_path, tmp_path)
+        for i, labels in enumerate((600, 6000, 60000)):
+            f, passes = fraction_config(cfg, study, i)
+            tiles = passes // study.finetune_evals
+            steps.setdefault(variant.name, []).append(f.finetune.epochs * (labels * tiles // f.finetune.batch_size))
+            assert f.finetune.epochs * tiles == passes and f.finetune.warmup_epochs * tiles * labels < 300 * 128
+    assert steps["scratch"] == steps["conmim"] == steps["pixel"] == [750, 703, 1406]
