@@ -167,6 +167,23 @@ def test_label_fraction_study_runs_resumes_and_reports(tmp_path):
     assert again["linprobe_f0.1"]["result"] == json.loads(stages[path])["linprobe_f0.1"]["result"]
     assert again["pretrain"] == done["pretrain"]
 
+    # a finished pre-training run serves as a variant: the same encoder gives the same probe and k-NN
+    reuse = tmp_path / "reuse.yaml"
+    text = FRACTION_STUDY.format(out=tmp_path / "reuse")
+    for old, new in (("seeds: [0, 1]", "seeds: [0]\n  references: false"), ("[0.1, 1.0]", "[0.1]"),
+                     ("[2, 1]", "[2]"), ("[5, 2]", "[5]"), ("[[finetune.batch_size=16], []]", "[[]]"),
+                     ("- {name: scratch, pretrain: false}", ""),
+                     ("{name: conmim, label: ConMIM}",
+                      f"{{name: reused, finetune: false, pretrained: {tmp_path / 'runs/conmim_s0/pretrain'}}}")):
+        assert old in text
+        text = text.replace(old, new)
+    reuse.write_text(text)
+    assert main(["study", "--config", str(reuse)]) == 0
+    reused = json.loads((tmp_path / "reuse" / "runs" / "reused_s0" / "stages.json").read_text())
+    assert sorted(reused) == ["knn_f0.1", "linprobe_f0.1"]
+    original = json.loads((tmp_path / "runs" / "conmim_s0" / "stages.json").read_text())
+    assert all(reused[stage]["result"] == original[stage]["result"] for stage in reused)
+
 
 def test_label_preset_is_the_default_pretraining_with_equal_fine_tuning_steps(tmp_path):
     from omegaconf import OmegaConf
