@@ -411,6 +411,7 @@ def run_fractions(study: StudySettings, base: Any, variant: Variant, seed: int, 
 
             def tune(fcfg=fcfg, indices=indices, tiles=tiles, passes=passes, tag=tag) -> dict[str, Any]:
                 result = finetune(encoder, tile(train, indices, tiles), test, fcfg, run_dir / f"finetune_{tag}")
+                (run_dir / f"finetune_{tag}" / "checkpoints" / "last.pt").unlink(missing_ok=True)  # finished
                 steps = fcfg.finetune.epochs * (len(indices) * tiles // fcfg.finetune.batch_size)
                 return {"top1": result["top1"], "top5": result["top5"], "best_top1": result["best_top1"],
                         "history_top1": [h["top1"] for h in result["history"]], "passes": passes, "steps": steps,
