@@ -87,8 +87,10 @@ def fraction_table(rows: list[dict[str, Any]], labels: dict[str, str], fractions
     if any(r["variant"] == reference for r in rows):
         out.append(line(f"raw pixels: k-NN (k={knn_k}, cosine)", reference, [None, "knn_top1"]))
         out.append(line("raw pixels: linear (BatchNorm + linear head)", reference, [None, "linprobe_top1"]))
-    text = "Top-1 (%) on the test split: mean ± sample std over seeds (the seeds' values); " \
-        "100 % of the labels ran for one seed.\n\n" + "\n".join(out) + "\n"
+    single = [_percent(f) for f in fractions if f >= 1]
+    text = "Top-1 (%) on the test split: mean ± sample std over seeds (the seeds' values)" \
+        + (f"; {single[0]} of the labels ran for the first seed only" if single else "") \
+        + ". Raw-pixel rows: the named classifier on flattened normalised pixels.\n\n" + "\n".join(out) + "\n"
     if any("knn_top1" in r for r in rows):
         knn = head(["k-NN"])
         knn += [line(labels[n], n, ["knn_top1"]) for n in names + ([reference] if reference in labels else [])

@@ -353,7 +353,8 @@ class _Features:
 
 def _probe_and_knn(stages: Stages, study: StudySettings, features: _Features, fcfg: Config, indices: np.ndarray,
                    tag: str, seed: int, device: torch.device) -> None:
-    """The ``linprobe_TAG`` and ``knn_TAG`` stages on the features of the labelled subset ``indices``."""
+    """The ``linprobe_TAG`` and ``knn_TAG`` stages on the features of the labelled subset ``indices``
+    (for encoders: ``linprobe.pool`` / ``linprobe.block`` features for both; the k-NN bank is the subset)."""
     from .knn import knn_accuracy
     from .linprobe import probe_cached
 
