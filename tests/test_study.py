@@ -205,3 +205,20 @@ def test_label_preset_is_the_default_pretraining_with_equal_fine_tuning_steps(tm
             steps.setdefault(variant.name, []).append(f.finetune.epochs * (labels * tiles // f.finetune.batch_size))
             assert f.finetune.epochs * tiles == passes and f.finetune.warmup_epochs * tiles * labels < 300 * 128
     assert steps["scratch"] == steps["conmim"] == steps["pixel"] == [750, 703, 1406]
+
+
+def test_fine_tuning_passes_split_into_evaluated_epochs(tmp_path):
+    from conmim.study import fraction_config, variant_config
+
+    config = tmp_path / "study.yaml"
+    config.write_text(FRACTION_STUDY.format(out=tmp_path).replace("finetune_epochs: [2, 1]",
+                                                                  "finetune_epochs: [4, 2]\n  finetune_evals: 2"))
+    study, base = load_study(config)
+    cfg = variant_config(base, study.variants[0], 0, tmp_path, tmp_path)
+    f, passes = fraction_config(cfg, study, 0)
+    # 4 passes over the labelled images = 2 evaluated epochs of 2 passes; warm-up 0.5 pass = 0.25 epoch
+    assert (passes, f.finetune.epochs, f.finetune.warmup_epochs, f.finetune.batch_size) == (4, 2, 0.25, 16)
+    assert f.linprobe.epochs == 5 and fraction_config(cfg, study, 1)[0].linprobe.epochs == 2
+    config.write_text(config.read_text().replace("finetune_evals: 2", "finetune_evals: 3"))
+    with pytest.raises(ConfigError, match="finetune_evals"):
+        load_study(config)
