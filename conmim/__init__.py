@@ -5,6 +5,13 @@ from .export import load_encoder
 from .masking import MaskGenerator
 from .model import ConMIM, denoising_contrastive_loss, timm_spec
 
-__all__ = ["ConMIM", "Config", "MaskGenerator", "denoising_contrastive_loss", "load_config", "load_encoder",
-           "timm_spec"]
+__all__ = [
+    "ConMIM",
+    "Config",
+    "MaskGenerator",
+    "denoising_contrastive_loss",
+    "load_config",
+    "load_encoder",
+    "timm_spec",
+]
 __version__ = "0.1.0"

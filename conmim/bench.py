@@ -51,8 +51,7 @@ from .step import compile_step, forward_backward, optimizer_step
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, no sparsity); the first
 # substring found in the device name wins. bench.peak_tflops overrides.
-DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
-                         ("A100", 312.0))
+DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
 
 
 def flops_per_image(m: ModelConfig) -> float:
@@ -62,9 +61,9 @@ def flops_per_image(m: ModelConfig) -> float:
     depth = m.depth or preset_depth
     n = (m.img_size // m.patch_size) ** 2
     t = n + 1
-    patch = 2 * n * m.in_chans * m.patch_size ** 2 * dim
+    patch = 2 * n * m.in_chans * m.patch_size**2 * dim
     blocks = depth * (2 * t * 12 * dim * dim + 4 * t * t * dim)  # qkv, proj, 4x MLP; QK^T and AV
-    projector = 2 * t * (dim * m.proj_hidden_dim + m.proj_hidden_dim ** 2 + m.proj_hidden_dim * m.proj_out_dim)
+    projector = 2 * t * (dim * m.proj_hidden_dim + m.proj_hidden_dim**2 + m.proj_hidden_dim * m.proj_out_dim)
     forward = patch + blocks + projector
     loss = 3 * 2 * n * n * m.proj_out_dim
     return 4 * forward + loss
@@ -86,8 +85,18 @@ def peak_tflops(device: torch.device, override: float) -> tuple[float | None, st
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), "CPU") if Path("/proc/cpuinfo").exists() else "CPU"
+    model = (
+        next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            "CPU",
+        )
+        if Path("/proc/cpuinfo").exists()
+        else "CPU"
+    )
     return f"{model} ({os.cpu_count()} CPUs, {torch.get_num_threads()} threads)"
 
 
@@ -189,8 +198,16 @@ class Variant:
         torch.manual_seed(t.seed)  # both variants start from the same weights
         model = ConMIM.from_config(cfg.model).to(device).train()
         set_fused_attention(model, fast)
-        optimizer = build_adamw(model.student, t.base_lr * t.batch_size / 256, t.weight_decay, tuple(t.betas),
-                                t.decay_mask_token, t.decay_rel_pos, fused=fast, foreach=fast)
+        optimizer = build_adamw(
+            model.student,
+            t.base_lr * t.batch_size / 256,
+            t.weight_decay,
+            tuple(t.betas),
+            t.decay_mask_token,
+            t.decay_rel_pos,
+            fused=fast,
+            foreach=fast,
+        )
         amp_dtype = resolve_precision(t.precision, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         student = compile_step(model, model.student) if t.compile else model.student
@@ -291,20 +308,32 @@ def report(v: Variant, cfg: BenchRunConfig, device: torch.device, data: str) -> 
     amp = resolve_precision(t.precision, device)
     fast = v.name == "fast"
     return {
-        "variant": v.name, "img_per_s": round(img_s, 2), "step_ms": round(step_s * 1e3, 2),
+        "variant": v.name,
+        "img_per_s": round(img_s, 2),
+        "step_ms": round(step_s * 1e3, 2),
         "img_per_s_chunks": [round(t.batch_size / c, 2) for c in v.chunks],
-        "peak_mem_gb": round(max(v.peak_mem), 3), "mfu": round(flops * img_s / (peak * 1e12), 4) if peak else None,
-        "peak_tflops": peak, "peak_source": peak_source, "gflop_per_img": round(flops / 1e9, 2),
+        "peak_mem_gb": round(max(v.peak_mem), 3),
+        "mfu": round(flops * img_s / (peak * 1e12), 4) if peak else None,
+        "peak_tflops": peak,
+        "peak_source": peak_source,
+        "gflop_per_img": round(flops / 1e9, 2),
         # On a CPU shared with other jobs, wall time includes waiting for a core; the process's CPU
         # time per step does not, so it gives the steadier ratio there.
         "cpu_ms_per_step": round(statistics.median(v.cpu_chunks) * 1e3, 1) if device.type == "cpu" else None,
-        "warmup_s": round(v.warmup_s, 1), "host_syncs": v.host_syncs, "device": device_name(device),
-        "arch": v.cfg.model.arch, "img_size": v.cfg.model.img_size, "batch_size": t.batch_size, "data": data,
+        "warmup_s": round(v.warmup_s, 1),
+        "host_syncs": v.host_syncs,
+        "device": device_name(device),
+        "arch": v.cfg.model.arch,
+        "img_size": v.cfg.model.img_size,
+        "batch_size": t.batch_size,
+        "data": data,
         "data_path": "synthetic" if data == "synthetic" else ("device" if v.cfg.data.gpu_aug else "cpu"),
-        "precision": {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp], "compile": t.compile,
+        "precision": {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp],
+        "compile": t.compile,
         "attention": "sdpa" if fast else "math",
         "optimizer": "fused" if fast else "for-loop",
-        "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": OmegaConf.to_container(OmegaConf.structured(v.cfg)),
     }
 
@@ -344,4 +373,3 @@ def run_bench(cfg: BenchRunConfig) -> list[dict[str, Any]]:
     if device.type == "cpu":
         lines[0]["speedup_vs_plain_cpu_time"] = round(lines[1]["cpu_ms_per_step"] / lines[0]["cpu_ms_per_step"], 3)
     return lines
-

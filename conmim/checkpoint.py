@@ -84,8 +84,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             Path(tmp).unlink(missing_ok=True)
         cause = recorder.error if recorder is not None and recorder.error is not None else err
         if isinstance(cause, OSError):
-            raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause}; the previous "
-                                  "checkpoint is unchanged") from err
+            raise CheckpointError(
+                f"cannot write checkpoint {path}: {cause.strerror or cause}; the previous checkpoint is unchanged"
+            ) from err
         raise
 
 
@@ -100,8 +101,10 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain "
-                              f"containers, which could run code (weights_only=True): {first}") from None
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors and plain "
+            f"containers, which could run code (weights_only=True): {first}"
+        ) from None
     except (FileNotFoundError, CheckpointError):
         raise
     except (OSError, RuntimeError, EOFError, ValueError) as err:
@@ -167,8 +170,9 @@ def save_checkpoint(state: dict, folder: str | os.PathLike, step: int, keep: int
     return path
 
 
-def load_latest(folder: str | os.PathLike, map_location: str | torch.device = "cpu",
-                max_step: int | None = None) -> tuple[dict, Path] | None:
+def load_latest(
+    folder: str | os.PathLike, map_location: str | torch.device = "cpu", max_step: int | None = None
+) -> tuple[dict, Path] | None:
     """The newest readable checkpoint in ``folder`` (step files newest first, then ``last.pt``).
 
     Step files come first because a writer killed between writing ``step_N.pt`` and relinking

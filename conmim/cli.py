@@ -22,8 +22,12 @@ DEFAULT_PRESET = "fashion_mnist"
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file or packaged preset name (default: the built-in Fashion-MNIST run)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. model.arch=vit_small train.epochs=300 output_dir=runs/s")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. model.arch=vit_small train.epochs=300 output_dir=runs/s",
+    )
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -44,8 +48,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         device = resolve_device(cfg.device)
         torch.manual_seed(cfg.train.seed)
         random_init = ConMIM.from_config(cfg.model).teacher.encoder.to(device)
-        report = final_evaluation(cfg, summary["model"].teacher.encoder, random_init, summary["steps"], minutes,
-                                  device, resolve_precision(cfg.train.precision, device))
+        report = final_evaluation(
+            cfg,
+            summary["model"].teacher.encoder,
+            random_init,
+            summary["steps"],
+            minutes,
+            device,
+            resolve_precision(cfg.train.precision, device),
+        )
         if report:
             print(summary_line(report))
     return 0
@@ -62,9 +73,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for line in lines:
         print(json.dumps(line), flush=True)
     fast, plain = lines
-    print(f"{fast['arch']} {fast['img_size']}px batch {fast['batch_size']} on {fast['device']}: fast "
-          f"{fast['img_per_s']:.1f} img/s ({fast['precision']}, compile={fast['compile']}) vs plain eager fp32 "
-          f"{plain['img_per_s']:.1f} img/s = {fast['speedup_vs_plain']:.2f}x", file=sys.stderr)
+    print(
+        f"{fast['arch']} {fast['img_size']}px batch {fast['batch_size']} on {fast['device']}: fast "
+        f"{fast['img_per_s']:.1f} img/s ({fast['precision']}, compile={fast['compile']}) vs plain eager fp32 "
+        f"{plain['img_per_s']:.1f} img/s = {fast['speedup_vs_plain']:.2f}x",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -110,11 +124,34 @@ def cmd_knn(args: argparse.Namespace, cfg) -> int:
     encoder = load_encoder(args.source, e.which).to(device)
     size = img_size_of(encoder)
     train, test = eval_sources(cfg, size)
-    top1 = knn_top1(encoder, train, test, EvalTransform(size, d.mean, d.std), e.knn_k, e.knn_t, e.pool, e.batch_size,
-                    device, d.num_workers, resolve_precision(cfg.train.precision, device))
-    _report(cfg, "knn", {"top1": top1, "k": e.knn_k, "temperature": e.knn_t, "pool": e.pool, "which": e.which,
-                         "source": str(args.source), "data": d.source, "train_images": len(train),
-                         "test_images": len(test)})
+    top1 = knn_top1(
+        encoder,
+        train,
+        test,
+        EvalTransform(size, d.mean, d.std),
+        e.knn_k,
+        e.knn_t,
+        e.pool,
+        e.batch_size,
+        device,
+        d.num_workers,
+        resolve_precision(cfg.train.precision, device),
+    )
+    _report(
+        cfg,
+        "knn",
+        {
+            "top1": top1,
+            "k": e.knn_k,
+            "temperature": e.knn_t,
+            "pool": e.pool,
+            "which": e.which,
+            "source": str(args.source),
+            "data": d.source,
+            "train_images": len(train),
+            "test_images": len(test),
+        },
+    )
     return 0
 
 
@@ -168,8 +205,12 @@ def _run_eval(func):
 
 
 def _add_eval_command(sub, name: str, func, help_text: str) -> None:
-    p = sub.add_parser(name, help=help_text, description=help_text + ". Settings come from --config, else the "
-                       "run's config.yaml, else the built-in Fashion-MNIST preset; key=value overrides last.")
+    p = sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text + ". Settings come from --config, else the "
+        "run's config.yaml, else the built-in Fashion-MNIST preset; key=value overrides last.",
+    )
     p.add_argument("source", help="run directory, conmim checkpoint (.pt) or exported/converted .safetensors")
     _add_config_args(p)
     p.set_defaults(func=_run_eval(func))
@@ -194,21 +235,31 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conmim", description="ConMIM pre-training for Vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="pre-train (or resume) a ViT with ConMIM",
-                       description="Pre-train a ViT with ConMIM. Running it again on the same output_dir resumes.")
+    p = sub.add_parser(
+        "pretrain",
+        help="pre-train (or resume) a ViT with ConMIM",
+        description="Pre-train a ViT with ConMIM. Running it again on the same output_dir resumes.",
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_pretrain)
-    p = sub.add_parser("bench", help="time the training step: fast path vs plain eager fp32, one JSON line each",
-                       description="Time ConMIM's training step with the given configuration (the fast path) "
-                       "and a plain eager fp32 reference on the same weights. Takes pretrain's overrides plus "
-                       "bench.data=synthetic|jpeg|FOLDER, bench.steps, bench.warmup, bench.repeats.")
+    p = sub.add_parser(
+        "bench",
+        help="time the training step: fast path vs plain eager fp32, one JSON line each",
+        description="Time ConMIM's training step with the given configuration (the fast path) "
+        "and a plain eager fp32 reference on the same weights. Takes pretrain's overrides plus "
+        "bench.data=synthetic|jpeg|FOLDER, bench.steps, bench.warmup, bench.repeats.",
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("export", help="write an encoder as timm-loadable safetensors + JSON")
     p.add_argument("source", help="run directory or checkpoint file")
     p.add_argument("--out", required=True, help="output .safetensors file (the .json goes beside it)")
-    p.add_argument("--which", choices=("teacher", "student"), default="teacher",
-                   help="which encoder to export (default: teacher, as the authors fine-tune)")
+    p.add_argument(
+        "--which",
+        choices=("teacher", "student"),
+        default="teacher",
+        help="which encoder to export (default: teacher, as the authors fine-tune)",
+    )
     p.set_defaults(func=cmd_export)
     _add_eval_command(sub, "knn", cmd_knn, "weighted k-NN accuracy of a pre-trained encoder (frozen)")
     _add_eval_command(sub, "linprobe", cmd_linprobe, "linear probe of a frozen pre-trained encoder")
@@ -218,20 +269,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors file (the .json goes beside it)")
     p.add_argument("--img-size", type=int, default=0, help="image size (default: inferred from the weights)")
     p.set_defaults(func=cmd_convert)
-    p = sub.add_parser("study", help="run (or continue) the small-scale study and write its report",
-                       description="ConMIM vs. scratch, pixel MIM and ablations, as fixed by a study YAML. "
-                                   "Running it again skips finished stages and resumes unfinished ones.")
+    p = sub.add_parser(
+        "study",
+        help="run (or continue) the small-scale study and write its report",
+        description="ConMIM vs. scratch, pixel MIM and ablations, as fixed by a study YAML. "
+        "Running it again skips finished stages and resumes unfinished ones.",
+    )
     p.add_argument("--config", default="study_cpu", help="study YAML file or packaged preset (default: study_cpu)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished stages")
     p.set_defaults(func=cmd_study)
-    p = sub.add_parser("visualize", help="last-block [CLS] attention maps and masked-patch retrieval maps as PNG",
-                       description="Writes NAME_attention.png for every image, and NAME_retrieval.png when SOURCE "
-                                   "is a ConMIM pre-training run or checkpoint (the map needs the projectors)")
+    p = sub.add_parser(
+        "visualize",
+        help="last-block [CLS] attention maps and masked-patch retrieval maps as PNG",
+        description="Writes NAME_attention.png for every image, and NAME_retrieval.png when SOURCE "
+        "is a ConMIM pre-training run or checkpoint (the map needs the projectors)",
+    )
     p.add_argument("source", help="pre-training run directory, checkpoint file, or exported .safetensors")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--which", choices=("teacher", "student"), default="teacher",
-                   help="encoder of a checkpoint whose attention is shown (default: teacher)")
+    p.add_argument(
+        "--which",
+        choices=("teacher", "student"),
+        default="teacher",
+        help="encoder of a checkpoint whose attention is shown (default: teacher)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the masks of the retrieval maps")
     p.set_defaults(func=cmd_visualize)
     return parser

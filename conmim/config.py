@@ -232,8 +232,12 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def load_config(config_file: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-                default_preset: str | None = None, schema_cls: type[Config] = Config) -> Config:
+def load_config(
+    config_file: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    default_preset: str | None = None,
+    schema_cls: type[Config] = Config,
+) -> Config:
     """Merge defaults, then a YAML file (or a packaged preset), then ``key=value`` overrides.
 
     ``schema_cls`` is :class:`Config` or a subclass with extra sections (``conmim bench``).
@@ -297,18 +301,30 @@ def validate(cfg: Config) -> None:
     _require(m.objective in OBJECTIVES, "model.objective", m.objective, f"one of {', '.join(OBJECTIVES)}")
     _require(m.encoder in ENCODERS, "model.encoder", m.encoder, f"one of {', '.join(ENCODERS)}")
     _require(m.pos_embed in POS_EMBEDS, "model.pos_embed", m.pos_embed, f"one of {', '.join(POS_EMBEDS)}")
-    _require(m.rel_pos_init in REL_POS_INITS, "model.rel_pos_init", m.rel_pos_init,
-             f"one of {', '.join(REL_POS_INITS)}")
-    _require(m.encoder == "beit" or (m.pos_embed, m.rel_pos_init) == ("none", "zero"),
-             "model.pos_embed/rel_pos_init", (m.pos_embed, m.rel_pos_init),
-             "none/zero with model.encoder=vit (its absolute position embedding is timm's own)")
+    _require(
+        m.rel_pos_init in REL_POS_INITS, "model.rel_pos_init", m.rel_pos_init, f"one of {', '.join(REL_POS_INITS)}"
+    )
+    _require(
+        m.encoder == "beit" or (m.pos_embed, m.rel_pos_init) == ("none", "zero"),
+        "model.pos_embed/rel_pos_init",
+        (m.pos_embed, m.rel_pos_init),
+        "none/zero with model.encoder=vit (its absolute position embedding is timm's own)",
+    )
     _require(m.depth >= 0, "model.depth", m.depth, "0 (the arch's depth) or a positive integer")
     _require(m.patch_size > 0, "model.patch_size", m.patch_size, "a positive integer")
-    _require(m.img_size > 0 and m.img_size % m.patch_size == 0, "model.img_size", m.img_size,
-             f"a positive multiple of model.patch_size={m.patch_size}")
+    _require(
+        m.img_size > 0 and m.img_size % m.patch_size == 0,
+        "model.img_size",
+        m.img_size,
+        f"a positive multiple of model.patch_size={m.patch_size}",
+    )
     _require(m.temperature > 0, "model.temperature", m.temperature, "a positive number")
-    _require(m.proj_hidden_dim > 0 and m.proj_out_dim > 0, "model.proj_hidden_dim/proj_out_dim",
-             (m.proj_hidden_dim, m.proj_out_dim), "positive integers")
+    _require(
+        m.proj_hidden_dim > 0 and m.proj_out_dim > 0,
+        "model.proj_hidden_dim/proj_out_dim",
+        (m.proj_hidden_dim, m.proj_out_dim),
+        "positive integers",
+    )
     _require(0.0 <= m.drop_path < 1.0, "model.drop_path", m.drop_path, "a number in [0, 1)")
     _require(0.0 <= m.teacher_drop_path < 1.0, "model.teacher_drop_path", m.teacher_drop_path, "a number in [0, 1)")
     _require(m.in_chans > 0, "model.in_chans", m.in_chans, "a positive integer")
@@ -316,24 +332,40 @@ def validate(cfg: Config) -> None:
     _require(0.0 < k.ratio < 1.0, "mask.ratio", k.ratio, "a number strictly between 0 and 1")
     grid = m.img_size // m.patch_size
     if k.type == "random_unit":
-        _require(k.unit > 0 and grid % k.unit == 0, "mask.unit", k.unit,
-                 f"a divisor of the patch grid {grid} (model.img_size={m.img_size} / "
-                 f"model.patch_size={m.patch_size}), i.e. mask units of unit*patch_size pixels")
+        _require(
+            k.unit > 0 and grid % k.unit == 0,
+            "mask.unit",
+            k.unit,
+            f"a divisor of the patch grid {grid} (model.img_size={m.img_size} / "
+            f"model.patch_size={m.patch_size}), i.e. mask units of unit*patch_size pixels",
+        )
     _require(d.source in SOURCES, "data.source", d.source, f"one of {', '.join(SOURCES)}")
     _require(d.on_error in ("skip", "raise"), "data.on_error", d.on_error, "skip or raise")
     _require(0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min", d.crop_scale_min, "in (0, 1]")
-    _require(len(d.mean) == m.in_chans and len(d.std) == m.in_chans and all(s > 0 for s in d.std),
-             "data.mean/data.std", (d.mean, d.std), f"{m.in_chans} values each, std positive")
+    _require(
+        len(d.mean) == m.in_chans and len(d.std) == m.in_chans and all(s > 0 for s in d.std),
+        "data.mean/data.std",
+        (d.mean, d.std),
+        f"{m.in_chans} values each, std positive",
+    )
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
     reads_files = d.source in ("folder", "list") or (isinstance(cfg, BenchRunConfig) and cfg.bench.data != "synthetic")
-    _require(not d.gpu_aug or reads_files, "data.gpu_aug", d.gpu_aug,
-             f"false with data.source={d.source!r}; the device data path reads files (folder or list)")
+    _require(
+        not d.gpu_aug or reads_files,
+        "data.gpu_aug",
+        d.gpu_aug,
+        f"false with data.source={d.source!r}; the device data path reads files (folder or list)",
+    )
     _require(t.batch_size > 0, "train.batch_size", t.batch_size, "a positive integer")
     _require(t.base_lr > 0, "train.base_lr", t.base_lr, "a positive number")
     _require(t.min_lr >= 0, "train.min_lr", t.min_lr, "0 or more")
     _require(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "0 or more")
-    _require(t.weight_decay >= 0 and t.weight_decay_end >= 0, "train.weight_decay/weight_decay_end",
-             (t.weight_decay, t.weight_decay_end), "0 or more")
+    _require(
+        t.weight_decay >= 0 and t.weight_decay_end >= 0,
+        "train.weight_decay/weight_decay_end",
+        (t.weight_decay, t.weight_decay_end),
+        "0 or more",
+    )
     _require(t.clip_grad >= 0, "train.clip_grad", t.clip_grad, "0 (no clipping) or a positive number")
     _require(t.epochs > 0, "train.epochs", t.epochs, "a positive integer")
     _require(t.max_steps >= 0, "train.max_steps", t.max_steps, "0 (no cap) or a positive integer")
@@ -341,57 +373,100 @@ def validate(cfg: Config) -> None:
     _require(t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "a positive integer")
     _require(t.log_every > 0, "train.log_every", t.log_every, "a positive integer")
     _require(t.keep_checkpoints > 0, "train.keep_checkpoints", t.keep_checkpoints, "a positive integer")
-    _require(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision", t.precision,
-             "auto, bf16, fp16 or fp32")
-    _require(0.0 <= t.momentum <= 1.0 and 0.0 <= t.momentum_end <= 1.0, "train.momentum",
-             (t.momentum, t.momentum_end), "values in [0, 1]")
+    _require(
+        t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision", t.precision, "auto, bf16, fp16 or fp32"
+    )
+    _require(
+        0.0 <= t.momentum <= 1.0 and 0.0 <= t.momentum_end <= 1.0,
+        "train.momentum",
+        (t.momentum, t.momentum_end),
+        "values in [0, 1]",
+    )
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "two numbers in [0, 1)")
     _require(t.nan_policy in NAN_POLICIES, "train.nan_policy", t.nan_policy, f"one of {', '.join(NAN_POLICIES)}")
     _require(t.max_bad_steps > 0, "train.max_bad_steps", t.max_bad_steps, "a positive integer")
     _require(0.0 < t.nan_lr_factor < 1.0, "train.nan_lr_factor", t.nan_lr_factor, "a number strictly between 0 and 1")
     _require(t.nan_max_restores >= 0, "train.nan_max_restores", t.nan_max_restores, "0 or more")
     _require(t.dist_timeout_s > 0, "train.dist_timeout_s", t.dist_timeout_s, "a positive number of seconds")
-    _require(all(s > 0 for s in t.inject_nan_steps), "train.inject_nan_steps", t.inject_nan_steps,
-             "step numbers, 1 or more")
-    _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "device", cfg.device,
-             "auto, cpu, cuda or cuda:N")
+    _require(
+        all(s > 0 for s in t.inject_nan_steps), "train.inject_nan_steps", t.inject_nan_steps, "step numbers, 1 or more"
+    )
+    _require(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "device", cfg.device, "auto, cpu, cuda or cuda:N"
+    )
     _require(bool(cfg.output_dir.strip()), "output_dir", cfg.output_dir, "a folder path")
-    _require(cfg.eval.knn_k > 0 and cfg.eval.knn_t > 0 and cfg.eval.batch_size > 0, "eval.knn_k/knn_t/batch_size",
-             (cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size), "positive numbers")
+    _require(
+        cfg.eval.knn_k > 0 and cfg.eval.knn_t > 0 and cfg.eval.batch_size > 0,
+        "eval.knn_k/knn_t/batch_size",
+        (cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size),
+        "positive numbers",
+    )
     _validate_eval(cfg)
     if isinstance(cfg, BenchRunConfig):
         b = cfg.bench
-        _require(b.data in BENCH_DATA or os.path.isdir(b.data), "bench.data", b.data,
-                 "synthetic, jpeg or an existing folder of images")
-        _require(b.repeats > 0 and b.steps >= b.repeats, "bench.steps/bench.repeats", (b.steps, b.repeats),
-                 "repeats >= 1 and steps >= repeats")
+        _require(
+            b.data in BENCH_DATA or os.path.isdir(b.data),
+            "bench.data",
+            b.data,
+            "synthetic, jpeg or an existing folder of images",
+        )
+        _require(
+            b.repeats > 0 and b.steps >= b.repeats,
+            "bench.steps/bench.repeats",
+            (b.steps, b.repeats),
+            "repeats >= 1 and steps >= repeats",
+        )
         _require(b.warmup >= 1, "bench.warmup", b.warmup, "1 or more (the first step compiles and allocates)")
-        _require(b.jpeg_images >= t.batch_size, "bench.jpeg_images", b.jpeg_images,
-                 f"at least train.batch_size={t.batch_size}")
+        _require(
+            b.jpeg_images >= t.batch_size,
+            "bench.jpeg_images",
+            b.jpeg_images,
+            f"at least train.batch_size={t.batch_size}",
+        )
         _require(b.peak_tflops >= 0, "bench.peak_tflops", b.peak_tflops, "0 (look up) or a positive number")
 
 
 def _validate_eval(cfg: Config) -> None:
     e, lp, ft = cfg.eval, cfg.linprobe, cfg.finetune
     _require(e.pool in ("cls", "mean"), "eval.pool", e.pool, "cls or mean")
-    _require(e.train_limit >= 0 and e.test_limit >= 0, "eval.train_limit/test_limit", (e.train_limit, e.test_limit),
-             "0 (all images) or a positive count")
+    _require(
+        e.train_limit >= 0 and e.test_limit >= 0,
+        "eval.train_limit/test_limit",
+        (e.train_limit, e.test_limit),
+        "0 (all images) or a positive count",
+    )
     _require(e.which in ("teacher", "student"), "eval.which", e.which, "teacher or student")
     _require(e.knn_k > 0 and e.knn_t > 0, "eval.knn_k/knn_t", (e.knn_k, e.knn_t), "positive numbers")
     _require(e.monitor_every >= 0, "eval.monitor_every", e.monitor_every, "0 (off) or a positive step count")
-    _require(e.monitor_bank > 0 and e.monitor_queries > 0, "eval.monitor_bank/monitor_queries",
-             (e.monitor_bank, e.monitor_queries), "positive integers")
+    _require(
+        e.monitor_bank > 0 and e.monitor_queries > 0,
+        "eval.monitor_bank/monitor_queries",
+        (e.monitor_bank, e.monitor_queries),
+        "positive integers",
+    )
     _require(lp.pool in ("cls", "mean"), "linprobe.pool", lp.pool, "cls or mean")
     _require(lp.optimizer in ("sgd", "lars"), "linprobe.optimizer", lp.optimizer, "sgd or lars")
-    _require(lp.epochs > 0 and lp.batch_size > 0, "linprobe.epochs/batch_size", (lp.epochs, lp.batch_size),
-             "positive integers")
+    _require(
+        lp.epochs > 0 and lp.batch_size > 0,
+        "linprobe.epochs/batch_size",
+        (lp.epochs, lp.batch_size),
+        "positive integers",
+    )
     _require(ft.img_size >= 0, "finetune.img_size", ft.img_size, "0 (pre-training size) or a positive size")
-    _require(ft.epochs > 0 and ft.batch_size > 0, "finetune.epochs/batch_size", (ft.epochs, ft.batch_size),
-             "positive integers")
+    _require(
+        ft.epochs > 0 and ft.batch_size > 0,
+        "finetune.epochs/batch_size",
+        (ft.epochs, ft.batch_size),
+        "positive integers",
+    )
     _require(0.0 < ft.layer_decay <= 1.0, "finetune.layer_decay", ft.layer_decay, "a number in (0, 1]")
     _require(0.0 <= ft.drop_path < 1.0, "finetune.drop_path", ft.drop_path, "a number in [0, 1)")
     _require(0.0 <= ft.label_smoothing < 1.0, "finetune.label_smoothing", ft.label_smoothing, "in [0, 1)")
     _require(0.0 < ft.crop_scale_min <= 1.0, "finetune.crop_scale_min", ft.crop_scale_min, "in (0, 1]")
     _require(0.0 < ft.crop_pct <= 1.0, "finetune.crop_pct", ft.crop_pct, "in (0, 1]")
-    _require(ft.mixup == 0 and ft.cutmix == 0 or ft.batch_size % 2 == 0, "finetune.batch_size", ft.batch_size,
-             "an even number when mixup/cutmix is on (timm mixes a batch with its reverse)")
+    _require(
+        ft.mixup == 0 and ft.cutmix == 0 or ft.batch_size % 2 == 0,
+        "finetune.batch_size",
+        ft.batch_size,
+        "an even number when mixup/cutmix is on (timm mixes a batch with its reverse)",
+    )

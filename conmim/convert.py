@@ -57,20 +57,32 @@ def infer_spec(sd: dict[str, torch.Tensor], img_size: int = 0) -> dict[str, Any]
         else:
             raise ValueError("no position table or embedding to infer the image size from; pass img_size")
     hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
-    kwargs = dict(img_size=img_size, patch_size=patch, in_chans=in_chans, embed_dim=dim, depth=depth,
-                  num_heads=heads, mlp_ratio=hidden / dim, qkv_bias="blocks.0.attn.q_bias" in sd,
-                  init_values=0.1 if "blocks.0.gamma_1" in sd else None, use_abs_pos_emb="pos_embed" in sd,
-                  use_shared_rel_pos_bias="rel_pos_bias.relative_position_bias_table" in sd,
-                  use_rel_pos_bias="blocks.0.attn.relative_position_bias_table" in sd,
-                  num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
-                  global_pool="avg" if "fc_norm.weight" in sd else "token")
+    kwargs = dict(
+        img_size=img_size,
+        patch_size=patch,
+        in_chans=in_chans,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=hidden / dim,
+        qkv_bias="blocks.0.attn.q_bias" in sd,
+        init_values=0.1 if "blocks.0.gamma_1" in sd else None,
+        use_abs_pos_emb="pos_embed" in sd,
+        use_shared_rel_pos_bias="rel_pos_bias.relative_position_bias_table" in sd,
+        use_rel_pos_bias="blocks.0.attn.relative_position_bias_table" in sd,
+        num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+        global_pool="avg" if "fc_norm.weight" in sd else "token",
+    )
     return {"model_name": "beit_base_patch16_224", "kwargs": kwargs}
 
 
 def convert_state_dict(sd: dict[str, torch.Tensor], img_size: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
     """(weights in timm's names, timm spec): drops the projector, lm_head, mask token and index buffers."""
-    weights = {k: v.contiguous() for k, v in sd.items()
-               if not k.startswith(DROP_PREFIXES) and not k.endswith("relative_position_index")}
+    weights = {
+        k: v.contiguous()
+        for k, v in sd.items()
+        if not k.startswith(DROP_PREFIXES) and not k.endswith("relative_position_index")
+    }
     return weights, infer_spec(sd, img_size)
 
 

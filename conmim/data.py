@@ -136,7 +136,7 @@ def _read_idx(path: Path) -> np.ndarray:
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file")
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -156,8 +156,18 @@ class ArraySource:
         return Image.fromarray(self.images[index]), int(self.labels[index])
 
 
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot")
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 def fashion_mnist(root: str | os.PathLike = FASHION_MNIST_DIR, split: str = "train") -> ArraySource:
@@ -250,8 +260,15 @@ class PretrainDataset(Dataset):
     worker process met it; see :func:`record_skipped`).
     """
 
-    def __init__(self, source, views: PairedViews, masks: MaskGenerator, seed: int = 0, on_error: str = "skip",
-                 skip_log: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        source,
+        views: PairedViews,
+        masks: MaskGenerator,
+        seed: int = 0,
+        on_error: str = "skip",
+        skip_log: str | os.PathLike | None = None,
+    ):
         self.source, self.views, self.masks, self.seed, self.on_error = source, views, masks, seed, on_error
         self.skip_log = skip_log
         self._seen_bad: set[str] = set()  # per process: record each bad file once
@@ -299,14 +316,24 @@ class EpochSampler(Sampler):
     ``steps_per_epoch * batch_size`` keys an epoch, so batches never straddle epochs.
     """
 
-    def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 start_step: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        start_step: int = 0,
+        shuffle: bool = True,
+    ):
         self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
         self.seed, self.start_step, self.shuffle = seed, start_step, shuffle
         self.steps_per_epoch = size // world_size // batch_size
         if self.steps_per_epoch == 0:
-            raise DataError(f"{size} images cannot fill one batch of {batch_size} on each of {world_size} "
-                            "process(es); lower train.batch_size or add images")
+            raise DataError(
+                f"{size} images cannot fill one batch of {batch_size} on each of {world_size} "
+                "process(es); lower train.batch_size or add images"
+            )
 
     def __len__(self) -> int:  # endless; report one epoch for progress displays
         return self.steps_per_epoch * self.batch_size
@@ -321,7 +348,7 @@ class EpochSampler(Sampler):
                 order = torch.randperm(self.size, generator=g)
             else:
                 order = torch.arange(self.size)
-            mine = order[self.rank::self.world_size][:per_epoch].tolist()
+            mine = order[self.rank :: self.world_size][:per_epoch].tolist()
             for index in mine[offset:]:
                 yield epoch, index
             epoch, offset = epoch + 1, 0

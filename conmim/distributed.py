@@ -58,8 +58,9 @@ def _agent_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                          timeout=timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+    )
     return dist.PrefixStore(f"conmim/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
@@ -107,5 +108,7 @@ def describe_failure(err: BaseException) -> str | None:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if not (isinstance(err, dist.DistError) or any(w in text.lower() for w in COMM_FAILURE_WORDS)):
         return None
-    return (f"rank {os.environ.get('RANK', '?')} lost the process group ({type(err).__name__}: {text}); another "
-            f"rank probably died or hung (its log says why); collectives give up after train.dist_timeout_s")
+    return (
+        f"rank {os.environ.get('RANK', '?')} lost the process group ({type(err).__name__}: {text}); another "
+        f"rank probably died or hung (its log says why); collectives give up after train.dist_timeout_s"
+    )

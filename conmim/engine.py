@@ -90,8 +90,14 @@ def make_plan(cfg: Config, micro_steps_per_epoch: int, world_size: int) -> Plan:
     steps_per_epoch = max(micro_steps_per_epoch // t.accum_steps, 1)
     total = steps_per_epoch * t.epochs
     total_batch = t.batch_size * t.accum_steps * world_size
-    return Plan(steps_per_epoch, total, min(total, t.max_steps) if t.max_steps else total,
-                int(round(t.warmup_epochs * steps_per_epoch)), t.base_lr * total_batch / 256, total_batch)
+    return Plan(
+        steps_per_epoch,
+        total,
+        min(total, t.max_steps) if t.max_steps else total,
+        int(round(t.warmup_epochs * steps_per_epoch)),
+        t.base_lr * total_batch / 256,
+        total_batch,
+    )
 
 
 def _step_of_record(line: str) -> int | None:
@@ -146,42 +152,62 @@ def preflight(cfg: Config, dist: distributed.DistInfo, device: torch.device):
     source = build_source(cfg.data, cfg.model.img_size)
     b, w = cfg.train.batch_size, dist.world_size
     if len(source) // w < b:
-        raise ConfigError(f"train.batch_size={b} is not allowed: {len(source)} images split over {w} process(es) "
-                          f"fill no batch of {b} per process; use at most {len(source) // w}")
+        raise ConfigError(
+            f"train.batch_size={b} is not allowed: {len(source)} images split over {w} process(es) "
+            f"fill no batch of {b} per process; use at most {len(source) // w}"
+        )
     if dist.is_main:
         check_writable(Path(cfg.output_dir))
     return source
 
 
-def build_loader(cfg: Config, dist: distributed.DistInfo, start_micro_step: int, source=None,
-                 skip_log: Path | None = None) -> tuple[DataLoader, EpochSampler, PretrainDataset]:
+def build_loader(
+    cfg: Config, dist: distributed.DistInfo, start_micro_step: int, source=None, skip_log: Path | None = None
+) -> tuple[DataLoader, EpochSampler, PretrainDataset]:
     """The pre-training loader. Its own generator keeps the main process's torch RNG untouched when
     an iterator starts (a resumed run must draw drop-path masks from exactly the saved RNG state)."""
     m, d = cfg.model, cfg.data
     source = source if source is not None else build_source(d, m.img_size)
-    views = PairedViews(m.img_size, (d.crop_scale_min, 1.0), tuple(d.mean), tuple(d.std), d.strong_aug,
-                        d.weak_aug_strong)
+    views = PairedViews(
+        m.img_size, (d.crop_scale_min, 1.0), tuple(d.mean), tuple(d.std), d.strong_aug, d.weak_aug_strong
+    )
     masks = MaskGenerator.from_config(cfg.mask, m.img_size, m.patch_size)
     dataset_cls = EncodedPretrainDataset if d.gpu_aug else PretrainDataset
     dataset = dataset_cls(source, views, masks, cfg.train.seed, d.on_error, skip_log)
-    sampler = EpochSampler(len(dataset), cfg.train.batch_size, dist.rank, dist.world_size, cfg.train.seed,
-                           start_step=start_micro_step)
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=d.num_workers,
-                        pin_memory=torch.cuda.is_available(), drop_last=True,
-                        collate_fn=collate_encoded if d.gpu_aug else None,
-                        persistent_workers=d.num_workers > 0, prefetch_factor=4 if d.num_workers > 0 else None,
-                        # its own generator: creating the iterator must not draw from the global RNG,
-                        # or a resumed run's drop-path draws would shift
-                        generator=torch.Generator().manual_seed(cfg.train.seed))
+    sampler = EpochSampler(
+        len(dataset), cfg.train.batch_size, dist.rank, dist.world_size, cfg.train.seed, start_step=start_micro_step
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        num_workers=d.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=True,
+        collate_fn=collate_encoded if d.gpu_aug else None,
+        persistent_workers=d.num_workers > 0,
+        prefetch_factor=4 if d.num_workers > 0 else None,
+        # its own generator: creating the iterator must not draw from the global RNG,
+        # or a resumed run's drop-path draws would shift
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
     return loader, sampler, dataset
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
     """This process's RNG states, in types that ``torch.load(weights_only=True)`` accepts."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                                       "has_gauss": has_gauss, "gauss": gauss}}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+    }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -196,8 +222,15 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _apply_checkpoint(state: dict, path: Path, model: ConMIM, optimizer: torch.optim.Optimizer,
-                      scaler: torch.amp.GradScaler, device: torch.device, rank: int) -> tuple[int, torch.Tensor | None]:
+def _apply_checkpoint(
+    state: dict,
+    path: Path,
+    model: ConMIM,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    rank: int,
+) -> tuple[int, torch.Tensor | None]:
     """Load a checkpoint into the run; returns its step and this rank's partly filled metrics window."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -207,28 +240,57 @@ def _apply_checkpoint(state: dict, path: Path, model: ConMIM, optimizer: torch.o
     if rank < len(ranks):
         _set_rng_state(ranks[rank], device)
     else:
-        log.warning("%s was written by %d process(es); rank %d keeps its fresh RNG seed, so this run will not "
-                    "match an uninterrupted one exactly", path, len(ranks), rank)
+        log.warning(
+            "%s was written by %d process(es); rank %d keeps its fresh RNG seed, so this run will not "
+            "match an uninterrupted one exactly",
+            path,
+            len(ranks),
+            rank,
+        )
     meters = state.get("meter") or []
     return int(state["step"]), meters[rank].to(device) if rank < len(meters) else None
 
 
-def _save(cfg: Config, out: Path, step: int, model: ConMIM, optimizer: torch.optim.Optimizer,
-          scaler: torch.amp.GradScaler, guard: StepGuard, sums: torch.Tensor, device: torch.device,
-          dist: distributed.DistInfo) -> None:
+def _save(
+    cfg: Config,
+    out: Path,
+    step: int,
+    model: ConMIM,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    guard: StepGuard,
+    sums: torch.Tensor,
+    device: torch.device,
+    dist: distributed.DistInfo,
+) -> None:
     """Checkpoint ``step`` (rank 0 writes; every rank contributes its RNG states and metrics window)."""
     rank_states = distributed.gather_to_main({"rng": _rng_state(device), "meter": sums.cpu()})
     if dist.is_main:
         assert rank_states is not None
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "step": step, "rng": [r["rng"] for r in rank_states], "meter": [r["meter"] for r in rank_states],
-                 "guard": guard.state_dict(), "config": to_yaml(cfg)}
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "rng": [r["rng"] for r in rank_states],
+            "meter": [r["meter"] for r in rank_states],
+            "guard": guard.state_dict(),
+            "config": to_yaml(cfg),
+        }
         ckpt.save_checkpoint(state, out / "checkpoints", step, cfg.train.keep_checkpoints)
 
 
-def _recover(cfg: Config, out: Path, step: int, guard: StepGuard, model: ConMIM, optimizer: torch.optim.Optimizer,
-             scaler: torch.amp.GradScaler, device: torch.device,
-             dist: distributed.DistInfo) -> tuple[int, torch.Tensor | None] | None:
+def _recover(
+    cfg: Config,
+    out: Path,
+    step: int,
+    guard: StepGuard,
+    model: ConMIM,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    dist: distributed.DistInfo,
+) -> tuple[int, torch.Tensor | None] | None:
     """After ``max_bad_steps`` consecutive non-finite steps: restore the newest checkpoint from before them
     with a lower lr (``nan_policy=restore``), or stop. Returns (step, metrics window) after a restore,
     None while the run is healthy. Reads one scalar from the device."""
@@ -239,21 +301,32 @@ def _recover(cfg: Config, out: Path, step: int, guard: StepGuard, model: ConMIM,
     last_good = step - bad
     found = ckpt.load_latest(out / "checkpoints", "cpu", max_step=last_good)
     where = f"the last checkpoint from before them is {found[1]}" if found else "no checkpoint predates them"
-    what = (f"loss or gradients were NaN/Inf in {bad} consecutive steps ({last_good + 1}-{step}; "
-            f"train.max_bad_steps={t.max_bad_steps})")
+    what = (
+        f"loss or gradients were NaN/Inf in {bad} consecutive steps ({last_good + 1}-{step}; "
+        f"train.max_bad_steps={t.max_bad_steps})"
+    )
     if t.nan_policy == "stop" or found is None or guard.restores >= t.nan_max_restores:
         tried = f", after {guard.restores} restore(s) with a lower lr" if guard.restores else ""
-        raise NonFiniteError(f"stopping: {what}{tried}; {where}. Lower train.base_lr, raise train.warmup_epochs, "
-                             f"use train.precision=bf16 or fp32, or check the data (train.nan_policy={t.nan_policy}, "
-                             f"train.nan_max_restores={t.nan_max_restores})")
+        raise NonFiniteError(
+            f"stopping: {what}{tried}; {where}. Lower train.base_lr, raise train.warmup_epochs, "
+            f"use train.precision=bf16 or fp32, or check the data (train.nan_policy={t.nan_policy}, "
+            f"train.nan_max_restores={t.nan_max_restores})"
+        )
     state, path = found
     restored, meter = _apply_checkpoint(state, path, model, optimizer, scaler, device, dist.rank)
     guard.lr_scale *= t.nan_lr_factor
     guard.restores += 1
     guard.bad_run.zero_()
     if dist.is_main:
-        log.warning("%s: restored %s (step %d), lr x %.3g from now on (restore %d of at most %d)", what, path,
-                    restored, guard.lr_scale, guard.restores, t.nan_max_restores)
+        log.warning(
+            "%s: restored %s (step %d), lr x %.3g from now on (restore %d of at most %d)",
+            what,
+            path,
+            restored,
+            guard.lr_scale,
+            guard.restores,
+            t.nan_max_restores,
+        )
     return restored, meter
 
 
@@ -263,8 +336,9 @@ def _report_skipped(out: Path) -> None:
     skipped = read_skipped(log_file)
     if skipped:
         log_file.write_text("".join(f"{name}\t{reason}\n" for name, reason in sorted(skipped.items())))
-        log.warning("skipped %d unreadable image file(s) (data.on_error=skip); they are listed in %s",
-                    len(skipped), log_file)
+        log.warning(
+            "skipped %d unreadable image file(s) (data.on_error=skip); they are listed in %s", len(skipped), log_file
+        )
 
 
 def pretrain(cfg: Config) -> dict[str, Any]:
@@ -282,8 +356,9 @@ def pretrain(cfg: Config) -> dict[str, Any]:
 
     model = (PixelMIM if cfg.model.objective == "pixel" else ConMIM).from_config(cfg.model).to(device)
     distributed.broadcast_from_main(model)  # ranks seed differently and DDP only syncs the student, not the teacher
-    optimizer = build_adamw(model.student, t.base_lr, t.weight_decay, tuple(t.betas), t.decay_mask_token,
-                            t.decay_rel_pos, fused=True)  # fused: skips a non-finite step on the device
+    optimizer = build_adamw(
+        model.student, t.base_lr, t.weight_decay, tuple(t.betas), t.decay_mask_token, t.decay_rel_pos, fused=True
+    )  # fused: skips a non-finite step on the device
     amp_dtype = resolve_precision(t.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     guard = StepGuard(model, optimizer, scaler, t.max_bad_steps, t.log_every)
@@ -312,9 +387,15 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     writer = MetricsWriter(out, step) if dist.is_main else None
     monitor = KnnMonitor.from_config(cfg) if cfg.eval.monitor_every and dist.is_main else None
     if dist.is_main:
-        log.info("%d images, %d steps/epoch, %d steps (%d this run), total batch %d, peak lr %.3g",
-                 len(dataset), plan.steps_per_epoch, plan.total_steps, plan.run_steps - step, plan.total_batch,
-                 plan.lr)
+        log.info(
+            "%d images, %d steps/epoch, %d steps (%d this run), total batch %d, peak lr %.3g",
+            len(dataset),
+            plan.steps_per_epoch,
+            plan.total_steps,
+            plan.run_steps - step,
+            plan.total_batch,
+            plan.lr,
+        )
 
     model.train()
     views = device_views(cfg, device, dataset)
@@ -337,8 +418,9 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             sync = contextlib.nullcontext() if (micro == t.accum_steps - 1 or not dist.enabled) else student.no_sync()
             with sync:
                 loss, accuracy = forward_backward(model, student, weak, strong, mask, amp_dtype, scaler, t.accum_steps)
-            step_sums += torch.stack([loss, accuracy, torch.zeros((), device=device),
-                                      mask.float().mean()]) / t.accum_steps
+            step_sums += (
+                torch.stack([loss, accuracy, torch.zeros((), device=device), mask.float().mean()]) / t.accum_steps
+            )
         momentum = teacher_momentum(step, plan.total_steps, t.momentum, t.momentum_end)
         grad_norm, ok = optimizer_step(model, optimizer, scaler, params, t.clip_grad, momentum, guard=guard)
         step_sums[2] += grad_norm.float()
@@ -347,8 +429,9 @@ def pretrain(cfg: Config) -> dict[str, Any]:
         step += 1
         images_since += plan.total_batch
         bar.update(1)
-        if guard.due(step, plan.run_steps) and (back := _recover(cfg, out, step, guard, model, optimizer, scaler,
-                                                                 device, dist)):
+        if guard.due(step, plan.run_steps) and (
+            back := _recover(cfg, out, step, guard, model, optimizer, scaler, device, dist)
+        ):
             step, meter = back
             sums = meter if meter is not None else torch.zeros_like(sums)
             sampler.start_step = step * t.accum_steps
@@ -368,10 +451,21 @@ def pretrain(cfg: Config) -> dict[str, Any]:
             totals = distributed.all_mean(sums).tolist()
             means = [v / totals[4] if totals[4] else None for v in totals[:4]]
             elapsed = time.perf_counter() - t0
-            record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "loss": means[0],
-                      "retrieval_acc": means[1], "grad_norm": means[2], "mask_ratio": means[3], "lr": lr,
-                      "weight_decay": wd, "momentum": momentum, "img_per_s": images_since / elapsed,
-                      "skipped_steps": int(guard.skipped), "nan_restores": guard.restores, **knn}
+            record = {
+                "step": step,
+                "epoch": round(step / plan.steps_per_epoch, 4),
+                "loss": means[0],
+                "retrieval_acc": means[1],
+                "grad_norm": means[2],
+                "mask_ratio": means[3],
+                "lr": lr,
+                "weight_decay": wd,
+                "momentum": momentum,
+                "img_per_s": images_since / elapsed,
+                "skipped_steps": int(guard.skipped),
+                "nan_restores": guard.restores,
+                **knn,
+            }
             if writer:
                 writer.write(record)
             shown = [math.nan if v is None else v for v in means]

@@ -41,8 +41,16 @@ def config_of(state: dict) -> Config:
 
 def spec_of(cfg: Config) -> dict[str, Any]:
     m = cfg.model
-    return timm_spec(m.arch, m.img_size, m.patch_size, encoder=m.encoder, in_chans=m.in_chans, depth=m.depth,
-                     init_values=m.init_values, pos_embed=m.pos_embed)
+    return timm_spec(
+        m.arch,
+        m.img_size,
+        m.patch_size,
+        encoder=m.encoder,
+        in_chans=m.in_chans,
+        depth=m.depth,
+        init_values=m.init_values,
+        pos_embed=m.pos_embed,
+    )
 
 
 def encoder_state(state: dict, which: str = "teacher") -> dict[str, torch.Tensor]:
@@ -50,7 +58,7 @@ def encoder_state(state: dict, which: str = "teacher") -> dict[str, torch.Tensor
     if which not in ("teacher", "student"):
         raise ValueError(f"--which={which!r}: choose teacher or student")
     prefix = f"{which}.encoder."
-    weights = {k[len(prefix):]: v.contiguous() for k, v in state["model"].items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: v.contiguous() for k, v in state["model"].items() if k.startswith(prefix)}
     if not weights:
         raise KeyError(f"checkpoint has no {prefix}* weights")
     return weights

@@ -30,8 +30,10 @@ def eval_sources(cfg: Config, img_size: int):
     from .data import build_source
 
     e, seed = cfg.eval, cfg.train.seed
-    return (limit_source(build_source(cfg.data, img_size, cfg.data.split), e.train_limit, seed),
-            limit_source(build_source(cfg.data, img_size, cfg.data.eval_split), e.test_limit, seed))
+    return (
+        limit_source(build_source(cfg.data, img_size, cfg.data.split), e.train_limit, seed),
+        limit_source(build_source(cfg.data, img_size, cfg.data.eval_split), e.test_limit, seed),
+    )
 
 
 def last_retrieval_acc(out: Path) -> float | None:
@@ -44,38 +46,72 @@ def last_retrieval_acc(out: Path) -> float | None:
     return found
 
 
-def final_evaluation(cfg: Config, teacher: nn.Module, random_init: nn.Module, steps: int, minutes: float,
-                     device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, Any] | None:
+def final_evaluation(
+    cfg: Config,
+    teacher: nn.Module,
+    random_init: nn.Module,
+    steps: int,
+    minutes: float,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> dict[str, Any] | None:
     """k-NN and linear probe of ``teacher`` against ``random_init``; the report written to
     ``OUTPUT_DIR/final_eval.json``, or None when skipped (the reason is logged)."""
     e = cfg.eval
     if steps < e.final_min_steps:
-        log.warning("final evaluation skipped: this run made %d steps, fewer than eval.final_min_steps=%d "
-                    "(run `conmim knn %s` for one)", steps, e.final_min_steps, cfg.output_dir)
+        log.warning(
+            "final evaluation skipped: this run made %d steps, fewer than eval.final_min_steps=%d "
+            "(run `conmim knn %s` for one)",
+            steps,
+            e.final_min_steps,
+            cfg.output_dir,
+        )
         return None
     size = cfg.model.img_size
     try:
         train, test = eval_sources(cfg, size)
         classes = num_classes_of(train, test)
     except (DataError, FileNotFoundError, ValueError) as err:
-        log.warning("final evaluation skipped: it needs labelled %s and %s splits (%s)",
-                    cfg.data.split, cfg.data.eval_split, err)
+        log.warning(
+            "final evaluation skipped: it needs labelled %s and %s splits (%s)",
+            cfg.data.split,
+            cfg.data.eval_split,
+            err,
+        )
         return None
     out = Path(cfg.output_dir)
     n_patches = (size // cfg.model.patch_size) ** 2
-    report: dict[str, Any] = {"pretrain_minutes": round(minutes, 2), "steps": steps,
-                              "retrieval_acc": last_retrieval_acc(out), "retrieval_chance": 1 / n_patches,
-                              "train_images": len(train), "test_images": len(test), "pool": e.pool,
-                              "knn_k": e.knn_k, "linprobe_epochs": cfg.linprobe.epochs}
+    report: dict[str, Any] = {
+        "pretrain_minutes": round(minutes, 2),
+        "steps": steps,
+        "retrieval_acc": last_retrieval_acc(out),
+        "retrieval_chance": 1 / n_patches,
+        "train_images": len(train),
+        "test_images": len(test),
+        "pool": e.pool,
+        "knn_k": e.knn_k,
+        "linprobe_epochs": cfg.linprobe.epochs,
+    }
     transform = EvalTransform(size, cfg.data.mean, cfg.data.std)
     for name, encoder in (("teacher", teacher), ("random_init", random_init)):
-        feats = [extract_features(encoder, LabeledDataset(src, transform), e.batch_size, e.pool, device,
-                                  cfg.data.num_workers, f"{name} {split} features", amp_dtype=amp_dtype)
-                 for split, src in (("train", train), ("test", test))]
+        feats = [
+            extract_features(
+                encoder,
+                LabeledDataset(src, transform),
+                e.batch_size,
+                e.pool,
+                device,
+                cfg.data.num_workers,
+                f"{name} {split} features",
+                amp_dtype=amp_dtype,
+            )
+            for split, src in (("train", train), ("test", test))
+        ]
         (train_x, train_y), (test_x, test_y) = feats
         report[f"knn_top1_{name}"] = round(knn_accuracy(train_x, train_y, test_x, test_y, e.knn_k, e.knn_t), 2)
         report[f"linprobe_top1_{name}"] = round(
-            probe_cached(train_x, train_y, test_x, test_y, classes, cfg.linprobe, device, cfg.train.seed), 2)
+            probe_cached(train_x, train_y, test_x, test_y, classes, cfg.linprobe, device, cfg.train.seed), 2
+        )
     (out / "final_eval.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -84,12 +120,14 @@ def summary_line(report: dict[str, Any]) -> str:
     """One screen: retrieval accuracy against chance, then teacher against random init."""
     acc, knn = report["retrieval_acc"], f"k-NN top-1 (k={report['knn_k']})"
     shown = "n/a" if acc is None or math.isnan(acc) else f"{100 * acc:.1f} %"
-    return (f"ConMIM after {report['steps']} steps ({report['pretrain_minutes']:.1f} min): masked-patch retrieval "
-            f"{shown} (chance {100 * report['retrieval_chance']:.1f} %)\n"
-            f"  {'':<22}{'teacher':>10}{'random init':>14}\n"
-            f"  {knn:<22}{report['knn_top1_teacher']:>9.2f}%"
-            f"{report['knn_top1_random_init']:>13.2f}%\n"
-            f"  {'linear probe top-1':<22}{report['linprobe_top1_teacher']:>9.2f}%"
-            f"{report['linprobe_top1_random_init']:>13.2f}%\n"
-            f"  ({report['train_images']} training / {report['test_images']} test images, {report['pool']}-pooled "
-            f"features)")
+    return (
+        f"ConMIM after {report['steps']} steps ({report['pretrain_minutes']:.1f} min): masked-patch retrieval "
+        f"{shown} (chance {100 * report['retrieval_chance']:.1f} %)\n"
+        f"  {'':<22}{'teacher':>10}{'random init':>14}\n"
+        f"  {knn:<22}{report['knn_top1_teacher']:>9.2f}%"
+        f"{report['knn_top1_random_init']:>13.2f}%\n"
+        f"  {'linear probe top-1':<22}{report['linprobe_top1_teacher']:>9.2f}%"
+        f"{report['linprobe_top1_random_init']:>13.2f}%\n"
+        f"  ({report['train_images']} training / {report['test_images']} test images, {report['pool']}-pooled "
+        f"features)"
+    )

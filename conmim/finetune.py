@@ -64,8 +64,12 @@ def _head_inputs(model: nn.Module, dataset, batch_size: int, device: torch.devic
     """What the classifier's head sees (pooled, normalised tokens) for every image, model in eval mode."""
     model.eval()
     feats, labels = [], []
-    for images, y in tqdm(DataLoader(dataset, batch_size=batch_size, num_workers=workers), desc="head inputs",
-                          leave=False, dynamic_ncols=True):
+    for images, y in tqdm(
+        DataLoader(dataset, batch_size=batch_size, num_workers=workers),
+        desc="head inputs",
+        leave=False,
+        dynamic_ncols=True,
+    ):
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             tokens = model.forward_features(images.to(device, non_blocking=True))
         feats.append(model.forward_head(tokens.float(), pre_logits=True).float())
@@ -80,8 +84,12 @@ def probe_head_init(model: nn.Module, train_source, cfg: Config, device: torch.d
     random one (with AdamW, whose steps have the lr's size whatever the gradient's, those first steps
     otherwise move the pre-trained blocks in directions set by a random head). Returns the fitted
     head's training top-1 (%)."""
-    f, p = cfg.finetune, dataclasses.replace(cfg.linprobe, epochs=cfg.finetune.probe_head_epochs,
-                                             warmup_epochs=min(cfg.linprobe.warmup_epochs, 1.0))
+    f, p = (
+        cfg.finetune,
+        dataclasses.replace(
+            cfg.linprobe, epochs=cfg.finetune.probe_head_epochs, warmup_epochs=min(cfg.linprobe.warmup_epochs, 1.0)
+        ),
+    )
     size = img_size_of(model)
     data = LabeledDataset(train_source, EvalTransform(size, cfg.data.mean, cfg.data.std, f.crop_pct))
     x, y = _head_inputs(model, data, cfg.eval.batch_size, device, amp_dtype, cfg.data.num_workers)
@@ -108,8 +116,17 @@ def train_transform(img_size: int, cfg: Config) -> RGBTransform:
     """
     f, d = cfg.finetune, cfg.data
     ops = create_transform(
-        img_size, is_training=True, scale=(f.crop_scale_min, 1.0), auto_augment=f.auto_augment or None,
-        interpolation="bicubic", re_prob=f.reprob, re_mode="pixel", re_count=1, mean=tuple(d.mean), std=tuple(d.std))
+        img_size,
+        is_training=True,
+        scale=(f.crop_scale_min, 1.0),
+        auto_augment=f.auto_augment or None,
+        interpolation="bicubic",
+        re_prob=f.reprob,
+        re_mode="pixel",
+        re_count=1,
+        mean=tuple(d.mean),
+        std=tuple(d.std),
+    )
     for t in ops.transforms:
         for op in getattr(t, "ops", []) if isinstance(t, RandAugment) else []:
             if op.name.startswith("Posterize"):
@@ -118,11 +135,15 @@ def train_transform(img_size: int, cfg: Config) -> RGBTransform:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, amp_dtype=None,
-             num_workers: int = 0) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, dataset, batch_size: int, device: torch.device, amp_dtype=None, num_workers: int = 0
+) -> dict[str, float]:
     """Top-1 / top-5 (%) and cross-entropy; under torchrun each rank takes every world_size-th sample."""
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-        if torch.distributed.is_initialized() else (0, 1)
+    rank, world = (
+        (torch.distributed.get_rank(), torch.distributed.get_world_size())
+        if torch.distributed.is_initialized()
+        else (0, 1)
+    )
     shard = Subset(dataset, range(rank, len(dataset), world))
     was_training = model.training
     model.eval()
@@ -133,21 +154,36 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, a
             logits = model(images).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == labels[:, None]
-        sums += torch.stack([hits[:, 0].sum().float(), hits.any(1).sum().float(),
-                             nn.functional.cross_entropy(logits, labels, reduction="sum"),
-                             torch.tensor(float(len(labels)), device=device)])
+        sums += torch.stack(
+            [
+                hits[:, 0].sum().float(),
+                hits.any(1).sum().float(),
+                nn.functional.cross_entropy(logits, labels, reduction="sum"),
+                torch.tensor(float(len(labels)), device=device),
+            ]
+        )
     model.train(was_training)
     sums = distributed.all_mean(sums) * world
     count = sums[3].clamp_min(1)
-    return {"top1": (100 * sums[0] / count).item(), "top5": (100 * sums[1] / count).item(),
-            "loss": (sums[2] / count).item()}
+    return {
+        "top1": (100 * sums[0] / count).item(),
+        "top5": (100 * sums[1] / count).item(),
+        "loss": (sums[2] / count).item(),
+    }
 
 
 def mixup_and_criterion(f, num_classes: int) -> tuple[Mixup | None, nn.Module]:
     """timm Mixup/CutMix with label smoothing and the soft-target loss, or plain (smoothed) CE when off."""
     if f.mixup > 0 or f.cutmix > 0:
-        return Mixup(mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, prob=f.mixup_prob, switch_prob=f.mixup_switch_prob,
-                     mode="batch", label_smoothing=f.label_smoothing, num_classes=num_classes), SoftTargetCrossEntropy()
+        return Mixup(
+            mixup_alpha=f.mixup,
+            cutmix_alpha=f.cutmix,
+            prob=f.mixup_prob,
+            switch_prob=f.mixup_switch_prob,
+            mode="batch",
+            label_smoothing=f.label_smoothing,
+            num_classes=num_classes,
+        ), SoftTargetCrossEntropy()
     return None, LabelSmoothingCrossEntropy(f.label_smoothing) if f.label_smoothing > 0 else nn.CrossEntropyLoss()
 
 
@@ -193,14 +229,20 @@ def _train_epoch(run: _Run, loader: DataLoader, f, writer: MetricsWriter | None,
         if run.step % f.log_every == 0:
             train_loss = (distributed.all_mean(sums) / since).item()  # every rank joins the all-reduce
             if writer:
-                writer.write({"step": run.step, "epoch": round(run.step / len(loader), 4), "train_loss": train_loss,
-                              "lr": lr})
+                writer.write(
+                    {"step": run.step, "epoch": round(run.step / len(loader), 4), "train_loss": train_loss, "lr": lr}
+                )
             sums.zero_()
             since = 0
 
 
-def finetune(encoder: nn.Module | str | Path, train_source, test_source, cfg: Config | None = None,
-             out_dir: str | Path | None = None) -> dict[str, Any]:
+def finetune(
+    encoder: nn.Module | str | Path,
+    train_source,
+    test_source,
+    cfg: Config | None = None,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """Fine-tune a pre-trained encoder on ``train_source``; evaluate on ``test_source`` every epoch.
 
     ``encoder``: a timm encoder (e.g. ``ConMIM.teacher.encoder``), an exported ``.safetensors``, a
@@ -226,21 +268,43 @@ def finetune(encoder: nn.Module | str | Path, train_source, test_source, cfg: Co
     size = img_size_of(model)
     train_set = LabeledDataset(train_source, train_transform(size, cfg))
     test_set = LabeledDataset(test_source, EvalTransform(size, cfg.data.mean, cfg.data.std, f.crop_pct))
-    sampler = DistributedSampler(train_set, dist.world_size, dist.rank, seed=cfg.train.seed, drop_last=True) \
-        if dist.enabled else None
-    loader = DataLoader(train_set, f.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(cfg.train.seed))
+    sampler = (
+        DistributedSampler(train_set, dist.world_size, dist.rank, seed=cfg.train.seed, drop_last=True)
+        if dist.enabled
+        else None
+    )
+    loader = DataLoader(
+        train_set,
+        f.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
     if len(loader) == 0:
-        raise DataError(f"{len(train_set)} training images cannot fill one batch of finetune.batch_size="
-                        f"{f.batch_size} per process")
-    optimizer = torch.optim.AdamW(layer_decay_groups(model, f.weight_decay, f.layer_decay, f.decay_rel_pos),
-                                  lr=f.base_lr, betas=tuple(f.betas),
-                                  **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+        raise DataError(
+            f"{len(train_set)} training images cannot fill one batch of finetune.batch_size={f.batch_size} per process"
+        )
+    optimizer = torch.optim.AdamW(
+        layer_decay_groups(model, f.weight_decay, f.layer_decay, f.decay_rel_pos),
+        lr=f.base_lr,
+        betas=tuple(f.betas),
+        **({"fused": True} if device.type == "cuda" else {"foreach": True}),
+    )
     amp_dtype = resolve_precision(cfg.train.precision, device)
-    run = _Run(model, optimizer, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-               *mixup_and_criterion(f, classes), device, amp_dtype, f.base_lr * f.batch_size * dist.world_size / 256,
-               f.epochs * len(loader), int(round(f.warmup_epochs * len(loader))))
+    run = _Run(
+        model,
+        optimizer,
+        torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        *mixup_and_criterion(f, classes),
+        device,
+        amp_dtype,
+        f.base_lr * f.batch_size * dist.world_size / 256,
+        f.epochs * len(loader),
+        int(round(f.warmup_epochs * len(loader))),
+    )
 
     epoch, best, history = 0, {"top1": -1.0, "top5": None, "epoch": 0}, []
     last = out / "checkpoints" / "last.pt"
@@ -258,9 +322,16 @@ def finetune(encoder: nn.Module | str | Path, train_source, test_source, cfg: Co
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
-        log.info("fine-tuning %s at %d px (pre-trained at grid %s): %d classes, %d images, %d steps/epoch, "
-                 "peak lr %.3g", model_spec["model_name"], size, grid_of(spec), classes, len(train_set),
-                 len(loader), run.peak)
+        log.info(
+            "fine-tuning %s at %d px (pre-trained at grid %s): %d classes, %d images, %d steps/epoch, peak lr %.3g",
+            model_spec["model_name"],
+            size,
+            grid_of(spec),
+            classes,
+            len(train_set),
+            len(loader),
+            run.peak,
+        )
     writer = MetricsWriter(out, run.step, tag="finetune") if dist.is_main else None
     run.net = DistributedDataParallel(model) if dist.enabled else model
     while epoch < f.epochs:
@@ -274,21 +345,52 @@ def finetune(encoder: nn.Module | str | Path, train_source, test_source, cfg: Co
         if is_best:
             best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch}
         if writer:
-            writer.write({"step": run.step, "epoch": epoch, **{f"test_{k}": v for k, v in metrics.items()},
-                          "best_top1": best["top1"]})
-            log.info("epoch %d: top-1 %.2f%%, top-5 %.2f%% (best %.2f%% at epoch %d)", epoch, metrics["top1"],
-                     metrics["top5"], best["top1"], best["epoch"])
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": run.scaler.state_dict(), "epoch": epoch, "best": best, "history": history,
-                     "spec": json.dumps(model_spec), "config": to_yaml(cfg)}
+            writer.write(
+                {
+                    "step": run.step,
+                    "epoch": epoch,
+                    **{f"test_{k}": v for k, v in metrics.items()},
+                    "best_top1": best["top1"],
+                }
+            )
+            log.info(
+                "epoch %d: top-1 %.2f%%, top-5 %.2f%% (best %.2f%% at epoch %d)",
+                epoch,
+                metrics["top1"],
+                metrics["top5"],
+                best["top1"],
+                best["epoch"],
+            )
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": run.scaler.state_dict(),
+                "epoch": epoch,
+                "best": best,
+                "history": history,
+                "spec": json.dumps(model_spec),
+                "config": to_yaml(cfg),
+            }
             ckpt.atomic_save(state, last)
             if is_best:
-                ckpt.atomic_save({k: state[k] for k in ("model", "epoch", "best", "spec", "config")},
-                                 out / "checkpoints" / "best.pt")
-    result = {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "best_top1": best["top1"],
-              "best_top5": best["top5"], "best_epoch": best["epoch"], "epochs": f.epochs, "img_size": size,
-              "num_classes": classes, "train_images": len(train_set), "test_images": len(test_set),
-              "history": history, "seconds": round(time.perf_counter() - start, 1), "output_dir": str(out)}
+                ckpt.atomic_save(
+                    {k: state[k] for k in ("model", "epoch", "best", "spec", "config")}, out / "checkpoints" / "best.pt"
+                )
+    result = {
+        "top1": history[-1]["top1"],
+        "top5": history[-1]["top5"],
+        "best_top1": best["top1"],
+        "best_top5": best["top5"],
+        "best_epoch": best["epoch"],
+        "epochs": f.epochs,
+        "img_size": size,
+        "num_classes": classes,
+        "train_images": len(train_set),
+        "test_images": len(test_set),
+        "history": history,
+        "seconds": round(time.perf_counter() - start, 1),
+        "output_dir": str(out),
+    }
     if writer:
         best_state = ckpt.safe_load(out / "checkpoints" / "best.pt")["model"]
         write_encoder({k: v.contiguous() for k, v in best_state.items()}, model_spec, out / "best.safetensors")

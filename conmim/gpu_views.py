@@ -41,8 +41,22 @@ MAX_BLUR_RADIUS = 6  # ceil(3 * sigma) for sigma <= 2.0, the top of the blur rad
 
 def pack_params(p: ViewParams) -> list[float]:
     """One :class:`ViewParams` as a row of the parameter table (float64 keeps every value exact)."""
-    return [p.top, p.left, p.height, p.width, float(p.flip), float(p.jitter), p.brightness, p.contrast,
-            p.saturation, p.hue, *p.jitter_order, float(p.grayscale), p.blur_sigma, float(p.solarize)]
+    return [
+        p.top,
+        p.left,
+        p.height,
+        p.width,
+        float(p.flip),
+        float(p.jitter),
+        p.brightness,
+        p.contrast,
+        p.saturation,
+        p.hue,
+        *p.jitter_order,
+        float(p.grayscale),
+        p.blur_sigma,
+        float(p.solarize),
+    ]
 
 
 class EncodedPretrainDataset(PretrainDataset):
@@ -157,7 +171,7 @@ def crop_resize_flip(images: list[torch.Tensor], boxes: list[list[int]], flip: t
     ``flip``; uint8 (B, 3, size, size) as the CPU path's cropped view."""
     out = torch.empty(len(images), 3, size, size, device=flip.device)
     for k, (img, (top, left, h, w)) in enumerate(zip(images, boxes, strict=True)):
-        crop = img[None, :, top:top + h, left:left + w].float()
+        crop = img[None, :, top : top + h, left : left + w].float()
         out[k] = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
     out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
     return out.clamp_(0, 255).round_().to(torch.uint8)
@@ -166,8 +180,17 @@ def crop_resize_flip(images: list[torch.Tensor], boxes: list[list[int]], flip: t
 class DeviceViews:
     """Collated :class:`EncodedPretrainDataset` batch -> (weak, strong, mask) on ``device``."""
 
-    def __init__(self, img_size: int, mean, std, strong: bool, weak_strong: bool, device: torch.device,
-                 compile: bool = False, bad_file: Callable[[str, Exception], None] | None = None):
+    def __init__(
+        self,
+        img_size: int,
+        mean,
+        std,
+        strong: bool,
+        weak_strong: bool,
+        device: torch.device,
+        compile: bool = False,
+        bad_file: Callable[[str, Exception], None] | None = None,
+    ):
         self.img_size, self.strong, self.weak_strong, self.device = img_size, strong, weak_strong, device
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
@@ -227,8 +250,16 @@ def device_views(cfg: Config, device: torch.device, dataset: PretrainDataset) ->
     d = cfg.data
     if not d.gpu_aug:
         return None
-    return DeviceViews(cfg.model.img_size, d.mean, d.std, d.strong_aug, d.weak_aug_strong, device,
-                       compile=cfg.train.compile and device.type == "cuda", bad_file=dataset.bad_file)
+    return DeviceViews(
+        cfg.model.img_size,
+        d.mean,
+        d.std,
+        d.strong_aug,
+        d.weak_aug_strong,
+        device,
+        compile=cfg.train.compile and device.type == "cuda",
+        bad_file=dataset.bad_file,
+    )
 
 
 def device_batches(loader: Iterable, views: DeviceViews | None, device: torch.device) -> Iterator[Any]:

@@ -26,12 +26,23 @@ class NonFiniteError(RuntimeError):
 class StepGuard:
     """Per-step skip of non-finite updates plus the counters the recovery policy reads."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 max_bad_steps: int, log_every: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        max_bad_steps: int,
+        log_every: int,
+    ):
         self.optimizer, self.scaler = optimizer, scaler
         self.max_bad_steps, self.log_every = max_bad_steps, log_every
-        self.buffers = [b for m in model.modules() if isinstance(m, _BatchNorm)
-                        for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        self.buffers = [
+            b
+            for m in model.modules()
+            if isinstance(m, _BatchNorm)
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if b is not None
+        ]
         self.saved = [b.clone() for b in self.buffers]
         device = next(model.parameters()).device
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)  # bad steps in the whole run
@@ -71,8 +82,12 @@ class StepGuard:
         return step % self.log_every == 0 or step % self.max_bad_steps == 0 or step == last_step
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped_steps": int(self.skipped), "bad_run": int(self.bad_run), "lr_scale": self.lr_scale,
-                "restores": self.restores}
+        return {
+            "skipped_steps": int(self.skipped),
+            "bad_run": int(self.bad_run),
+            "lr_scale": self.lr_scale,
+            "restores": self.restores,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped.fill_(int(state["skipped_steps"]))

@@ -18,6 +18,7 @@ from .data import DataError, build_source
 
 log = logging.getLogger(__name__)
 
+
 class EvalTransform:
     """Resize the shorter side to ``img_size / crop_pct`` (bicubic), centre-crop, normalise."""
 
@@ -55,9 +56,15 @@ def encode(encoder: nn.Module, images: torch.Tensor, pool: str = "mean", block: 
     depth = len(encoder.blocks)
     if not -depth <= block < depth:
         raise ConfigError(f"block={block} is outside the encoder's {depth} blocks (use -1 for the last)")
-    (patches, prefix), = encoder.forward_intermediates(
-        images, indices=[block % depth], norm=True, output_fmt="NLC", return_prefix_tokens=True,
-        intermediates_only=True, stop_early=True)
+    ((patches, prefix),) = encoder.forward_intermediates(
+        images,
+        indices=[block % depth],
+        norm=True,
+        output_fmt="NLC",
+        return_prefix_tokens=True,
+        intermediates_only=True,
+        stop_early=True,
+    )
     if pool == "cls":
         return prefix[:, 0]
     fc_norm = getattr(encoder, "fc_norm", None)
@@ -66,10 +73,17 @@ def encode(encoder: nn.Module, images: torch.Tensor, pool: str = "mean", block: 
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, dataset: Dataset, batch_size: int = 256, pool: str = "mean",
-                     device: str | torch.device = "cpu", num_workers: int = 0, desc: str = "features",
-                     block: int = -1, amp_dtype: torch.dtype | str | None = "auto"
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    encoder: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 256,
+    pool: str = "mean",
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    desc: str = "features",
+    block: int = -1,
+    amp_dtype: torch.dtype | str | None = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, D) in fp32 and labels (N,) of a timm encoder over a labelled dataset.
 
     ``amp_dtype``: autocast dtype of the forward pass, None for fp32; ``auto`` is bf16 on GPU only.
@@ -90,9 +104,15 @@ def extract_features(encoder: nn.Module, dataset: Dataset, batch_size: int = 256
 
 
 @torch.no_grad()
-def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
-                chunk: int = 1024) -> torch.Tensor:
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """Class scores (M, C): each test sample's k most cosine-similar training samples vote
     with weight exp(similarity / temperature)."""
     num_classes = num_classes or int(train_labels.max()) + 1
@@ -100,7 +120,7 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
     bank = F.normalize(train_feats.float(), dim=1)
     out = []
     for start in range(0, len(test_feats), chunk):
-        q = F.normalize(test_feats[start:start + chunk].float(), dim=1)
+        q = F.normalize(test_feats[start : start + chunk].float(), dim=1)
         sim, idx = (q @ bank.T).topk(k, dim=1)
         votes = torch.zeros(len(q), num_classes)
         votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
@@ -108,20 +128,47 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
     return torch.cat(out)
 
 
-def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = 20, temperature: float = 0.07,
-                 num_classes: int | None = None) -> float:
+def knn_accuracy(
+    train_feats,
+    train_labels,
+    test_feats,
+    test_labels,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+) -> float:
     """Top-1 accuracy (%) of :func:`knn_predict`."""
     scores = knn_predict(train_feats, train_labels, test_feats, k, temperature, num_classes)
     return 100.0 * (scores.argmax(1) == test_labels).float().mean().item()
 
 
-def knn_top1(encoder: nn.Module, train_source, test_source, transform, k: int = 20, temperature: float = 0.07,
-             pool: str = "mean", batch_size: int = 256, device: str | torch.device = "cpu",
-             num_workers: int = 0, amp_dtype: torch.dtype | str | None = "auto") -> float:
+def knn_top1(
+    encoder: nn.Module,
+    train_source,
+    test_source,
+    transform,
+    k: int = 20,
+    temperature: float = 0.07,
+    pool: str = "mean",
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    amp_dtype: torch.dtype | str | None = "auto",
+) -> float:
     """k-NN top-1 (%) of an encoder: ``train_source`` as memory bank, ``test_source`` as queries."""
-    feats = [extract_features(encoder, LabeledDataset(src, transform), batch_size, pool, device, num_workers,
-                              desc=f"k-NN {name} features", amp_dtype=amp_dtype)
-             for name, src in (("bank", train_source), ("query", test_source))]
+    feats = [
+        extract_features(
+            encoder,
+            LabeledDataset(src, transform),
+            batch_size,
+            pool,
+            device,
+            num_workers,
+            desc=f"k-NN {name} features",
+            amp_dtype=amp_dtype,
+        )
+        for name, src in (("bank", train_source), ("query", test_source))
+    ]
     (train_x, train_y), (test_x, test_y) = feats
     return knn_accuracy(train_x, train_y, test_x, test_y, k, temperature)
 
@@ -164,15 +211,29 @@ class KnnMonitor:
     pre-training images and seen through the evaluation transform, so every check is comparable.
     """
 
-    def __init__(self, source, img_size: int, mean, std, bank: int = 2000, queries: int = 1000, k: int = 20,
-                 temperature: float = 0.07, pool: str = "mean", batch_size: int = 256, seed: int = 0):
+    def __init__(
+        self,
+        source,
+        img_size: int,
+        mean,
+        std,
+        bank: int = 2000,
+        queries: int = 1000,
+        k: int = 20,
+        temperature: float = 0.07,
+        pool: str = "mean",
+        batch_size: int = 256,
+        seed: int = 0,
+    ):
         queries = min(queries, len(source) // 2)
         bank = min(bank, len(source) - queries)
         order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).tolist()
-        self.bank, self.queries = SourceSubset(source, order[:bank]), SourceSubset(source, order[bank:bank + queries])
+        self.bank, self.queries = SourceSubset(source, order[:bank]), SourceSubset(source, order[bank : bank + queries])
         if self.bank.labels is not None and min(self.bank.labels + self.queries.labels) < 0:
-            raise UnlabelledError("eval.monitor_every needs labelled images (class sub-folders, list-file labels "
-                                  "or Fashion-MNIST); this data source has unlabelled ones")
+            raise UnlabelledError(
+                "eval.monitor_every needs labelled images (class sub-folders, list-file labels "
+                "or Fashion-MNIST); this data source has unlabelled ones"
+            )
         self.transform = EvalTransform(img_size, mean, std)
         self.k, self.temperature, self.pool, self.batch_size = k, temperature, pool, batch_size
 
@@ -183,16 +244,40 @@ class KnnMonitor:
         preset, and pointing that preset at an unlabelled folder must still run)."""
         e = cfg.eval
         try:
-            return cls(build_source(cfg.data, cfg.model.img_size), cfg.model.img_size, cfg.data.mean, cfg.data.std,
-                       e.monitor_bank, e.monitor_queries, e.knn_k, e.knn_t, e.pool, e.batch_size, cfg.train.seed)
+            return cls(
+                build_source(cfg.data, cfg.model.img_size),
+                cfg.model.img_size,
+                cfg.data.mean,
+                cfg.data.std,
+                e.monitor_bank,
+                e.monitor_queries,
+                e.knn_k,
+                e.knn_t,
+                e.pool,
+                e.batch_size,
+                cfg.train.seed,
+            )
         except UnlabelledError as err:
             log.warning("online k-NN monitor off: %s", err)
             return None
 
-    def __call__(self, encoder: nn.Module, device: str | torch.device = "cpu",
-                 amp_dtype: torch.dtype | str | None = "auto") -> dict[str, float]:
-        return {"knn_top1": knn_top1(encoder, self.bank, self.queries, self.transform, self.k, self.temperature,
-                                     self.pool, self.batch_size, device, amp_dtype=amp_dtype)}
+    def __call__(
+        self, encoder: nn.Module, device: str | torch.device = "cpu", amp_dtype: torch.dtype | str | None = "auto"
+    ) -> dict[str, float]:
+        return {
+            "knn_top1": knn_top1(
+                encoder,
+                self.bank,
+                self.queries,
+                self.transform,
+                self.k,
+                self.temperature,
+                self.pool,
+                self.batch_size,
+                device,
+                amp_dtype=amp_dtype,
+            )
+        }
 
 
 def num_classes_of(*sources) -> int:

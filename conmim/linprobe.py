@@ -42,10 +42,17 @@ class RGBTransform:
 
 def probe_transform(img_size: int, mean, std, scale_min: float = 0.08) -> RGBTransform:
     """RandomResizedCrop (bicubic) + flip + normalise, for probes without a feature cache."""
-    return RGBTransform(T.Compose([
-        T.RandomResizedCrop(img_size, (scale_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(), T.PILToTensor(), T.ToDtype(torch.float32, scale=True),
-        T.Normalize(list(mean), list(std))]))
+    return RGBTransform(
+        T.Compose(
+            [
+                T.RandomResizedCrop(img_size, (scale_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip(),
+                T.PILToTensor(),
+                T.ToDtype(torch.float32, scale=True),
+                T.Normalize(list(mean), list(std)),
+            ]
+        )
+    )
 
 
 def probe_head(dim: int, num_classes: int) -> nn.Sequential:
@@ -70,8 +77,14 @@ def img_size_of(encoder: nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def linear_probe(encoder: nn.Module | str | Path, train_source, test_source, cfg: Config | None = None,
-                 device: str | torch.device = "cpu", out_dir: str | Path | None = None) -> dict[str, Any]:
+def linear_probe(
+    encoder: nn.Module | str | Path,
+    train_source,
+    test_source,
+    cfg: Config | None = None,
+    device: str | torch.device = "cpu",
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """Train a linear head on frozen features of ``train_source``; top-1/top-5 (%) on ``test_source``.
 
     Uses ``cfg.linprobe`` (block, pooling, optimizer, schedule), ``cfg.data`` (mean, std, workers,
@@ -87,12 +100,21 @@ def linear_probe(encoder: nn.Module | str | Path, train_source, test_source, cfg
     encoder.eval()  # frozen: eval mode, and features only ever computed under no_grad
     size, classes = img_size_of(encoder), num_classes_of(train_source, test_source)
     test = LabeledDataset(test_source, EvalTransform(size, d.mean, d.std))
-    test_x, test_y = extract_features(encoder, test, cfg.eval.batch_size, p.pool, device, d.num_workers,
-                                      "probe test features", p.block, amp_dtype)
+    test_x, test_y = extract_features(
+        encoder, test, cfg.eval.batch_size, p.pool, device, d.num_workers, "probe test features", p.block, amp_dtype
+    )
     if p.cache_features:
-        train_x, train_y = extract_features(encoder, LabeledDataset(train_source, EvalTransform(size, d.mean, d.std)),
-                                            cfg.eval.batch_size, p.pool, device, d.num_workers,
-                                            "probe train features", p.block, amp_dtype)
+        train_x, train_y = extract_features(
+            encoder,
+            LabeledDataset(train_source, EvalTransform(size, d.mean, d.std)),
+            cfg.eval.batch_size,
+            p.pool,
+            device,
+            d.num_workers,
+            "probe train features",
+            p.block,
+            amp_dtype,
+        )
         batches, steps_per_epoch = cached_batches(train_x, train_y, p.batch_size)
     else:
         train = LabeledDataset(train_source, probe_transform(size, d.mean, d.std, d.crop_scale_min))
@@ -101,16 +123,36 @@ def linear_probe(encoder: nn.Module | str | Path, train_source, test_source, cfg
     log = _Log(out_dir)
     top1, top5, lr = fit_head(batches, steps_per_epoch, test_x, test_y, classes, p, device, cfg.train.seed, log)
     encoder.train(was_training)
-    result = {"top1": top1, "top5": top5, "epochs": p.epochs, "block": p.block, "pool": p.pool,
-              "optimizer": p.optimizer, "lr": lr, "cache_features": p.cache_features, "feature_dim": test_x.shape[1],
-              "train_images": len(train_source), "test_images": len(test_source), "num_classes": classes,
-              "seconds": round(time.perf_counter() - start, 1)}
+    result = {
+        "top1": top1,
+        "top5": top5,
+        "epochs": p.epochs,
+        "block": p.block,
+        "pool": p.pool,
+        "optimizer": p.optimizer,
+        "lr": lr,
+        "cache_features": p.cache_features,
+        "feature_dim": test_x.shape[1],
+        "train_images": len(train_source),
+        "test_images": len(test_source),
+        "num_classes": classes,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     log.finish(result)
     return result
 
 
-def fit_head(batches, steps_per_epoch: int, test_x: torch.Tensor, test_y: torch.Tensor, classes: int, p,
-             device: torch.device, seed: int = 0, log: _Log | None = None) -> tuple[float, float, float]:
+def fit_head(
+    batches,
+    steps_per_epoch: int,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    classes: int,
+    p,
+    device: torch.device,
+    seed: int = 0,
+    log: _Log | None = None,
+) -> tuple[float, float, float]:
     """Train :func:`probe_head` with ``cfg.linprobe``'s optimizer and schedule on the feature batches
     that ``batches(generator)`` yields each epoch; (top-1 %, top-5 %, peak lr) on the test features."""
     torch.manual_seed(seed)
@@ -121,8 +163,9 @@ def fit_head(batches, steps_per_epoch: int, test_x: torch.Tensor, test_y: torch.
     return top1.item(), top5.item(), lr
 
 
-def train_head(head: nn.Module, batches, steps_per_epoch: int, p, device: torch.device, seed: int = 0,
-               log: _Log | None = None) -> float:
+def train_head(
+    head: nn.Module, batches, steps_per_epoch: int, p, device: torch.device, seed: int = 0, log: _Log | None = None
+) -> float:
     """Train ``head`` in place on cached features with ``p``'s (a :class:`LinProbeConfig`) optimizer,
     epochs and warm-up + cosine schedule; leaves it in eval mode and returns the peak lr."""
     lr = p.base_lr * p.batch_size / 256
@@ -142,8 +185,9 @@ def train_head(head: nn.Module, batches, steps_per_epoch: int, p, device: torch.
             optimizer.step()
             loss_sum, seen, step = loss_sum + loss.item() * len(y), seen + len(y), step + 1
         if log:
-            log.write({"step": step, "epoch": epoch + 1, "train_loss": loss_sum / seen,
-                       "lr": optimizer.param_groups[0]["lr"]})
+            log.write(
+                {"step": step, "epoch": epoch + 1, "train_loss": loss_sum / seen, "lr": optimizer.param_groups[0]["lr"]}
+            )
     head.eval()
     return lr
 
@@ -153,28 +197,46 @@ def cached_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int):
     return partial(_cached_batches, x, y, batch_size), math.ceil(len(x) / batch_size)
 
 
-def probe_cached(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 classes: int, p, device: str | torch.device = "cpu", seed: int = 0) -> float:
+def probe_cached(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    classes: int,
+    p,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> float:
     """Linear-probe top-1 (%) on features extracted already (the final summary of pre-training)."""
-    return fit_head(*cached_batches(train_x, train_y, p.batch_size), test_x, test_y, classes, p,
-                    torch.device(device), seed)[0]
+    return fit_head(
+        *cached_batches(train_x, train_y, p.batch_size), test_x, test_y, classes, p, torch.device(device), seed
+    )[0]
 
 
 def _cached_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, gen: torch.Generator):
     order = torch.randperm(len(x), generator=gen)
     for i in range(0, len(x), batch_size):
-        idx = order[i:i + batch_size]
+        idx = order[i : i + batch_size]
         if len(idx) > 1:  # BatchNorm needs two samples
             yield x[idx], y[idx]
 
 
-def _encoded_batches(encoder: nn.Module, dataset, p, device: torch.device, workers: int, amp_dtype,
-                     gen: torch.Generator):
-    loader = DataLoader(dataset, batch_size=p.batch_size, shuffle=True, generator=gen, num_workers=workers,
-                        drop_last=len(dataset) > p.batch_size)
+def _encoded_batches(
+    encoder: nn.Module, dataset, p, device: torch.device, workers: int, amp_dtype, gen: torch.Generator
+):
+    loader = DataLoader(
+        dataset,
+        batch_size=p.batch_size,
+        shuffle=True,
+        generator=gen,
+        num_workers=workers,
+        drop_last=len(dataset) > p.batch_size,
+    )
     for images, y in loader:
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                             enabled=amp_dtype is not None):
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
+        ):
             feats = encode(encoder, images.to(device, non_blocking=True), p.pool, p.block).float()
         yield feats, y
 

@@ -22,8 +22,9 @@ def random_mask(grid: tuple[int, int], ratio: float, generator: torch.Generator 
     return mask
 
 
-def random_unit_mask(grid: tuple[int, int], ratio: float, unit: int,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def random_unit_mask(
+    grid: tuple[int, int], ratio: float, unit: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """SimMIM-style: ceil(units * ratio) units of ``unit`` x ``unit`` patches (official random_mps32)."""
     h, w = grid
     if h % unit or w % unit:
@@ -36,8 +37,13 @@ def random_unit_mask(grid: tuple[int, int], ratio: float, unit: int,
     return units.repeat_interleave(unit, 0).repeat_interleave(unit, 1).reshape(-1)
 
 
-def block_mask(grid: tuple[int, int], ratio: float, min_patches: int = 16, aspect: float = 0.3,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+def block_mask(
+    grid: tuple[int, int],
+    ratio: float,
+    min_patches: int = 16,
+    aspect: float = 0.3,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """BEiT blockwise masking towards round(ratio * N) patches (spec §3.1); may end a little short."""
     h, w = grid
     target = int(round(ratio * h * w))
@@ -62,7 +68,7 @@ def block_mask(grid: tuple[int, int], ratio: float, min_patches: int = 16, aspec
             if not (0 < bh < h and 0 < bw < w):
                 continue
             top, left = randint(0, h - bh), randint(0, w - bw)
-            block = mask[top:top + bh, left:left + bw]
+            block = mask[top : top + bh, left : left + bw]
             new = int((~block).sum())
             if 0 < new <= remaining:
                 block.fill_(True)
@@ -77,13 +83,22 @@ def block_mask(grid: tuple[int, int], ratio: float, min_patches: int = 16, aspec
 class MaskGenerator:
     """Callable ``(generator) -> (N,) bool`` for a configured type, ratio and grid."""
 
-    def __init__(self, grid: tuple[int, int], kind: str = "random_unit", ratio: float = 0.75,
-                 unit: int = 2, min_block_patches: int = 16, block_aspect: float = 0.3):
+    def __init__(
+        self,
+        grid: tuple[int, int],
+        kind: str = "random_unit",
+        ratio: float = 0.75,
+        unit: int = 2,
+        min_block_patches: int = 16,
+        block_aspect: float = 0.3,
+    ):
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"mask ratio must be strictly between 0 and 1, got {ratio}")
         if kind == "random_unit" and (grid[0] % unit or grid[1] % unit):
-            raise ValueError(f"patch grid {grid[0]}x{grid[1]} does not divide into mask units of "
-                             f"{unit}x{unit} patches; change mask.unit, model.img_size or model.patch_size")
+            raise ValueError(
+                f"patch grid {grid[0]}x{grid[1]} does not divide into mask units of "
+                f"{unit}x{unit} patches; change mask.unit, model.img_size or model.patch_size"
+            )
         if kind not in ("random_unit", "block", "random"):
             raise ValueError(f"unknown mask type {kind!r}; choose random_unit, block or random")
         self.grid, self.kind, self.ratio, self.unit = tuple(grid), kind, ratio, unit
@@ -99,5 +114,6 @@ class MaskGenerator:
     @classmethod
     def from_config(cls, mask_cfg, img_size: int, patch_size: int) -> MaskGenerator:
         grid = (img_size // patch_size, img_size // patch_size)
-        return cls(grid, mask_cfg.type, mask_cfg.ratio, mask_cfg.unit, mask_cfg.min_block_patches,
-                   mask_cfg.block_aspect)
+        return cls(
+            grid, mask_cfg.type, mask_cfg.ratio, mask_cfg.unit, mask_cfg.min_block_patches, mask_cfg.block_aspect
+        )

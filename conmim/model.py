@@ -29,9 +29,18 @@ ARCH_DIMS: dict[str, tuple[int, int, int]] = {
 }
 
 
-def timm_spec(arch: str = "vit_small", img_size: int = 224, patch_size: int = 16, *,
-              encoder: str = "beit", in_chans: int = 3, depth: int = 0,
-              init_values: float = 0.1, drop_path: float = 0.0, pos_embed: str = "none") -> dict[str, Any]:
+def timm_spec(
+    arch: str = "vit_small",
+    img_size: int = 224,
+    patch_size: int = 16,
+    *,
+    encoder: str = "beit",
+    in_chans: int = 3,
+    depth: int = 0,
+    init_values: float = 0.1,
+    drop_path: float = 0.0,
+    pos_embed: str = "none",
+) -> dict[str, Any]:
     """The ``timm.create_model`` name and keyword arguments of an encoder, headless.
 
     ``depth=0`` keeps the preset's depth; ``pos_embed`` ``sincos`` or ``sincos_fixed`` gives a BEiT
@@ -42,15 +51,24 @@ def timm_spec(arch: str = "vit_small", img_size: int = 224, patch_size: int = 16
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCH_DIMS)}")
     dim, preset_depth, heads = ARCH_DIMS[arch]
     kwargs: dict[str, Any] = dict(
-        img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=dim,
-        depth=depth or preset_depth, num_heads=heads, num_classes=0, global_pool="token",
-        init_values=init_values, drop_path_rate=drop_path, qkv_bias=True,
+        img_size=img_size,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        embed_dim=dim,
+        depth=depth or preset_depth,
+        num_heads=heads,
+        num_classes=0,
+        global_pool="token",
+        init_values=init_values,
+        drop_path_rate=drop_path,
+        qkv_bias=True,
     )
     if encoder == "beit":
         # Official pre-training layout: one relative position bias shared by all blocks, no
         # absolute position embedding (spec §2.3). The base name only picks the class.
-        kwargs.update(use_abs_pos_emb=pos_embed in ENCODER_POS_EMBEDS, use_rel_pos_bias=False,
-                      use_shared_rel_pos_bias=True)
+        kwargs.update(
+            use_abs_pos_emb=pos_embed in ENCODER_POS_EMBEDS, use_rel_pos_bias=False, use_shared_rel_pos_bias=True
+        )
         return {"model_name": "beit_base_patch16_224", "kwargs": kwargs}
     if encoder == "vit":
         return {"model_name": f"{arch}_patch16_224", "kwargs": kwargs}
@@ -174,7 +192,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         c = self.num_features
         total = stats[-1]
         mean = stats[:c] / total
-        var = (stats[c:2 * c] / total - mean * mean).clamp_min(0.0)
+        var = (stats[c : 2 * c] / total - mean * mean).clamp_min(0.0)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -197,9 +215,14 @@ class Projector(nn.Sequential):
     def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256, global_bn: bool = False):
         bn = GlobalBatchNorm1d if global_bn else nn.BatchNorm1d
         super().__init__(
-            nn.Linear(in_dim, hidden_dim, bias=False), bn(hidden_dim), nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, hidden_dim, bias=False), bn(hidden_dim), nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim, bias=False), bn(out_dim, affine=False),
+            nn.Linear(in_dim, hidden_dim, bias=False),
+            bn(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, hidden_dim, bias=False),
+            bn(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim, bias=False),
+            bn(out_dim, affine=False),
         )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, out)
@@ -215,8 +238,14 @@ class Branch(nn.Module):
     the teacher's targets and any export, keep the official layout without absolute positions.
     """
 
-    def __init__(self, spec: dict[str, Any], proj_hidden_dim: int, proj_out_dim: int, global_bn: bool = False,
-                 mask_pos: bool = False):
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        proj_hidden_dim: int,
+        proj_out_dim: int,
+        global_bn: bool = False,
+        mask_pos: bool = False,
+    ):
         super().__init__()
         self.encoder = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
         self.is_beit = spec["model_name"].startswith("beit")
@@ -257,8 +286,9 @@ class Branch(nn.Module):
         return self.projector(self.features(images, mask))[:, 1:]
 
 
-def denoising_contrastive_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
-                               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def denoising_contrastive_loss(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Intra-image InfoNCE over masked positions (spec §5.2), in fp32 whatever the autocast.
 
     Each masked student patch must pick the teacher patch at its own position among the N teacher
@@ -289,27 +319,52 @@ class ConMIM(nn.Module):
     >>> model.update_teacher(momentum)
     """
 
-    def __init__(self, arch: str = "vit_small", img_size: int = 224, patch_size: int = 16, *,
-                 encoder: str = "beit", in_chans: int = 3, depth: int = 0, init_values: float = 0.1,
-                 drop_path: float = 0.0, teacher_drop_path: float = 0.0, proj_hidden_dim: int = 4096,
-                 proj_out_dim: int = 256, temperature: float = 0.1, sync_bn: bool = False,
-                 teacher_bn_eval: bool = False, trunc_normal_1std: bool = True, pos_embed: str = "none",
-                 rel_pos_init: str = "zero"):
+    def __init__(
+        self,
+        arch: str = "vit_small",
+        img_size: int = 224,
+        patch_size: int = 16,
+        *,
+        encoder: str = "beit",
+        in_chans: int = 3,
+        depth: int = 0,
+        init_values: float = 0.1,
+        drop_path: float = 0.0,
+        teacher_drop_path: float = 0.0,
+        proj_hidden_dim: int = 4096,
+        proj_out_dim: int = 256,
+        temperature: float = 0.1,
+        sync_bn: bool = False,
+        teacher_bn_eval: bool = False,
+        trunc_normal_1std: bool = True,
+        pos_embed: str = "none",
+        rel_pos_init: str = "zero",
+    ):
         super().__init__()
-        common = dict(arch=arch, img_size=img_size, patch_size=patch_size, encoder=encoder,
-                      in_chans=in_chans, depth=depth, init_values=init_values, pos_embed=pos_embed)
+        common = dict(
+            arch=arch,
+            img_size=img_size,
+            patch_size=patch_size,
+            encoder=encoder,
+            in_chans=in_chans,
+            depth=depth,
+            init_values=init_values,
+            pos_embed=pos_embed,
+        )
         self.spec = timm_spec(**common, drop_path=0.0)  # exported encoders carry no drop path
         self.temperature = temperature
         self.teacher_bn_eval = teacher_bn_eval
         self.loss_fn = denoising_contrastive_loss  # replaced by its compiled form in the fast step
         mask_pos = pos_embed == "mask_sincos"
-        self.student = Branch(timm_spec(**common, drop_path=drop_path), proj_hidden_dim, proj_out_dim, sync_bn,
-                              mask_pos)
+        self.student = Branch(
+            timm_spec(**common, drop_path=drop_path), proj_hidden_dim, proj_out_dim, sync_bn, mask_pos
+        )
         init_student(self.student, trunc_normal_1std, pos_embed, rel_pos_init)
         # The teacher is built with its own drop-path rate (0 by default, spec §14.11), then made
         # an exact copy of the student; it never receives gradients.
-        self.teacher = Branch(timm_spec(**common, drop_path=teacher_drop_path), proj_hidden_dim, proj_out_dim,
-                              sync_bn, mask_pos)
+        self.teacher = Branch(
+            timm_spec(**common, drop_path=teacher_drop_path), proj_hidden_dim, proj_out_dim, sync_bn, mask_pos
+        )
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.train()
@@ -317,12 +372,25 @@ class ConMIM(nn.Module):
     @classmethod
     def from_config(cls, m: Any) -> ConMIM:
         """Build from a :class:`conmim.config.ModelConfig`."""
-        return cls(arch=m.arch, img_size=m.img_size, patch_size=m.patch_size, encoder=m.encoder,
-                   in_chans=m.in_chans, depth=m.depth, init_values=m.init_values, drop_path=m.drop_path,
-                   teacher_drop_path=m.teacher_drop_path, proj_hidden_dim=m.proj_hidden_dim,
-                   proj_out_dim=m.proj_out_dim, temperature=m.temperature, sync_bn=m.sync_bn,
-                   teacher_bn_eval=m.teacher_bn_eval, trunc_normal_1std=m.trunc_normal_1std,
-                   pos_embed=m.pos_embed, rel_pos_init=m.rel_pos_init)
+        return cls(
+            arch=m.arch,
+            img_size=m.img_size,
+            patch_size=m.patch_size,
+            encoder=m.encoder,
+            in_chans=m.in_chans,
+            depth=m.depth,
+            init_values=m.init_values,
+            drop_path=m.drop_path,
+            teacher_drop_path=m.teacher_drop_path,
+            proj_hidden_dim=m.proj_hidden_dim,
+            proj_out_dim=m.proj_out_dim,
+            temperature=m.temperature,
+            sync_bn=m.sync_bn,
+            teacher_bn_eval=m.teacher_bn_eval,
+            trunc_normal_1std=m.trunc_normal_1std,
+            pos_embed=m.pos_embed,
+            rel_pos_init=m.rel_pos_init,
+        )
 
     @property
     def num_patches(self) -> int:
@@ -340,8 +408,9 @@ class ConMIM(nn.Module):
         """Projected teacher patch tokens of the full strong view (no mask, no gradient)."""
         return self.teacher(strong)
 
-    def forward_with_stats(self, weak: torch.Tensor, strong: torch.Tensor, mask: torch.Tensor,
-                           student: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_stats(
+        self, weak: torch.Tensor, strong: torch.Tensor, mask: torch.Tensor, student: nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, retrieval accuracy). ``student`` lets the engine pass a DDP-wrapped student."""
         targets = self.teacher_targets(strong)
         predictions = (self.student if student is None else student)(weak, mask)

@@ -8,8 +8,9 @@ from torch import nn
 NO_DECAY_NAMES = ("cls_token", "pos_embed")
 
 
-def param_groups(module: nn.Module, weight_decay: float, decay_mask_token: bool = True,
-                 decay_rel_pos: bool = True) -> list[dict]:
+def param_groups(
+    module: nn.Module, weight_decay: float, decay_mask_token: bool = True, decay_rel_pos: bool = True
+) -> list[dict]:
     """Two groups: decayed weights, and 1-D parameters, biases and tokens without decay.
 
     The official code decays the mask token and the relative-position table (BEiT quirks); both
@@ -20,17 +21,30 @@ def param_groups(module: nn.Module, weight_decay: float, decay_mask_token: bool 
         if not p.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        skip = (p.ndim <= 1 or name.endswith(".bias") or leaf in NO_DECAY_NAMES
-                or (leaf == "mask_token" and not decay_mask_token)
-                or (leaf == "relative_position_bias_table" and not decay_rel_pos))
+        skip = (
+            p.ndim <= 1
+            or name.endswith(".bias")
+            or leaf in NO_DECAY_NAMES
+            or (leaf == "mask_token" and not decay_mask_token)
+            or (leaf == "relative_position_bias_table" and not decay_rel_pos)
+        )
         (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "wd_scale": 1.0},
-            {"params": no_decay, "weight_decay": 0.0, "wd_scale": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "wd_scale": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "wd_scale": 0.0},
+    ]
 
 
-def build_adamw(module: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                decay_mask_token: bool = True, decay_rel_pos: bool = True, fused: bool = False,
-                foreach: bool | None = None) -> torch.optim.AdamW:
+def build_adamw(
+    module: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    decay_mask_token: bool = True,
+    decay_rel_pos: bool = True,
+    fused: bool = False,
+    foreach: bool | None = None,
+) -> torch.optim.AdamW:
     """``fused`` (GPU and CPU) runs the whole update in one pass per tensor; ``foreach=False`` with
     ``fused=False`` is the per-parameter loop of a plain implementation (``conmim bench``'s reference)."""
     groups = param_groups(module, weight_decay, decay_mask_token, decay_rel_pos)

@@ -33,8 +33,9 @@ def normalized_patches(images: torch.Tensor, patch: int, eps: float = 1e-6) -> t
     return (x - mean) / (var + eps).sqrt()
 
 
-def pixel_regression_loss(pred: torch.Tensor, target: torch.Tensor,
-                          mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_regression_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean squared error over masked patches, masked-patch retrieval accuracy), in fp32.
 
     The accuracy is the pixel analogue of ConMIM's metric: a masked patch counts as a hit when its
@@ -64,13 +65,32 @@ class EncoderAlias(nn.Module):
 class PixelMIM(nn.Module):
     """Student Branch with a linear pixel head in place of the projector; same engine interface as ConMIM."""
 
-    def __init__(self, arch: str = "vit_small", img_size: int = 224, patch_size: int = 16, *,
-                 encoder: str = "beit", in_chans: int = 3, depth: int = 0, init_values: float = 0.1,
-                 drop_path: float = 0.0, trunc_normal_1std: bool = True, pos_embed: str = "none",
-                 rel_pos_init: str = "zero"):
+    def __init__(
+        self,
+        arch: str = "vit_small",
+        img_size: int = 224,
+        patch_size: int = 16,
+        *,
+        encoder: str = "beit",
+        in_chans: int = 3,
+        depth: int = 0,
+        init_values: float = 0.1,
+        drop_path: float = 0.0,
+        trunc_normal_1std: bool = True,
+        pos_embed: str = "none",
+        rel_pos_init: str = "zero",
+    ):
         super().__init__()
-        common = dict(arch=arch, img_size=img_size, patch_size=patch_size, encoder=encoder,
-                      in_chans=in_chans, depth=depth, init_values=init_values, pos_embed=pos_embed)
+        common = dict(
+            arch=arch,
+            img_size=img_size,
+            patch_size=patch_size,
+            encoder=encoder,
+            in_chans=in_chans,
+            depth=depth,
+            init_values=init_values,
+            pos_embed=pos_embed,
+        )
         self.spec = timm_spec(**common, drop_path=0.0)
         self.patch_size = patch_size
         self.student = Branch(timm_spec(**common, drop_path=drop_path), 1, 1, mask_pos=pos_embed == "mask_sincos")
@@ -81,12 +101,23 @@ class PixelMIM(nn.Module):
     @classmethod
     def from_config(cls, m: Any) -> PixelMIM:
         """Build from a :class:`conmim.config.ModelConfig` (projector and temperature fields are unused)."""
-        return cls(arch=m.arch, img_size=m.img_size, patch_size=m.patch_size, encoder=m.encoder,
-                   in_chans=m.in_chans, depth=m.depth, init_values=m.init_values, drop_path=m.drop_path,
-                   trunc_normal_1std=m.trunc_normal_1std, pos_embed=m.pos_embed, rel_pos_init=m.rel_pos_init)
+        return cls(
+            arch=m.arch,
+            img_size=m.img_size,
+            patch_size=m.patch_size,
+            encoder=m.encoder,
+            in_chans=m.in_chans,
+            depth=m.depth,
+            init_values=m.init_values,
+            drop_path=m.drop_path,
+            trunc_normal_1std=m.trunc_normal_1std,
+            pos_embed=m.pos_embed,
+            rel_pos_init=m.rel_pos_init,
+        )
 
-    def forward_with_stats(self, weak: torch.Tensor, strong: torch.Tensor, mask: torch.Tensor,
-                           student: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_stats(
+        self, weak: torch.Tensor, strong: torch.Tensor, mask: torch.Tensor, student: nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, retrieval accuracy); ``strong`` is unused: the target is the student's own input."""
         predictions = (student or self.student)(weak, mask)
         return pixel_regression_loss(predictions, normalized_patches(weak, self.patch_size), mask)

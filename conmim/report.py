@@ -28,16 +28,25 @@ def aggregate(runs: list[dict[str, Any]], order: list[str]) -> list[dict[str, An
         for metric in METRIC_NAMES:
             values = [r[metric] for r in mine if metric in r]
             if values:
-                row[metric] = {"values": values, "mean": statistics.fmean(values),
-                               "std": statistics.stdev(values) if len(values) > 1 else None,
-                               "min": min(values), "max": max(values)}
+                row[metric] = {
+                    "values": values,
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else None,
+                    "min": min(values),
+                    "max": max(values),
+                }
         rows.append(row)
     return rows
 
 
 def _stat(values: list[float]) -> dict[str, Any]:
-    return {"values": values, "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else None, "min": min(values), "max": max(values)}
+    return {
+        "values": values,
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def aggregate_fractions(runs: list[dict[str, Any]], order: list[str], fractions: list[float]) -> list[dict[str, Any]]:
@@ -49,8 +58,12 @@ def aggregate_fractions(runs: list[dict[str, Any]], order: list[str], fractions:
             mine = [r for r in runs if r["variant"] == name and r["fraction"] == fraction]
             if not mine:
                 continue
-            row: dict[str, Any] = {"variant": name, "fraction": fraction, "labels": mine[0]["labels"],
-                                   "seeds": [r["seed"] for r in mine]}
+            row: dict[str, Any] = {
+                "variant": name,
+                "fraction": fraction,
+                "labels": mine[0]["labels"],
+                "seeds": [r["seed"] for r in mine],
+            }
             steps = sorted({r["finetune_steps"] for r in mine if "finetune_steps" in r})
             if steps:
                 row["finetune_steps"] = steps[0] if len(steps) == 1 else steps
@@ -66,8 +79,9 @@ def _percent(fraction: float) -> str:
     return f"{100 * fraction:g} %"
 
 
-def fraction_table(rows: list[dict[str, Any]], labels: dict[str, str], fractions: list[float],
-                   reference: str, knn_k: int) -> str:
+def fraction_table(
+    rows: list[dict[str, Any]], labels: dict[str, str], fractions: list[float], reference: str, knn_k: int
+) -> str:
     """Fine-tune and linear-probe top-1 per fraction (variants, then the raw-pixel reference lines),
     then the k-NN top-1 of every encoder and of raw pixels."""
     cell = {(r["variant"], r["fraction"]): r for r in rows}
@@ -88,20 +102,31 @@ def fraction_table(rows: list[dict[str, Any]], labels: dict[str, str], fractions
         out.append(line(f"raw pixels: k-NN (k={knn_k}, cosine)", reference, [None, "knn_top1"]))
         out.append(line("raw pixels: linear (BatchNorm + linear head)", reference, [None, "linprobe_top1"]))
     single = [_percent(f) for f in fractions if f >= 1]
-    text = "Top-1 (%) on the test split: mean ± sample std over seeds (the seeds' values)" \
-        + (f"; {single[0]} of the labels ran for the first seed only" if single else "") \
-        + ". Raw-pixel rows: the named classifier on flattened normalised pixels.\n\n" + "\n".join(out) + "\n"
+    text = (
+        "Top-1 (%) on the test split: mean ± sample std over seeds (the seeds' values)"
+        + (f"; {single[0]} of the labels ran for the first seed only" if single else "")
+        + ". Raw-pixel rows: the named classifier on flattened normalised pixels.\n\n"
+        + "\n".join(out)
+        + "\n"
+    )
     if any("knn_top1" in r for r in rows):
         knn = head(["k-NN"])
-        knn += [line(labels[n], n, ["knn_top1"]) for n in names + ([reference] if reference in labels else [])
-                if any("knn_top1" in cell.get((n, f), {}) for f in fractions)]
-        text += f"\nk-NN top-1 (%) of the frozen features (k={knn_k}, cosine; the labelled images are the bank):\n\n" \
-            + "\n".join(knn) + "\n"
+        knn += [
+            line(labels[n], n, ["knn_top1"])
+            for n in names + ([reference] if reference in labels else [])
+            if any("knn_top1" in cell.get((n, f), {}) for f in fractions)
+        ]
+        text += (
+            f"\nk-NN top-1 (%) of the frozen features (k={knn_k}, cosine; the labelled images are the bank):\n\n"
+            + "\n".join(knn)
+            + "\n"
+        )
     return text
 
 
-def plot_label_efficiency(rows: list[dict[str, Any]], labels: dict[str, str], fractions: list[float],
-                          reference: str, path: Path) -> None:
+def plot_label_efficiency(
+    rows: list[dict[str, Any]], labels: dict[str, str], fractions: list[float], reference: str, path: Path
+) -> None:
     """Top-1 against the fraction of labels (log x): per variant fine-tuning (solid) and linear probe
     (dashed), mean over seeds with min-max error bars; raw-pixel k-NN and linear head in grey."""
     import matplotlib
@@ -113,10 +138,14 @@ def plot_label_efficiency(rows: list[dict[str, Any]], labels: dict[str, str], fr
     names = [n for n in labels if n != reference]
     colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
     styles = [(n, "finetune_top1", "fine-tune", {"color": colors[n], "ls": "-", "marker": "o"}) for n in names]
-    styles += [(n, "linprobe_top1", "linear probe", {"color": colors[n], "ls": "--", "marker": "s", "alpha": 0.8})
-               for n in names]
-    styles += [(reference, "knn_top1", "k-NN", {"color": "0.45", "ls": ":", "marker": "^"}),
-               (reference, "linprobe_top1", "linear", {"color": "0.6", "ls": "-.", "marker": "v"})]
+    styles += [
+        (n, "linprobe_top1", "linear probe", {"color": colors[n], "ls": "--", "marker": "s", "alpha": 0.8})
+        for n in names
+    ]
+    styles += [
+        (reference, "knn_top1", "k-NN", {"color": "0.45", "ls": ":", "marker": "^"}),
+        (reference, "linprobe_top1", "linear", {"color": "0.6", "ls": "-.", "marker": "v"}),
+    ]
     values = []
     for name, metric, kind, style in styles:
         points = [(r["fraction"], r[metric]) for r in rows if r["variant"] == name and metric in r]
@@ -135,9 +164,11 @@ def plot_label_efficiency(rows: list[dict[str, Any]], labels: dict[str, str], fr
     ax.minorticks_off()
     if values:
         ax.set_ylim(max(0.0, min(values) - 3), min(100.0, max(values) + 2))
-    ax.set(xlabel="fraction of the training labels (class-balanced subset; labelled images)",
-           ylabel="top-1 on the test split (%)",
-           title="Fashion-MNIST label efficiency: mean over seeds, bars = min-max")
+    ax.set(
+        xlabel="fraction of the training labels (class-balanced subset; labelled images)",
+        ylabel="top-1 on the test split (%)",
+        title="Fashion-MNIST label efficiency: mean over seeds, bars = min-max",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -158,11 +189,19 @@ def write_fraction_report(summary: dict[str, Any], study, out: Path) -> dict[str
     objectives = {v.name: "pixel" if "model.objective=pixel" in v.overrides else "conmim" for v in study.variants}
     rows = aggregate_fractions(summary["runs"], list(labels), fractions)
     done = {(r["variant"], r["seed"], r["fraction"]) for r in summary["runs"]}
-    missing = [f"{v.name}_s{s} {_percent(study.label_fractions[i])}" for v in study.variants
-               for s in (v.seeds or study.seeds) for i in fractions_at(study, v.seeds or study.seeds, s)
-               if (v.name, s, study.label_fractions[i]) not in done]
-    paths = {"json": docs / "results.json", "table": docs / "table.md", "plot": docs / "label_efficiency.png",
-             "curves": docs / "pretrain_curves.png"}
+    missing = [
+        f"{v.name}_s{s} {_percent(study.label_fractions[i])}"
+        for v in study.variants
+        for s in (v.seeds or study.seeds)
+        for i in fractions_at(study, v.seeds or study.seeds, s)
+        if (v.name, s, study.label_fractions[i]) not in done
+    ]
+    paths = {
+        "json": docs / "results.json",
+        "table": docs / "table.md",
+        "plot": docs / "label_efficiency.png",
+        "curves": docs / "pretrain_curves.png",
+    }
     paths["json"].write_text(json.dumps({**summary, "aggregate": rows, "not_run": missing}, indent=2) + "\n")
     knn_k = summary.get("base", {}).get("eval", {}).get("knn_k", 20)
     table = fraction_table(rows, labels, fractions, REFERENCE, knn_k)
@@ -183,12 +222,15 @@ def _cell(stat: dict[str, Any] | None) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
-    lines = ["| variant | seeds | " + " | ".join(f"{m} top-1 (%)" for m in METRIC_NAMES.values()) + " |",
-             "|---|---|" + "---|" * len(METRIC_NAMES)]
+    lines = [
+        "| variant | seeds | " + " | ".join(f"{m} top-1 (%)" for m in METRIC_NAMES.values()) + " |",
+        "|---|---|" + "---|" * len(METRIC_NAMES),
+    ]
     for row in rows:
         cells = [_cell(row.get(metric)) for metric in METRIC_NAMES]
-        lines.append(f"| {labels.get(row['variant'], row['variant'])} | {len(row['seeds'])} | " + " | ".join(cells)
-                     + " |")
+        lines.append(
+            f"| {labels.get(row['variant'], row['variant'])} | {len(row['seeds'])} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -254,13 +296,16 @@ def plot_bars(rows: list[dict[str, Any]], labels: dict[str, str], path: Path) ->
             high.append(stat["max"] - stat["mean"])
             ax.scatter([x] * len(stat["values"]), stat["values"], color="black", s=8, zorder=3)
         ax.bar(xs, means, width, yerr=[low, high], capsize=3, label=METRIC_NAMES[metric])
-    ax.set_xticks(range(len(rows)), [labels.get(r["variant"], r["variant"]) for r in rows], rotation=25, ha="right",
-                  fontsize=8)
+    ax.set_xticks(
+        range(len(rows)), [labels.get(r["variant"], r["variant"]) for r in rows], rotation=25, ha="right", fontsize=8
+    )
     values = [v for row in rows for m in metrics if m in row for v in row[m]["values"]]
     if values:
         ax.set_ylim(max(0.0, min(values) - 5), min(100.0, max(values) + 3))
-    ax.set(ylabel="top-1 on the test subset (%)", title="Fashion-MNIST study: mean over seeds, dots = seeds, "
-           "bars = min-max")
+    ax.set(
+        ylabel="top-1 on the test subset (%)",
+        title="Fashion-MNIST study: mean over seeds, dots = seeds, bars = min-max",
+    )
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -280,8 +325,12 @@ def write_report(summary: dict[str, Any], study, out: Path) -> dict[str, Path]:
     rows = aggregate(summary["runs"], order)
     done = {(r["variant"], r["seed"]) for r in summary["runs"]}
     missing = [f"{v.name}_s{s}" for v in study.variants for s in (v.seeds or study.seeds) if (v.name, s) not in done]
-    paths = {"json": docs / "results.json", "table": docs / "table.md", "curves": docs / "pretrain_curves.png",
-             "bars": docs / "accuracy_bars.png"}
+    paths = {
+        "json": docs / "results.json",
+        "table": docs / "table.md",
+        "curves": docs / "pretrain_curves.png",
+        "bars": docs / "accuracy_bars.png",
+    }
     paths["json"].write_text(json.dumps({**summary, "aggregate": rows, "not_run": missing}, indent=2) + "\n")
     table = markdown_table(rows, labels)
     if missing:

@@ -25,9 +25,16 @@ def compile_step(model: ConMIM, student: nn.Module, **compile_kwargs) -> nn.Modu
     return torch.compile(student, **compile_kwargs)
 
 
-def forward_backward(model: ConMIM, student: nn.Module, weak: torch.Tensor, strong: torch.Tensor,
-                     mask: torch.Tensor, amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler,
-                     accum_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_backward(
+    model: ConMIM,
+    student: nn.Module,
+    weak: torch.Tensor,
+    strong: torch.Tensor,
+    mask: torch.Tensor,
+    amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler,
+    accum_steps: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher and student forward under autocast (the loss itself runs in fp32), then backward of
     ``loss / accum_steps``; returns the detached (loss, retrieval accuracy)."""
     with torch.autocast(weak.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -36,9 +43,16 @@ def forward_backward(model: ConMIM, student: nn.Module, weak: torch.Tensor, stro
     return loss.detach(), accuracy.detach()
 
 
-def optimizer_step(model: ConMIM, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   params: list[torch.Tensor], clip_grad: float, momentum: float, foreach: bool = True,
-                   guard: StepGuard | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def optimizer_step(
+    model: ConMIM,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    params: list[torch.Tensor],
+    clip_grad: float,
+    momentum: float,
+    foreach: bool = True,
+    guard: StepGuard | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Unscale, clip (``clip_grad <= 0``: no clipping), AdamW, zero grads, EMA of the teacher;
     returns the pre-clip gradient norm and, with a ``guard``, the device flag 'this step was
     finite' (a non-finite step then changes neither the student nor the teacher).

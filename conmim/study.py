@@ -115,8 +115,10 @@ def check_fractions(study: StudySettings, path: str) -> None:
         if value and len(value) != len(fractions):
             raise ConfigError(f"{path}: study.{key} has {len(value)} entries for {len(fractions)} label_fractions")
     if study.finetune_evals < 1 or any(e % study.finetune_evals for e in study.finetune_epochs):
-        raise ConfigError(f"{path}: study.finetune_evals={study.finetune_evals} must divide every finetune_epochs "
-                          f"{study.finetune_epochs}")
+        raise ConfigError(
+            f"{path}: study.finetune_evals={study.finetune_evals} must divide every finetune_epochs "
+            f"{study.finetune_epochs}"
+        )
 
 
 def fraction_tag(fraction: float) -> str:
@@ -142,8 +144,10 @@ def fraction_config(cfg: Config, study: StudySettings, index: int) -> tuple[Conf
     validate(out)
     passes = out.finetune.epochs
     if passes % study.finetune_evals:
-        raise ConfigError(f"study fraction {study.label_fractions[index]}: finetune.epochs={passes} is not a "
-                          f"multiple of study.finetune_evals={study.finetune_evals}")
+        raise ConfigError(
+            f"study fraction {study.label_fractions[index]}: finetune.epochs={passes} is not a "
+            f"multiple of study.finetune_evals={study.finetune_evals}"
+        )
     out.finetune.epochs = study.finetune_evals
     out.finetune.warmup_epochs = out.finetune.warmup_epochs * study.finetune_evals / passes
     return out, passes
@@ -175,11 +179,18 @@ def tile(source: ArraySource, indices: np.ndarray, times: int) -> ArraySource:
 
 def variant_config(base: Any, variant: Variant, seed: int, run_dir: Path, data_dir: Path) -> Config:
     """The full configuration of one (variant, seed): base, then the variant's overrides, then the run's paths."""
-    run = [f"train.seed={seed}", f"output_dir={run_dir / 'pretrain'}", f"data.path={data_dir}",
-           "data.source=fashion_mnist", "data.split=train", "resume=''"]
+    run = [
+        f"train.seed={seed}",
+        f"output_dir={run_dir / 'pretrain'}",
+        f"data.path={data_dir}",
+        "data.source=fashion_mnist",
+        "data.split=train",
+        "resume=''",
+    ]
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), base,
-                                 OmegaConf.from_dotlist(list(variant.overrides) + run))
+        merged = OmegaConf.merge(
+            OmegaConf.structured(Config), base, OmegaConf.from_dotlist(list(variant.overrides) + run)
+        )
     except OmegaConfBaseException as err:
         raise ConfigError(f"study variant {variant.name!r}: {err}") from None
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -208,8 +219,10 @@ def write_idx(images: np.ndarray, labels: np.ndarray, folder: Path, prefix: str 
 
 def study_splits(study: StudySettings, fashion_root: str) -> tuple[ArraySource, ArraySource]:
     """The study's fixed train and test subsets of Fashion-MNIST."""
-    return (fixed_subset(fashion_mnist(fashion_root, "train"), study.train_images, study.subset_seed),
-            fixed_subset(fashion_mnist(fashion_root, "test"), study.test_images, study.subset_seed + 1))
+    return (
+        fixed_subset(fashion_mnist(fashion_root, "train"), study.train_images, study.subset_seed),
+        fixed_subset(fashion_mnist(fashion_root, "test"), study.test_images, study.subset_seed + 1),
+    )
 
 
 def prepare_data(study: StudySettings, fashion_root: str) -> tuple[ArraySource, ArraySource, Path]:
@@ -271,8 +284,9 @@ def study_encoder(variant: Variant, seed: int, cfg: Config, stages: Stages, run_
     return _random_encoder(cfg, seed)
 
 
-def run_one(study: StudySettings, base: Any, variant: Variant, seed: int, train: ArraySource, test: ArraySource,
-            data_dir: Path) -> dict[str, Any]:
+def run_one(
+    study: StudySettings, base: Any, variant: Variant, seed: int, train: ArraySource, test: ArraySource, data_dir: Path
+) -> dict[str, Any]:
     """Pre-train (or not), then k-NN, linear probe and fine-tuning of one (variant, seed)."""
     from .engine import resolve_device
     from .finetune import finetune
@@ -290,8 +304,10 @@ def run_one(study: StudySettings, base: Any, variant: Variant, seed: int, train:
     def knn() -> float:
         e, d = cfg.eval, cfg.data
         transform = EvalTransform(cfg.model.img_size, d.mean, d.std)
-        feats = [extract_features(encoder, LabeledDataset(src, transform), e.batch_size, e.pool, device,
-                                  0, f"k-NN {name}") for name, src in (("train", train), ("test", test))]
+        feats = [
+            extract_features(encoder, LabeledDataset(src, transform), e.batch_size, e.pool, device, 0, f"k-NN {name}")
+            for name, src in (("train", train), ("test", test))
+        ]
         (tx, ty), (qx, qy) = feats
         return knn_accuracy(tx, ty, qx, qy, e.knn_k, e.knn_t)
 
@@ -300,9 +316,17 @@ def run_one(study: StudySettings, base: Any, variant: Variant, seed: int, train:
     if study.linprobe:
         stages.run("linprobe", lambda: linear_probe(encoder, train, test, cfg, device, run_dir / "linprobe"))
     if study.finetune and variant.finetune:
-        stages.run("finetune", lambda: {"epochs": cfg.finetune.epochs, **{
-            k: v for k, v in finetune(encoder, train, test, cfg, run_dir / "finetune").items()
-            if isinstance(v, (int, float, str))}})
+        stages.run(
+            "finetune",
+            lambda: {
+                "epochs": cfg.finetune.epochs,
+                **{
+                    k: v
+                    for k, v in finetune(encoder, train, test, cfg, run_dir / "finetune").items()
+                    if isinstance(v, (int, float, str))
+                },
+            },
+        )
     return record_of(variant.name, seed, stages.done)
 
 
@@ -327,8 +351,11 @@ def fractions_at(study: StudySettings, seeds: list[int], seed: int) -> list[int]
 
 def _stage_names(study: StudySettings, finetunes: bool, fraction: float) -> list[str]:
     tag = fraction_tag(fraction)
-    return [f"{kind}_{tag}" for kind, on in (("linprobe", study.linprobe), ("knn", study.knn),
-                                             ("finetune", study.finetune and finetunes)) if on]
+    return [
+        f"{kind}_{tag}"
+        for kind, on in (("linprobe", study.linprobe), ("knn", study.knn), ("finetune", study.finetune and finetunes))
+        if on
+    ]
 
 
 class _Features:
@@ -351,8 +378,16 @@ class _Features:
         return self._subset[1]
 
 
-def _probe_and_knn(stages: Stages, study: StudySettings, features: _Features, fcfg: Config, indices: np.ndarray,
-                   tag: str, seed: int, device: torch.device) -> None:
+def _probe_and_knn(
+    stages: Stages,
+    study: StudySettings,
+    features: _Features,
+    fcfg: Config,
+    indices: np.ndarray,
+    tag: str,
+    seed: int,
+    device: torch.device,
+) -> None:
     """The ``linprobe_TAG`` and ``knn_TAG`` stages on the features of the labelled subset ``indices``
     (for encoders: ``linprobe.pool`` / ``linprobe.block`` features for both; the k-NN bank is the subset)."""
     from .knn import knn_accuracy
@@ -365,8 +400,11 @@ def _probe_and_knn(stages: Stages, study: StudySettings, features: _Features, fc
 
     def knn() -> dict[str, Any]:
         (tx, ty), (qx, qy) = features.of_subset(indices), features.of_test()
-        return {"top1": knn_accuracy(tx, ty, qx, qy, fcfg.eval.knn_k, fcfg.eval.knn_t), "k": fcfg.eval.knn_k,
-                "labels": len(indices)}
+        return {
+            "top1": knn_accuracy(tx, ty, qx, qy, fcfg.eval.knn_k, fcfg.eval.knn_t),
+            "k": fcfg.eval.knn_k,
+            "labels": len(indices),
+        }
 
     if study.linprobe:
         stages.run(f"linprobe_{tag}", probe)
@@ -374,8 +412,16 @@ def _probe_and_knn(stages: Stages, study: StudySettings, features: _Features, fc
         stages.run(f"knn_{tag}", knn)
 
 
-def run_fractions(study: StudySettings, base: Any, variant: Variant, seed: int, seeds: list[int],
-                  train: ArraySource, test: ArraySource, data_dir: Path) -> list[dict[str, Any]]:
+def run_fractions(
+    study: StudySettings,
+    base: Any,
+    variant: Variant,
+    seed: int,
+    seeds: list[int],
+    train: ArraySource,
+    test: ArraySource,
+    data_dir: Path,
+) -> list[dict[str, Any]]:
     """Label-efficiency protocol of one (variant, seed): the encoder once, then per label fraction a
     linear probe and a k-NN on cached features and, for variants that fine-tune, a fine-tuning."""
     from .engine import resolve_device, resolve_precision
@@ -397,8 +443,17 @@ def run_fractions(study: StudySettings, base: Any, variant: Variant, seed: int, 
 
     def extract(source: ArraySource, indices: np.ndarray | None, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         dataset = LabeledDataset(source, transform, None if indices is None else indices.tolist())
-        return extract_features(encoder, dataset, cfg.eval.batch_size, p.pool, device, d.num_workers,
-                                f"{variant.name} s{seed} {what} features", p.block, amp_dtype)
+        return extract_features(
+            encoder,
+            dataset,
+            cfg.eval.batch_size,
+            p.pool,
+            device,
+            d.num_workers,
+            f"{variant.name} s{seed} {what} features",
+            p.block,
+            amp_dtype,
+        )
 
     features = _Features(extract, train, test)
     for i in todo:
@@ -414,9 +469,16 @@ def run_fractions(study: StudySettings, base: Any, variant: Variant, seed: int, 
                 result = finetune(encoder, tile(train, indices, tiles), test, fcfg, run_dir / f"finetune_{tag}")
                 (run_dir / f"finetune_{tag}" / "checkpoints" / "last.pt").unlink(missing_ok=True)  # finished
                 steps = fcfg.finetune.epochs * (len(indices) * tiles // fcfg.finetune.batch_size)
-                return {"top1": result["top1"], "top5": result["top5"], "best_top1": result["best_top1"],
-                        "history_top1": [h["top1"] for h in result["history"]], "passes": passes, "steps": steps,
-                        "batch_size": fcfg.finetune.batch_size, "labels": len(indices)}
+                return {
+                    "top1": result["top1"],
+                    "top5": result["top5"],
+                    "best_top1": result["best_top1"],
+                    "history_top1": [h["top1"] for h in result["history"]],
+                    "passes": passes,
+                    "steps": steps,
+                    "batch_size": fcfg.finetune.batch_size,
+                    "labels": len(indices),
+                }
 
             stages.run(f"finetune_{tag}", tune)
     return fraction_records(variant.name, seed, stages.done, study.label_fractions)
@@ -425,8 +487,9 @@ def run_fractions(study: StudySettings, base: Any, variant: Variant, seed: int, 
 REFERENCE = "raw_pixels"
 
 
-def run_references(study: StudySettings, base: Any, seed: int, seeds: list[int], train: ArraySource,
-                   test: ArraySource, data_dir: Path) -> list[dict[str, Any]]:
+def run_references(
+    study: StudySettings, base: Any, seed: int, seeds: list[int], train: ArraySource, test: ArraySource, data_dir: Path
+) -> list[dict[str, Any]]:
     """Raw-pixel reference lines at each label fraction of ``seed``: k-NN (eval.knn_k, cosine) and the
     linear probe's head (BatchNorm + linear) on flattened normalised pixels, as stages of ``reference_sSEED``."""
     from .engine import resolve_device
@@ -446,8 +509,16 @@ def run_references(study: StudySettings, base: Any, seed: int, seeds: list[int],
     features = _Features(extract, train, test)
     for i in fractions_at(study, seeds, seed):
         fcfg, _passes = fraction_config(cfg, study, i)
-        _probe_and_knn(stages, study, features, fcfg, balanced_subset(train, study.label_fractions[i], seed),
-                       fraction_tag(study.label_fractions[i]), seed, device)
+        _probe_and_knn(
+            stages,
+            study,
+            features,
+            fcfg,
+            balanced_subset(train, study.label_fractions[i], seed),
+            fraction_tag(study.label_fractions[i]),
+            seed,
+            device,
+        )
     return fraction_records(REFERENCE, seed, stages.done, study.label_fractions)
 
 
@@ -459,8 +530,12 @@ def fraction_records(name: str, seed: int, done: dict[str, Any], fractions: list
         mine = {kind: done[f"{kind}_{tag}"] for kind in ("linprobe", "knn", "finetune") if f"{kind}_{tag}" in done}
         if not mine:
             continue
-        record: dict[str, Any] = {"variant": name, "seed": seed, "fraction": fraction,
-                                  "labels": next(iter(mine.values()))["result"]["labels"]}
+        record: dict[str, Any] = {
+            "variant": name,
+            "seed": seed,
+            "fraction": fraction,
+            "labels": next(iter(mine.values()))["result"]["labels"],
+        }
         for kind, stage in mine.items():
             record[f"{kind}_top1"] = stage["result"]["top1"]
         if "finetune" in mine:
@@ -493,14 +568,16 @@ def _fraction_study(study: StudySettings, base: Any, root: str, report_only: boo
         if study.references and seed in reference_seeds:
             reference_seeds.remove(seed)
             if report_only:
-                records += fraction_records(REFERENCE, seed, Stages(out / f"reference_s{seed}").done,
-                                            study.label_fractions)
+                records += fraction_records(
+                    REFERENCE, seed, Stages(out / f"reference_s{seed}").done, study.label_fractions
+                )
             else:
                 log.info("study: raw-pixel references, seed %d", seed)
                 records += run_references(study, base, seed, [order[0][1]], train, test, data_dir)
         if report_only:
-            records += fraction_records(variant.name, seed, Stages(out / f"{variant.name}_s{seed}").done,
-                                        study.label_fractions)
+            records += fraction_records(
+                variant.name, seed, Stages(out / f"{variant.name}_s{seed}").done, study.label_fractions
+            )
         else:
             log.info("study: %s seed %d", variant.name, seed)
             records += run_fractions(study, base, variant, seed, seeds, train, test, data_dir)
@@ -529,11 +606,20 @@ def run_study(path: str | os.PathLike, fashion_root: str | None = None, report_o
             stages = Stages(out / f"{variant.name}_s{seed}")
             if stages.done:
                 records.append(record_of(variant.name, seed, stages.done))
-    machine = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    summary = {"config": str(path), "study": OmegaConf.to_container(OmegaConf.structured(study)),
-               "base": OmegaConf.to_container(base), "machine": machine, "runs": records,
-               "this_invocation_seconds": round(time.perf_counter() - start, 1)}
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    summary = {
+        "config": str(path),
+        "study": OmegaConf.to_container(OmegaConf.structured(study)),
+        "base": OmegaConf.to_container(base),
+        "machine": machine,
+        "runs": records,
+        "this_invocation_seconds": round(time.perf_counter() - start, 1),
+    }
     write_report(summary, study, out)
     return summary

@@ -36,12 +36,14 @@ def resize_rel_pos_table(table: torch.Tensor, old_grid: tuple[int, int], new_gri
     if tuple(old_grid) == tuple(new_grid):
         return table
     size = (2 * new_grid[0] - 1) * (2 * new_grid[1] - 1) + 3
-    return resize_rel_pos_bias_table(table, new_window_size=tuple(new_grid), new_bias_shape=(size, table.shape[1]),
-                                     old_window_size=tuple(old_grid))
+    return resize_rel_pos_bias_table(
+        table, new_window_size=tuple(new_grid), new_bias_shape=(size, table.shape[1]), old_window_size=tuple(old_grid)
+    )
 
 
-def classifier_spec(spec: dict[str, Any], num_classes: int, img_size: int = 0, drop_path: float = 0.1,
-                    fc_norm: bool = True) -> dict:
+def classifier_spec(
+    spec: dict[str, Any], num_classes: int, img_size: int = 0, drop_path: float = 0.1, fc_norm: bool = True
+) -> dict:
     """The timm spec of the fine-tuning model: mean pooling, per-block tables, a head.
 
     ``fc_norm=True`` (official) drops the final norm and normalises the mean token with a new
@@ -67,10 +69,13 @@ def transfer_weights(weights: dict[str, torch.Tensor], spec: dict[str, Any], mod
     """
     old_grid, new_grid = grid_of(spec), tuple(model.patch_embed.grid_size)
     target = model.state_dict()
-    out = {k: v for k, v in weights.items()
-           if not k.startswith(("mask_token", "rel_pos_bias."))
-           and not (k.startswith("norm.") and isinstance(model.norm, nn.Identity))
-           and not (k.startswith(HEAD_PREFIXES) and (k not in target or target[k].shape != v.shape))}
+    out = {
+        k: v
+        for k, v in weights.items()
+        if not k.startswith(("mask_token", "rel_pos_bias."))
+        and not (k.startswith("norm.") and isinstance(model.norm, nn.Identity))
+        and not (k.startswith(HEAD_PREFIXES) and (k not in target or target[k].shape != v.shape))
+    }
     shared = weights.get(SHARED_TABLE)
     for i, block in enumerate(model.blocks):
         key = f"blocks.{i}.attn.relative_position_bias_table"
@@ -81,8 +86,12 @@ def transfer_weights(weights: dict[str, torch.Tensor], spec: dict[str, Any], mod
             raise KeyError(f"pre-trained weights have neither {key} nor {SHARED_TABLE}")
         out[key] = resize_rel_pos_table(table.clone(), old_grid, new_grid)
     if "pos_embed" in out:
-        out["pos_embed"] = resample_abs_pos_embed(out["pos_embed"], new_size=list(new_grid), old_size=list(old_grid),
-                                                  num_prefix_tokens=getattr(model, "num_prefix_tokens", 1))
+        out["pos_embed"] = resample_abs_pos_embed(
+            out["pos_embed"],
+            new_size=list(new_grid),
+            old_size=list(old_grid),
+            num_prefix_tokens=getattr(model, "num_prefix_tokens", 1),
+        )
     return out
 
 
@@ -94,9 +103,15 @@ def init_head(head: nn.Linear, scale: float) -> None:
     head.weight.mul_(scale)
 
 
-def build_classifier(weights: dict[str, torch.Tensor], spec: dict[str, Any], num_classes: int, img_size: int = 0,
-                     drop_path: float = 0.1, head_init_scale: float = 0.001, fc_norm: bool = True
-                     ) -> tuple[nn.Module, dict]:
+def build_classifier(
+    weights: dict[str, torch.Tensor],
+    spec: dict[str, Any],
+    num_classes: int,
+    img_size: int = 0,
+    drop_path: float = 0.1,
+    head_init_scale: float = 0.001,
+    fc_norm: bool = True,
+) -> tuple[nn.Module, dict]:
     """(timm classifier with the pre-trained weights, its spec); only the head and fc_norm may be new."""
     target = classifier_spec(spec, num_classes, img_size, drop_path, fc_norm)
     model = timm.create_model(target["model_name"], pretrained=False, **target["kwargs"])

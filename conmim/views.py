@@ -47,8 +47,13 @@ def _chance(gen: torch.Generator | None, p: float) -> bool:
     return float(torch.rand((), generator=gen)) < p
 
 
-def sample_crop(gen: torch.Generator | None, height: int, width: int, scale: tuple[float, float] = (0.08, 1.0),
-                ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def sample_crop(
+    gen: torch.Generator | None,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box (top, left, h, w): 10 tries, then a centre crop clamped to ``ratio``."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -71,8 +76,9 @@ def sample_crop(gen: torch.Generator | None, height: int, width: int, scale: tup
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def sample_view_params(gen: torch.Generator | None, height: int, width: int,
-                       crop_scale: tuple[float, float] = (0.08, 1.0)) -> ViewParams:
+def sample_view_params(
+    gen: torch.Generator | None, height: int, width: int, crop_scale: tuple[float, float] = (0.08, 1.0)
+) -> ViewParams:
     """Draw every random choice for one image (BYOL's second-view photometric parameters)."""
     top, left, h, w = sample_crop(gen, height, width, crop_scale)
     flip = _chance(gen, 0.5)
@@ -83,15 +89,20 @@ def sample_view_params(gen: torch.Generator | None, height: int, width: int,
     grayscale = _chance(gen, 0.2)
     blur_sigma = _uniform(gen, 0.1, 2.0) if _chance(gen, 0.1) else 0.0
     solarize = _chance(gen, 0.2)
-    return ViewParams(top, left, h, w, flip, jitter, brightness, contrast, saturation, hue, order,
-                      grayscale, blur_sigma, solarize)
+    return ViewParams(
+        top, left, h, w, flip, jitter, brightness, contrast, saturation, hue, order, grayscale, blur_sigma, solarize
+    )
 
 
 def apply_photometric(img: torch.Tensor, p: ViewParams) -> torch.Tensor:
     """The strong view's ops on a uint8 (3, H, W) or (B, 3, H, W) tensor, in the official order."""
     if p.jitter:
-        ops = (lambda x: TF.adjust_brightness(x, p.brightness), lambda x: TF.adjust_contrast(x, p.contrast),
-               lambda x: TF.adjust_saturation(x, p.saturation), lambda x: TF.adjust_hue(x, p.hue))
+        ops = (
+            lambda x: TF.adjust_brightness(x, p.brightness),
+            lambda x: TF.adjust_contrast(x, p.contrast),
+            lambda x: TF.adjust_saturation(x, p.saturation),
+            lambda x: TF.adjust_hue(x, p.hue),
+        )
         for i in p.jitter_order:
             img = ops[i](img)
     if p.grayscale:
@@ -112,16 +123,30 @@ class PairedViews:
     too (the symmetric-perturbation ablation).
     """
 
-    def __init__(self, img_size: int, crop_scale: tuple[float, float] = (0.08, 1.0),
-                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
-                 strong: bool = True, weak_strong: bool = False):
+    def __init__(
+        self,
+        img_size: int,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+        strong: bool = True,
+        weak_strong: bool = False,
+    ):
         self.img_size, self.crop_scale = img_size, tuple(crop_scale)
         self.mean, self.std = list(mean), list(std)
         self.strong, self.weak_strong = strong, weak_strong
 
     def crop(self, img: Image.Image, p: ViewParams) -> torch.Tensor:
-        out = TF.resized_crop(img, p.top, p.left, p.height, p.width, [self.img_size, self.img_size],
-                              interpolation=InterpolationMode.BICUBIC, antialias=True)
+        out = TF.resized_crop(
+            img,
+            p.top,
+            p.left,
+            p.height,
+            p.width,
+            [self.img_size, self.img_size],
+            interpolation=InterpolationMode.BICUBIC,
+            antialias=True,
+        )
         if p.flip:
             out = TF.horizontal_flip(out)
         return TF.pil_to_tensor(out)

@@ -98,8 +98,9 @@ def retrieval_choices(model, image: torch.Tensor, mask: torch.Tensor) -> torch.T
     return (student @ teacher.transpose(1, 2))[0].argmax(-1)
 
 
-def retrieval_picture(image: Image.Image, mask: torch.Tensor, choices: torch.Tensor,
-                      grid: tuple[int, int]) -> Image.Image:
+def retrieval_picture(
+    image: Image.Image, mask: torch.Tensor, choices: torch.Tensor, grid: tuple[int, int]
+) -> Image.Image:
     """Three panels: the input with masked patches darkened; each masked patch replaced by the pixels
     of the patch the student picked (a correct pick restores the image); green = own patch, red = another."""
     size = image.size
@@ -115,8 +116,11 @@ def retrieval_picture(image: Image.Image, mask: torch.Tensor, choices: torch.Ten
         picked.paste(rgb.crop((cc * pw, rr * ph, (cc + 1) * pw, (rr + 1) * ph)), box[:2])
         own = int(choices[i]) == i
         correct += own
-        frame.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline=(0, 220, 0) if own else (230, 0, 0),
-                        width=max(1, min(ph, pw) // 10))
+        frame.rectangle(
+            (box[0], box[1], box[2] - 1, box[3] - 1),
+            outline=(0, 220, 0) if own else (230, 0, 0),
+            width=max(1, min(ph, pw) // 10),
+        )
     heat = torch.zeros(grid)
     heat.view(-1)[mask] = (choices[mask] == torch.nonzero(mask).flatten()).float() * 2 - 1
     canvas = Image.new("RGB", (3 * size[0], size[1]))
@@ -150,8 +154,9 @@ def load_for_visualization(source: str | Path, which: str = "teacher") -> tuple[
     return encoder, model if cfg.model.objective == "conmim" else None, cfg
 
 
-def visualize(source: str | Path, images: list[str | Path], out: str | Path, which: str = "teacher",
-              seed: int = 0) -> list[Path]:
+def visualize(
+    source: str | Path, images: list[str | Path], out: str | Path, which: str = "teacher", seed: int = 0
+) -> list[Path]:
     """Write ``NAME_attention.png`` (and ``NAME_retrieval.png`` for ConMIM checkpoints) per image."""
     from .data import load_image
     from .masking import MaskGenerator

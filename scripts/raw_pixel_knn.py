@@ -24,8 +24,10 @@ def main(config: str = "study_cpu") -> float:
     feats = [torch.stack([transform(src[i][0]).flatten() for i in range(len(src))]) for src in (train, test)]
     labels = [torch.as_tensor(src.labels.astype("int64")) for src in (train, test)]
     top1 = knn_accuracy(feats[0], labels[0], feats[1], labels[1], cfg.eval.knn_k, cfg.eval.knn_t)
-    print(f"raw-pixel k-NN top-1 (k={cfg.eval.knn_k}, t={cfg.eval.knn_t}, {len(train)} bank / {len(test)} queries): "
-          f"{top1:.2f}%")
+    print(
+        f"raw-pixel k-NN top-1 (k={cfg.eval.knn_k}, t={cfg.eval.knn_t}, {len(train)} bank / {len(test)} queries): "
+        f"{top1:.2f}%"
+    )
     return top1
 
 

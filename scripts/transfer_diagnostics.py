@@ -36,19 +36,26 @@ def measure(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) 
     model.eval()
     with torch.no_grad():
         tokens = model.forward_features(images)
-        pooled = tokens[:, model.num_prefix_tokens:].mean(1)
+        pooled = tokens[:, model.num_prefix_tokens :].mean(1)
         normed = model.fc_norm(pooled)
     energy = pooled.pow(2).mean(0)
-    out = {"pooled_between_share": between_share(pooled), "pooled_rms": float(pooled.pow(2).mean().sqrt()),
-           "pooled_top5_channel_energy": float(energy.topk(5).values.sum() / energy.sum()),
-           "head_input_between_share": between_share(normed),
-           "head_input_between_rms": float(normed.std(0).pow(2).mean().sqrt())}
+    out = {
+        "pooled_between_share": between_share(pooled),
+        "pooled_rms": float(pooled.pow(2).mean().sqrt()),
+        "pooled_top5_channel_energy": float(energy.topk(5).values.sum() / energy.sum()),
+        "head_input_between_share": between_share(normed),
+        "head_input_between_rms": float(normed.std(0).pow(2).mean().sqrt()),
+    }
     model.train()
     model.zero_grad()
     F.cross_entropy(model(images), labels).backward()
-    groups = {"patch_embed": ["patch_embed."], "blocks_first": ["blocks.0."],
-              "blocks_last": [f"blocks.{len(model.blocks) - 1}."], "fc_norm/norm": ["fc_norm.", "norm."],
-              "head": ["head."]}
+    groups = {
+        "patch_embed": ["patch_embed."],
+        "blocks_first": ["blocks.0."],
+        "blocks_last": [f"blocks.{len(model.blocks) - 1}."],
+        "fc_norm/norm": ["fc_norm.", "norm."],
+        "head": ["head."],
+    }
     for name, prefixes in groups.items():
         params = [p for n, p in model.named_parameters() if n.startswith(tuple(prefixes)) and p.grad is not None]
         g = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
@@ -70,14 +77,17 @@ def main() -> None:
     f = cfg.finetune
     size = cfg.model.img_size
     test = limit_source(build_source(cfg.data, size, cfg.data.eval_split), args.images, 0)
-    batch = [LabeledDataset(test, EvalTransform(size, cfg.data.mean, cfg.data.std, f.crop_pct))[i]
-             for i in range(len(test))]
+    batch = [
+        LabeledDataset(test, EvalTransform(size, cfg.data.mean, cfg.data.std, f.crop_pct))[i] for i in range(len(test))
+    ]
     images, labels = torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
     torch.manual_seed(cfg.train.seed)
     random_encoder = ConMIM.from_config(cfg.model).teacher.encoder
     results = {}
-    for name, (weights, spec) in {"pretrained": pretrained_of(args.source, cfg.eval.which),
-                                  "random_init": pretrained_of(random_encoder)}.items():
+    for name, (weights, spec) in {
+        "pretrained": pretrained_of(args.source, cfg.eval.which),
+        "random_init": pretrained_of(random_encoder),
+    }.items():
         for fc_norm in (True, False):
             torch.manual_seed(cfg.train.seed)
             model, _ = build_classifier(weights, spec, 10, 0, 0.0, f.head_init_scale, fc_norm=fc_norm)

@@ -29,12 +29,27 @@ SEED = int(os.environ.get("CONMIM_FAULT_SEED", random.randrange(10**6)))
 # 16-px images, 4-px patches, 2 blocks, a narrow projector, synthetic data, fp32, drop path on
 # (so the torch RNG state matters), a log record and a checkpoint every step.
 TINY = [
-    "model.arch=vit_tiny", "model.depth=2", "model.img_size=16", "model.patch_size=4",
-    "model.proj_hidden_dim=64", "model.proj_out_dim=32", "model.drop_path=0.1", "mask.unit=2",
-    "data.source=synthetic", "data.synthetic_size=64", "data.num_workers=0",
-    "train.batch_size=8", "train.epochs=2", "train.warmup_epochs=0.5", "train.base_lr=1e-3",
-    "train.precision=fp32", "train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=3",
-    "eval.final_knn=false", "eval.monitor_every=0",
+    "model.arch=vit_tiny",
+    "model.depth=2",
+    "model.img_size=16",
+    "model.patch_size=4",
+    "model.proj_hidden_dim=64",
+    "model.proj_out_dim=32",
+    "model.drop_path=0.1",
+    "mask.unit=2",
+    "data.source=synthetic",
+    "data.synthetic_size=64",
+    "data.num_workers=0",
+    "train.batch_size=8",
+    "train.epochs=2",
+    "train.warmup_epochs=0.5",
+    "train.base_lr=1e-3",
+    "train.precision=fp32",
+    "train.log_every=1",
+    "train.checkpoint_every=1",
+    "train.keep_checkpoints=3",
+    "eval.final_knn=false",
+    "eval.monitor_every=0",
 ]
 
 
@@ -54,8 +69,9 @@ def run(cmd: list[str], timeout: float = 180, **kw) -> subprocess.CompletedProce
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     """A run in its own process group (its data-loader workers die with it), output to ``log``."""
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def records(run_dir: Path, drop: tuple[str, ...] = ("img_per_s",)) -> list[dict]:
@@ -135,8 +151,19 @@ def assert_same_state(a: dict, b: dict, same_step: bool = True) -> None:
 def torchrun_cmd(run_dir: Path, *overrides: str, max_restarts: int = 0) -> list[str]:
     """Two gloo ranks on the CPU; ``--standalone`` picks a free port."""
     torchrun = str(Path(PYTHON).parent / "torchrun")
-    return [torchrun, "--standalone", "--nproc_per_node=2", f"--max-restarts={max_restarts}", "-m", "conmim.cli",
-            "pretrain", *TINY, "train.batch_size=4", f"output_dir={run_dir}", *overrides]
+    return [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node=2",
+        f"--max-restarts={max_restarts}",
+        "-m",
+        "conmim.cli",
+        "pretrain",
+        *TINY,
+        "train.batch_size=4",
+        f"output_dir={run_dir}",
+        *overrides,
+    ]
 
 
 def worker_pids(agent: subprocess.Popen) -> dict[int, int]:

@@ -15,8 +15,18 @@ from conmim.bench import flops_per_image, run_bench, write_jpeg_folder
 from conmim.config import BenchRunConfig, ConfigError, ModelConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.arch=vit_tiny", "model.depth=1", "model.img_size=32", "model.patch_size=8", "model.proj_hidden_dim=64",
-        "model.proj_out_dim=32", "train.batch_size=4", "bench.steps=2", "bench.repeats=2", "bench.warmup=1"]
+TINY = [
+    "model.arch=vit_tiny",
+    "model.depth=1",
+    "model.img_size=32",
+    "model.patch_size=8",
+    "model.proj_hidden_dim=64",
+    "model.proj_out_dim=32",
+    "train.batch_size=4",
+    "bench.steps=2",
+    "bench.repeats=2",
+    "bench.warmup=1",
+]
 
 
 @pytest.mark.parametrize("arch, gflop", [("vit_small", 67), ("vit_base", 173), ("vit_large", 526)])
@@ -37,25 +47,47 @@ def test_bench_settings_are_checked():
 def test_cli_bench_jpeg_mode_prints_one_json_line_per_variant():
     """A real ``conmim bench`` process over generated JPEG files: device data path vs CPU path."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    args = [*TINY, "train.precision=bf16", "bench.data=jpeg", "bench.jpeg_images=8", "data.gpu_aug=true",
-            "data.num_workers=0"]
-    proc = subprocess.run([sys.executable, "-m", "conmim.cli", "bench", *args],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    args = [
+        *TINY,
+        "train.precision=bf16",
+        "bench.data=jpeg",
+        "bench.jpeg_images=8",
+        "data.gpu_aug=true",
+        "data.num_workers=0",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "conmim.cli", "bench", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     fast, plain = (json.loads(ln) for ln in proc.stdout.splitlines())
     assert (fast["variant"], plain["variant"]) == ("fast", "plain")
-    assert (fast["precision"], fast["attention"], plain["precision"], plain["attention"]) == ("bf16", "sdpa", "fp32",
-                                                                                              "math")
+    assert (fast["precision"], fast["attention"], plain["precision"], plain["attention"]) == (
+        "bf16",
+        "sdpa",
+        "fp32",
+        "math",
+    )
     assert (fast["data"], fast["data_path"], plain["data_path"]) == ("jpeg", "device", "cpu")
     assert plain["config"]["train"]["precision"] == "fp32" and fast["config"]["train"]["precision"] == "bf16"
     for line in (fast, plain):
         assert line["img_per_s"] > 0 and line["step_ms"] > 0 and len(line["img_per_s_chunks"]) == 2
         assert line["peak_mem_gb"] >= 0 and line["mfu"] is None
-        assert line["gflop_per_img"] == pytest.approx(flops_per_image(ModelConfig(
-            arch="vit_tiny", depth=1, img_size=32, patch_size=8, proj_hidden_dim=64, proj_out_dim=32)) / 1e9, abs=0.01)
+        assert line["gflop_per_img"] == pytest.approx(
+            flops_per_image(
+                ModelConfig(arch="vit_tiny", depth=1, img_size=32, patch_size=8, proj_hidden_dim=64, proj_out_dim=32)
+            )
+            / 1e9,
+            abs=0.01,
+        )
     assert fast["speedup_vs_plain"] == pytest.approx(fast["img_per_s"] / plain["img_per_s"], rel=1e-2)
     assert fast["cpu_ms_per_step"] > 0 and fast["speedup_vs_plain_cpu_time"] == pytest.approx(
-        plain["cpu_ms_per_step"] / fast["cpu_ms_per_step"], rel=1e-2)
+        plain["cpu_ms_per_step"] / fast["cpu_ms_per_step"], rel=1e-2
+    )
     assert "vs plain eager fp32" in proc.stderr
 
 

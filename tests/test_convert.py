@@ -35,31 +35,59 @@ def official_state(fine_tuned: bool, seed: int = 0) -> dict[str, torch.Tensor]:
         return base + scale * torch.randn(*shape, generator=g)
 
     rows = (2 * GRID - 1) ** 2 + 3
-    sd = {"cls_token": rand(1, 1, DIM), "patch_embed.proj.weight": rand(DIM, 3, PATCH, PATCH),
-          "patch_embed.proj.bias": rand(DIM)}
+    sd = {
+        "cls_token": rand(1, 1, DIM),
+        "patch_embed.proj.weight": rand(DIM, 3, PATCH, PATCH),
+        "patch_embed.proj.bias": rand(DIM),
+    }
     for i in range(DEPTH):
         p = f"blocks.{i}."
-        sd.update({p + "norm1.weight": rand(DIM, base=1.0), p + "norm1.bias": rand(DIM),
-                   p + "attn.qkv.weight": rand(3 * DIM, DIM), p + "attn.q_bias": rand(DIM),
-                   p + "attn.v_bias": rand(DIM),
-                   p + "attn.proj.weight": rand(DIM, DIM), p + "attn.proj.bias": rand(DIM),
-                   p + "norm2.weight": rand(DIM, base=1.0), p + "norm2.bias": rand(DIM),
-                   p + "mlp.fc1.weight": rand(4 * DIM, DIM), p + "mlp.fc1.bias": rand(4 * DIM),
-                   p + "mlp.fc2.weight": rand(DIM, 4 * DIM), p + "mlp.fc2.bias": rand(DIM),
-                   p + "gamma_1": rand(DIM, base=0.5), p + "gamma_2": rand(DIM, base=0.5)})
+        sd.update(
+            {
+                p + "norm1.weight": rand(DIM, base=1.0),
+                p + "norm1.bias": rand(DIM),
+                p + "attn.qkv.weight": rand(3 * DIM, DIM),
+                p + "attn.q_bias": rand(DIM),
+                p + "attn.v_bias": rand(DIM),
+                p + "attn.proj.weight": rand(DIM, DIM),
+                p + "attn.proj.bias": rand(DIM),
+                p + "norm2.weight": rand(DIM, base=1.0),
+                p + "norm2.bias": rand(DIM),
+                p + "mlp.fc1.weight": rand(4 * DIM, DIM),
+                p + "mlp.fc1.bias": rand(4 * DIM),
+                p + "mlp.fc2.weight": rand(DIM, 4 * DIM),
+                p + "mlp.fc2.bias": rand(DIM),
+                p + "gamma_1": rand(DIM, base=0.5),
+                p + "gamma_2": rand(DIM, base=0.5),
+            }
+        )
         if fine_tuned:
             sd[p + "attn.relative_position_bias_table"] = rand(rows, HEADS, scale=0.5)
             sd[p + "attn.relative_position_index"] = spec_index(GRID)
     if fine_tuned:
-        sd.update({"fc_norm.weight": rand(DIM, base=1.0), "fc_norm.bias": rand(DIM),
-                   "head.weight": rand(1000, DIM), "head.bias": rand(1000)})
+        sd.update(
+            {
+                "fc_norm.weight": rand(DIM, base=1.0),
+                "fc_norm.bias": rand(DIM),
+                "head.weight": rand(1000, DIM),
+                "head.bias": rand(1000),
+            }
+        )
     else:
-        sd.update({"mask_token": rand(1, 1, DIM), "norm.weight": rand(DIM, base=1.0), "norm.bias": rand(DIM),
-                   "rel_pos_bias.relative_position_bias_table": rand(rows, HEADS, scale=0.5),
-                   "rel_pos_bias.relative_position_index": spec_index(GRID),
-                   "lm_head.weight": rand(8192, DIM), "lm_head.bias": rand(8192),
-                   "projectors.0.weight": rand(128, DIM), "projectors.1.weight": rand(128),
-                   "projectors.1.running_mean": rand(128)})
+        sd.update(
+            {
+                "mask_token": rand(1, 1, DIM),
+                "norm.weight": rand(DIM, base=1.0),
+                "norm.bias": rand(DIM),
+                "rel_pos_bias.relative_position_bias_table": rand(rows, HEADS, scale=0.5),
+                "rel_pos_bias.relative_position_index": spec_index(GRID),
+                "lm_head.weight": rand(8192, DIM),
+                "lm_head.bias": rand(8192),
+                "projectors.0.weight": rand(128, DIM),
+                "projectors.1.weight": rand(128),
+                "projectors.1.running_mean": rand(128),
+            }
+        )
     return sd
 
 
@@ -81,9 +109,12 @@ def spec_forward(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     for i in range(DEPTH):
         p = f"blocks.{i}."
         bias = torch.cat([sd[p + "attn.q_bias"], torch.zeros(DIM), sd[p + "attn.v_bias"]])
-        q, k, v = F.linear(ln(t, p + "norm1"), sd[p + "attn.qkv.weight"], bias).reshape(b, n, 3, HEADS, hd) \
+        q, k, v = (
+            F.linear(ln(t, p + "norm1"), sd[p + "attn.qkv.weight"], bias)
+            .reshape(b, n, 3, HEADS, hd)
             .permute(2, 0, 3, 1, 4)
-        logits = (q * hd ** -0.5) @ k.transpose(-2, -1)
+        )
+        logits = (q * hd**-0.5) @ k.transpose(-2, -1)
         logits = logits + rel_bias("rel_pos_bias." if "rel_pos_bias.relative_position_index" in sd else p + "attn.")
         out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, DIM)
         t = t + sd[p + "gamma_1"] * F.linear(out, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
@@ -113,8 +144,9 @@ def test_official_checkpoint_converts_and_matches_spec_forward(tmp_path, fine_tu
     weights, spec = load_pretrained(out)
     classifier, _ = build_classifier(weights, spec, 10, img_size=384 if not fine_tuned else 0)
     with torch.no_grad():
-        assert classifier(torch.randn(1, 3, classifier.patch_embed.img_size[0], classifier.patch_embed.img_size[1])) \
-            .shape == (1, 10)
+        assert classifier(
+            torch.randn(1, 3, classifier.patch_embed.img_size[0], classifier.patch_embed.img_size[1])
+        ).shape == (1, 10)
 
 
 def test_convert_rejects_a_file_without_a_vit(tmp_path, capsys):

@@ -51,8 +51,18 @@ def test_ddp_gradients_match_single_process(tmp_path, sync_bn):
 
 def test_torchrun_pretrain_writes_one_run(tmp_path, tiny_overrides):
     out = tmp_path / "run"
-    run_torchrun(["-m", "conmim.cli", "pretrain", *tiny_overrides, "data.source=synthetic",
-                  "data.synthetic_size=64", "train.max_steps=3", f"output_dir={out}"])
+    run_torchrun(
+        [
+            "-m",
+            "conmim.cli",
+            "pretrain",
+            *tiny_overrides,
+            "data.source=synthetic",
+            "data.synthetic_size=64",
+            "train.max_steps=3",
+            f"output_dir={out}",
+        ]
+    )
     lines = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
     assert [eval_step(ln) for ln in lines] == [2, 3]  # rank 0 alone writes, once per log step
     assert (out / "checkpoints" / "last.pt").is_file()

@@ -22,14 +22,28 @@ from conmim.model import timm_spec
 from conmim.transfer import build_classifier, resize_rel_pos_table
 
 FM = "/usr/share/datasets/fashion-mnist"
-TINY = ["model.arch=vit_tiny", "model.depth=2", "model.img_size=16", "model.patch_size=4",
-        "model.proj_hidden_dim=64", "model.proj_out_dim=32", "mask.unit=2", "data.num_workers=0",
-        "train.batch_size=8", "train.epochs=1", "train.warmup_epochs=0.1", "train.log_every=2",
-        "train.checkpoint_every=3", "train.precision=fp32", "train.base_lr=1e-3", "eval.final_knn=false"]
+TINY = [
+    "model.arch=vit_tiny",
+    "model.depth=2",
+    "model.img_size=16",
+    "model.patch_size=4",
+    "model.proj_hidden_dim=64",
+    "model.proj_out_dim=32",
+    "mask.unit=2",
+    "data.num_workers=0",
+    "train.batch_size=8",
+    "train.epochs=1",
+    "train.warmup_epochs=0.1",
+    "train.log_every=2",
+    "train.checkpoint_every=3",
+    "train.precision=fp32",
+    "train.base_lr=1e-3",
+    "eval.final_knn=false",
+]
 
 
 def _subset(source: ArraySource, n: int, offset: int = 0) -> ArraySource:
-    return ArraySource(source.images[offset:offset + n], source.labels[offset:offset + n], source.classes)
+    return ArraySource(source.images[offset : offset + n], source.labels[offset : offset + n], source.classes)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -106,9 +120,16 @@ def test_linear_probe_beats_chance(exported, fm):
 
 def test_finetune_two_epochs_improves_and_resumes(exported, fm, tmp_path):
     train, test = _subset(fashion_mnist(FM, "train"), 1024, offset=1000), fm[1]
-    cfg = _cfg(finetune__epochs=2, finetune__batch_size=32, finetune__warmup_epochs=0.25, finetune__base_lr=8e-3,
-               finetune__layer_decay=0.75, finetune__crop_pct=1.0, finetune__log_every=8,
-               finetune__crop_scale_min=1.0)  # 16-px images: smaller crops leave too little to learn from
+    cfg = _cfg(
+        finetune__epochs=2,
+        finetune__batch_size=32,
+        finetune__warmup_epochs=0.25,
+        finetune__base_lr=8e-3,
+        finetune__layer_decay=0.75,
+        finetune__crop_pct=1.0,
+        finetune__log_every=8,
+        finetune__crop_scale_min=1.0,
+    )  # 16-px images: smaller crops leave too little to learn from
     torch.manual_seed(cfg.train.seed)
     from conmim.export import load_pretrained
 
@@ -137,7 +158,7 @@ def test_layer_decay_groups_have_expected_scales():
     for group in layer_decay_groups(model, 0.05, 0.5, decay_rel_pos=False):
         for p in group["params"]:
             seen[names[id(p)]] = (group["lr_scale"], group["weight_decay"])
-    assert seen["patch_embed.proj.weight"] == (0.5 ** 4, 0.05) and seen["cls_token"] == (0.5 ** 4, 0.0)
+    assert seen["patch_embed.proj.weight"] == (0.5**4, 0.05) and seen["cls_token"] == (0.5**4, 0.0)
     for i in range(3):
         assert seen[f"blocks.{i}.attn.qkv.weight"] == (0.5 ** (3 - i), 0.05)
         assert seen[f"blocks.{i}.norm1.weight"] == (0.5 ** (3 - i), 0.0)
@@ -181,8 +202,20 @@ def test_rel_pos_tables_identity_at_same_size_and_resized_at_384():
 
 def test_cli_monitor_knn_linprobe_finetune(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["pretrain", *TINY, "train.max_steps=4", "eval.monitor_every=2", "eval.monitor_bank=64",
-                 "eval.monitor_queries=32", f"output_dir={run}"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                *TINY,
+                "train.max_steps=4",
+                "eval.monitor_every=2",
+                "eval.monitor_bank=64",
+                "eval.monitor_queries=32",
+                f"output_dir={run}",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "knn_top1" in r] == [2, 4]
     assert all(0.0 <= r["knn_top1"] <= 100.0 for r in records if "knn_top1" in r)
@@ -192,8 +225,20 @@ def test_cli_monitor_knn_linprobe_finetune(tmp_path, capsys):
     assert knn["top1"] > 20.0 and knn["train_images"] == 300 and knn["test_images"] == 100
     assert main(["linprobe", str(run / "checkpoints" / "last.pt"), *limits, "linprobe.epochs=3"]) == 0
     assert json.loads((run / "linprobe" / "results.json").read_text())["epochs"] == 3
-    assert main(["finetune", str(run), "eval.train_limit=32", "eval.test_limit=16", "finetune.epochs=1",
-                 "finetune.batch_size=16", "eval.which=student"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(run),
+                "eval.train_limit=32",
+                "eval.test_limit=16",
+                "finetune.epochs=1",
+                "finetune.batch_size=16",
+                "eval.which=student",
+            ]
+        )
+        == 0
+    )
     assert (run / "finetune" / "checkpoints" / "best.pt").is_file()
     assert main(["knn", str(run), "eval.pool=max"]) == 2  # a clear error, not a traceback
     assert "eval.pool='max'" in capsys.readouterr().err

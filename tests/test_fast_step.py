@@ -35,8 +35,13 @@ def inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return weak, strong, torch.rand(B, n, generator=g) < 0.75
 
 
-def run_steps(model: ConMIM, fast: bool, steps: int = 2, amp_dtype: torch.dtype | None = None,
-              student: torch.nn.Module | None = None) -> tuple[list[tuple[float, float, float]], dict]:
+def run_steps(
+    model: ConMIM,
+    fast: bool,
+    steps: int = 2,
+    amp_dtype: torch.dtype | None = None,
+    student: torch.nn.Module | None = None,
+) -> tuple[list[tuple[float, float, float]], dict]:
     """``steps`` optimizer steps with the fast or the plain settings; per step (loss, accuracy,
     grad norm), and the first step's gradients by state-dict key."""
     set_fused_attention(model, fast)
@@ -46,8 +51,9 @@ def run_steps(model: ConMIM, fast: bool, steps: int = 2, amp_dtype: torch.dtype 
     out, grads = [], {}
     for k in range(steps):
         weak, strong, mask = inputs(k)
-        loss, acc = forward_backward(model, model.student if student is None else student, weak, strong, mask,
-                                     amp_dtype, scaler)
+        loss, acc = forward_backward(
+            model, model.student if student is None else student, weak, strong, mask, amp_dtype, scaler
+        )
         if k == 0:
             grads = {f"student.{n}": p.grad.clone() for n, p in model.student.named_parameters() if p.grad is not None}
         norm, _ = optimizer_step(model, optimizer, scaler, params, 3.0, 0.99, foreach=fast)
@@ -163,8 +169,15 @@ class SyncOps(TorchDispatchMode):
     """Records the ops that would make the host wait for the device (values read back, or shapes
     that depend on values: boolean indexing, nonzero, masked_select)."""
 
-    SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero",
-               "aten::equal", "aten::unique", "aten::_unique2"}
+    SYNCING = {
+        "aten::_local_scalar_dense",
+        "aten::nonzero",
+        "aten::masked_select",
+        "aten::is_nonzero",
+        "aten::equal",
+        "aten::unique",
+        "aten::_unique2",
+    }
 
     def __init__(self):
         super().__init__()

@@ -44,8 +44,12 @@ def both_paths(folder: Path, weak_strong: bool = False, seed: int = 5):
     views = PairedViews(SIZE, weak_strong=weak_strong)
     masks = MaskGenerator(GRID)
     source = image_folder(folder)
-    return (PretrainDataset(source, views, masks, seed), EncodedPretrainDataset(source, views, masks, seed), views,
-            DeviceViews(SIZE, views.mean, views.std, True, weak_strong, torch.device("cpu")))
+    return (
+        PretrainDataset(source, views, masks, seed),
+        EncodedPretrainDataset(source, views, masks, seed),
+        views,
+        DeviceViews(SIZE, views.mean, views.std, True, weak_strong, torch.device("cpu")),
+    )
 
 
 @pytest.mark.parametrize("weak_strong", [False, True])
@@ -86,8 +90,9 @@ def test_batched_photometric_ops_match_the_reference_op_by_op():
     assert diff.max() <= 2 and (diff > 0).float().mean() < 1e-3  # float rounding at truncation boundaries
     for p in params:  # and with no op drawn, the batch passes through unchanged
         p.jitter, p.grayscale, p.blur_sigma, p.solarize = False, False, 0.0, False
-    assert torch.equal(photometric_batch(base, torch.tensor([pack_params(p) for p in params], dtype=torch.float64)),
-                       base)
+    assert torch.equal(
+        photometric_batch(base, torch.tensor([pack_params(p) for p in params], dtype=torch.float64)), base
+    )
 
 
 def test_device_path_draws_the_spec_distributions(image_dir):
@@ -113,7 +118,7 @@ def test_an_undecodable_jpeg_is_skipped_or_raises(image_dir, tmp_path):
     for f in sorted(image_dir.glob("imagenet_*.jpg"))[:2]:
         shutil.copy(f, tmp_path / f.name)
     raw = (tmp_path / "imagenet_00_243.jpg").read_bytes()
-    (tmp_path / "truncated.jpg").write_bytes(raw[:raw.index(b"\xff\xda") + 200])  # header fine, data cut
+    (tmp_path / "truncated.jpg").write_bytes(raw[: raw.index(b"\xff\xda") + 200])  # header fine, data cut
     _cpu, encoded, views, device_views = both_paths(tmp_path)
     skip_log = tmp_path / "skipped_files.txt"
     encoded.skip_log, device_views.bad_file = skip_log, encoded.bad_file
@@ -132,11 +137,27 @@ def test_gpu_aug_needs_a_file_source():
 
 
 def test_pretrain_runs_on_the_device_data_path(image_dir, tmp_path):
-    cfg = load_config(None, [
-        "model.arch=vit_tiny", "model.depth=1", "model.img_size=32", "model.patch_size=8", "model.proj_hidden_dim=64",
-        "model.proj_out_dim=32", "data.source=folder", f"data.path={image_dir}", "data.gpu_aug=true",
-        "data.num_workers=1", "train.batch_size=3", "train.max_steps=2", "train.log_every=1", "train.warmup_epochs=0",
-        "eval.final_knn=false", f"output_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        None,
+        [
+            "model.arch=vit_tiny",
+            "model.depth=1",
+            "model.img_size=32",
+            "model.patch_size=8",
+            "model.proj_hidden_dim=64",
+            "model.proj_out_dim=32",
+            "data.source=folder",
+            f"data.path={image_dir}",
+            "data.gpu_aug=true",
+            "data.num_workers=1",
+            "train.batch_size=3",
+            "train.max_steps=2",
+            "train.log_every=1",
+            "train.warmup_epochs=0",
+            "eval.final_knn=false",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
     summary = pretrain(cfg)
     assert summary["steps"] == 2
     records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -29,8 +29,7 @@ def test_random_unit_masks_whole_units():
 def test_block_never_above_target_and_close_on_average(grid):
     g = torch.Generator().manual_seed(0)
     target = round(0.4 * grid[0] * grid[1])
-    counts = [int(block_mask(grid, 0.4, min_patches=4 if grid[0] < 10 else 16, generator=g).sum())
-              for _ in range(200)]
+    counts = [int(block_mask(grid, 0.4, min_patches=4 if grid[0] < 10 else 16, generator=g).sum()) for _ in range(200)]
     assert max(counts) <= target
     assert statistics.mean(counts) >= 0.95 * target
 

@@ -16,9 +16,18 @@ from conmim.pixel_mim import PixelMIM, normalized_patches, patchify
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-SMALL = ["model.arch=vit_tiny", "model.depth=2", "model.img_size=32", "model.patch_size=4",
-         "model.proj_hidden_dim=64", "model.proj_out_dim=32", "data.num_workers=0", "data.crop_scale_min=0.25",
-         "train.batch_size=8", "train.precision=fp32"]
+SMALL = [
+    "model.arch=vit_tiny",
+    "model.depth=2",
+    "model.img_size=32",
+    "model.patch_size=4",
+    "model.proj_hidden_dim=64",
+    "model.proj_out_dim=32",
+    "data.num_workers=0",
+    "data.crop_scale_min=0.25",
+    "train.batch_size=8",
+    "train.precision=fp32",
+]
 
 
 def _loader_batch(overrides: list[str], count: int = 16):
@@ -32,7 +41,7 @@ def test_patchify_matches_slicing():
     images = torch.randn(2, 3, 8, 12)
     patches = patchify(images, 4)  # 2 x 3 grid
     row, col = 1, 2
-    expected = images[1, :, 4 * row:4 * row + 4, 4 * col:4 * col + 4].permute(1, 2, 0).reshape(-1)
+    expected = images[1, :, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4].permute(1, 2, 0).reshape(-1)
     assert torch.equal(patches[1, row * 3 + col], expected)
     target = normalized_patches(images, 4)
     assert torch.allclose(target.mean(-1), torch.zeros(2, 6), atol=1e-5)
@@ -57,25 +66,37 @@ def test_pixel_baseline_loss_decreases_on_a_batch():
 
 def test_engine_pixel_objective_and_momentum_zero(tmp_path):
     """Through the real engine: pixel checkpoints carry teacher.encoder; m=0 makes the teacher a copy."""
-    common = SMALL + ["data.source=synthetic", "data.synthetic_size=16", "train.max_steps=2", "train.epochs=1",
-                      "train.log_every=1", "train.checkpoint_every=2", "model.teacher_drop_path=0.0"]
-    pix = load_config(None, common + ["model.objective=pixel", f"output_dir={tmp_path / 'pix'}"],
-                      default_preset="fashion_mnist")
+    common = SMALL + [
+        "data.source=synthetic",
+        "data.synthetic_size=16",
+        "train.max_steps=2",
+        "train.epochs=1",
+        "train.log_every=1",
+        "train.checkpoint_every=2",
+        "model.teacher_drop_path=0.0",
+    ]
+    pix = load_config(
+        None, common + ["model.objective=pixel", f"output_dir={tmp_path / 'pix'}"], default_preset="fashion_mnist"
+    )
     pretrain(pix)
     state, _ = load_latest(tmp_path / "pix" / "checkpoints")
     teacher, student = encoder_state(state, "teacher"), encoder_state(state, "student")
     assert teacher.keys() == student.keys() and all(torch.equal(teacher[k], student[k]) for k in teacher)
     assert not any(k.startswith("teacher.projector") for k in state["model"])
 
-    no_ema = load_config(None, common + ["train.momentum=0.0", "train.momentum_end=0.0",
-                                         f"output_dir={tmp_path / 'noema'}"], default_preset="fashion_mnist")
+    no_ema = load_config(
+        None,
+        common + ["train.momentum=0.0", "train.momentum_end=0.0", f"output_dir={tmp_path / 'noema'}"],
+        default_preset="fashion_mnist",
+    )
     model = pretrain(no_ema)["model"]
     for (name, t), (_n, s) in zip(model.teacher.named_parameters(), model.student.named_parameters(), strict=True):
         assert torch.equal(t, s), name
     default = load_config(None, common + [f"output_dir={tmp_path / 'ema'}"], default_preset="fashion_mnist")
     model = pretrain(default)["model"]
-    differs = [not torch.equal(t, s) for t, s in zip(model.teacher.parameters(), model.student.parameters(),
-                                                     strict=True)]
+    differs = [
+        not torch.equal(t, s) for t, s in zip(model.teacher.parameters(), model.student.parameters(), strict=True)
+    ]
     assert any(differs)  # with the default momentum the teacher lags the student
 
 

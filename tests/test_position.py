@@ -57,8 +57,17 @@ def test_the_official_layout_is_untouched_by_default():
 
 @pytest.mark.parametrize("pos_embed, rel_pos_init", [("sincos", "zero"), ("none", "locality")])
 def test_exports_load_strictly_in_timm_and_fine_tune_at_another_resolution(tmp_path, pos_embed, rel_pos_init):
-    cfg = load_config(None, ["model.arch=vit_tiny", "model.depth=2", "model.img_size=32", "model.patch_size=4",
-                             f"model.pos_embed={pos_embed}", f"model.rel_pos_init={rel_pos_init}"])
+    cfg = load_config(
+        None,
+        [
+            "model.arch=vit_tiny",
+            "model.depth=2",
+            "model.img_size=32",
+            "model.patch_size=4",
+            f"model.pos_embed={pos_embed}",
+            f"model.rel_pos_init={rel_pos_init}",
+        ],
+    )
     model = ConMIM.from_config(cfg.model)
     spec = spec_of(cfg)
     weights = {k: v for k, v in model.teacher.encoder.state_dict().items()}
@@ -102,7 +111,8 @@ def test_mask_sincos_marks_masked_tokens_by_position_and_leaves_the_encoder_offi
 
 
 def test_tiny_pretraining_with_the_default_position_signal_learns_its_task_where_the_official_start_does_not(
-        tmp_path, fashion_mnist_dir, one_thread):
+    tmp_path, fashion_mnist_dir, one_thread
+):
     """60 steps on real Fashion-MNIST, the built-in preset's position choices against the official start."""
     from conmim.engine import pretrain
 
@@ -110,13 +120,26 @@ def test_tiny_pretraining_with_the_default_position_signal_learns_its_task_where
     assert (preset.model.pos_embed, preset.model.rel_pos_init) == ("mask_sincos", "locality")
     accuracy = {}
     for pos_embed, rel_pos_init in (("mask_sincos", "locality"), ("none", "zero")):
-        cfg = load_config("fashion_mnist", [f"model.pos_embed={pos_embed}", f"model.rel_pos_init={rel_pos_init}",
-                                 "model.depth=2", "model.proj_hidden_dim=256", "train.batch_size=32",
-                                 "train.max_steps=60", "train.log_every=10", "train.base_lr=4e-3",
-                                 "train.warmup_epochs=0.005",
-                                 "train.precision=fp32", "data.num_workers=0", "eval.final_knn=false",
-                                 "eval.monitor_every=0", f"data.path={fashion_mnist_dir}",
-                                 f"output_dir={tmp_path / pos_embed}"])
+        cfg = load_config(
+            "fashion_mnist",
+            [
+                f"model.pos_embed={pos_embed}",
+                f"model.rel_pos_init={rel_pos_init}",
+                "model.depth=2",
+                "model.proj_hidden_dim=256",
+                "train.batch_size=32",
+                "train.max_steps=60",
+                "train.log_every=10",
+                "train.base_lr=4e-3",
+                "train.warmup_epochs=0.005",
+                "train.precision=fp32",
+                "data.num_workers=0",
+                "eval.final_knn=false",
+                "eval.monitor_every=0",
+                f"data.path={fashion_mnist_dir}",
+                f"output_dir={tmp_path / pos_embed}",
+            ],
+        )
         pretrain(cfg)
         records = [json.loads(line) for line in (tmp_path / pos_embed / "metrics.jsonl").read_text().splitlines()]
         accuracy[pos_embed] = sum(r["retrieval_acc"] for r in records[-2:]) / 2  # steps 41-60

@@ -26,15 +26,18 @@ def test_print_config_shows_overrides(tiny_overrides):
     assert "arch: vit_small" in proc.stdout and "batch_size: 8" in proc.stdout
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.nope=1", "nope"),
-    ("mask.ratio=1.5", "mask.ratio=1.5 is not allowed: a number strictly between 0 and 1"),
-    ("model.arch=vit_huge", "model.arch='vit_huge' is not allowed: one of vit_tiny, vit_small"),
-    ("model.img_size=30", "model.img_size=30 is not allowed: a positive multiple of model.patch_size=4"),
-    ("mask.unit=3", "mask.unit=3 is not allowed: a divisor of the patch grid 4"),
-    ("train.base_lr=0", "train.base_lr=0.0 is not allowed"),
-    ("train.batch_size=-2", "train.batch_size=-2 is not allowed"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.nope=1", "nope"),
+        ("mask.ratio=1.5", "mask.ratio=1.5 is not allowed: a number strictly between 0 and 1"),
+        ("model.arch=vit_huge", "model.arch='vit_huge' is not allowed: one of vit_tiny, vit_small"),
+        ("model.img_size=30", "model.img_size=30 is not allowed: a positive multiple of model.patch_size=4"),
+        ("mask.unit=3", "mask.unit=3 is not allowed: a divisor of the patch grid 4"),
+        ("train.base_lr=0", "train.base_lr=0.0 is not allowed"),
+        ("train.batch_size=-2", "train.batch_size=-2 is not allowed"),
+    ],
+)
 def test_bad_configuration_names_field_value_and_allowed(tiny_overrides, override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_config(None, tiny_overrides + [override])
@@ -43,10 +46,22 @@ def test_bad_configuration_names_field_value_and_allowed(tiny_overrides, overrid
 
 def test_pretrain_fashion_mnist_cli_writes_a_complete_run(tmp_path, tiny_overrides, fashion_mnist_dir):
     out = tmp_path / "fm"
-    proc = cli("pretrain", *tiny_overrides, "model.img_size=32", f"data.path={fashion_mnist_dir}",
-               "train.max_steps=4", f"output_dir={out}", "eval.final_knn=true", "eval.final_min_steps=0",
-               "eval.train_limit=300", "eval.test_limit=100", "linprobe.epochs=5",
-               "eval.monitor_every=3", "eval.monitor_bank=200", "eval.monitor_queries=100")
+    proc = cli(
+        "pretrain",
+        *tiny_overrides,
+        "model.img_size=32",
+        f"data.path={fashion_mnist_dir}",
+        "train.max_steps=4",
+        f"output_dir={out}",
+        "eval.final_knn=true",
+        "eval.final_min_steps=0",
+        "eval.train_limit=300",
+        "eval.test_limit=100",
+        "linprobe.epochs=5",
+        "eval.monitor_every=3",
+        "eval.monitor_bank=200",
+        "eval.monitor_queries=100",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in lines if "loss" in r]
@@ -68,16 +83,28 @@ def test_pretrain_fashion_mnist_cli_writes_a_complete_run(tmp_path, tiny_overrid
     assert "masked-patch retrieval" in proc.stdout and "linear probe top-1" in proc.stdout
 
 
-@pytest.mark.parametrize("extra, reason", [
-    (["eval.final_min_steps=100"], "fewer than eval.final_min_steps=100"),
-    (["eval.final_min_steps=0", "data.source=folder"], "final evaluation skipped: it needs labelled"),
-])
-def test_final_evaluation_is_skipped_without_failing_the_run(tmp_path, tiny_overrides, unlabelled_folder, extra,
-                                                             reason, caplog):
+@pytest.mark.parametrize(
+    "extra, reason",
+    [
+        (["eval.final_min_steps=100"], "fewer than eval.final_min_steps=100"),
+        (["eval.final_min_steps=0", "data.source=folder"], "final evaluation skipped: it needs labelled"),
+    ],
+)
+def test_final_evaluation_is_skipped_without_failing_the_run(
+    tmp_path, tiny_overrides, unlabelled_folder, extra, reason, caplog
+):
     """A short run, or unlabelled images with no held-out split: pre-training still ends with status 0."""
     out = tmp_path / "skip"
-    args = ["pretrain", *tiny_overrides, "data.source=folder", f"data.path={unlabelled_folder}", "train.max_steps=2",
-            f"output_dir={out}", "eval.final_knn=true", *extra]
+    args = [
+        "pretrain",
+        *tiny_overrides,
+        "data.source=folder",
+        f"data.path={unlabelled_folder}",
+        "train.max_steps=2",
+        f"output_dir={out}",
+        "eval.final_knn=true",
+        *extra,
+    ]
     with caplog.at_level("WARNING"):
         assert main(args) == 0
     assert reason in caplog.text and (out / "checkpoints" / "last.pt").is_file()
@@ -85,11 +112,25 @@ def test_final_evaluation_is_skipped_without_failing_the_run(tmp_path, tiny_over
 
 
 def test_pretrain_on_natural_images_at_224(tmp_path, natural_images):
-    cfg = load_config(None, ["model.arch=vit_tiny", "model.depth=2", "model.img_size=224", "model.patch_size=16",
-                             "model.proj_hidden_dim=128", "model.proj_out_dim=64", "data.source=folder",
-                             f"data.path={natural_images}", "data.num_workers=2", "train.batch_size=4",
-                             "train.max_steps=3", "train.log_every=1", "train.precision=fp32",
-                             f"output_dir={tmp_path / 'nat'}"])
+    cfg = load_config(
+        None,
+        [
+            "model.arch=vit_tiny",
+            "model.depth=2",
+            "model.img_size=224",
+            "model.patch_size=16",
+            "model.proj_hidden_dim=128",
+            "model.proj_out_dim=64",
+            "data.source=folder",
+            f"data.path={natural_images}",
+            "data.num_workers=2",
+            "train.batch_size=4",
+            "train.max_steps=3",
+            "train.log_every=1",
+            "train.precision=fp32",
+            f"output_dir={tmp_path / 'nat'}",
+        ],
+    )
     summary = pretrain(cfg)
     records = [json.loads(x) for x in (tmp_path / "nat" / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 3 and len(records) == 3
@@ -98,8 +139,13 @@ def test_pretrain_on_natural_images_at_224(tmp_path, natural_images):
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_overrides):
-    base = tiny_overrides + ["data.source=synthetic", "data.synthetic_size=64", "train.epochs=2",
-                             "model.drop_path=0.1", "train.checkpoint_every=3"]
+    base = tiny_overrides + [
+        "data.source=synthetic",
+        "data.synthetic_size=64",
+        "train.epochs=2",
+        "model.drop_path=0.1",
+        "train.checkpoint_every=3",
+    ]
     full = pretrain(load_config(None, base + ["train.max_steps=7", f"output_dir={tmp_path / 'full'}"]))
     pretrain(load_config(None, base + ["train.max_steps=3", f"output_dir={tmp_path / 'split'}"]))
     resumed = pretrain(load_config(None, base + ["train.max_steps=7", f"output_dir={tmp_path / 'split'}"]))
@@ -109,6 +155,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_ov
         assert torch.equal(a[key], b[key]), key
     log_full = (tmp_path / "full" / "metrics.jsonl").read_text()
     log_split = (tmp_path / "split" / "metrics.jsonl").read_text()
+
     def strip(text: str) -> list[dict]:  # the split run also logged at its own end, step 3
         records = [json.loads(x) for x in text.splitlines()]
         return [{k: v for k, v in r.items() if k != "img_per_s"} for r in records if r["step"] != 3]
@@ -119,8 +166,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_ov
 
 @pytest.mark.parametrize("which", ["teacher", "student"])
 def test_export_loads_in_timm_strictly_with_the_same_features(tmp_path, tiny_overrides, which):
-    summary = pretrain(load_config(None, tiny_overrides + ["data.source=synthetic", "data.synthetic_size=32",
-                                                           "train.max_steps=2"]))
+    summary = pretrain(
+        load_config(None, tiny_overrides + ["data.source=synthetic", "data.synthetic_size=32", "train.max_steps=2"])
+    )
     out = tmp_path / "enc.safetensors"
     assert main(["export", str(tmp_path / "run"), "--out", str(out), "--which", which]) == 0
     spec = json.loads(out.with_suffix(".json").read_text())

@@ -14,26 +14,29 @@ from conmim.distributed import DistInfo
 from conmim.engine import preflight, pretrain
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("train.foo=1", ["unknown key 'train.foo'", "allowed keys under train:", "batch_size", "base_lr"]),
-    ("modle.arch=vit_tiny", ["unknown key 'modle'", "allowed keys under the top level:", "model", "train"]),
-    ("train.batch_size=abc", ["train.batch_size", "'abc'", "Integer"]),
-    ("mask.ratio=0", ["mask.ratio=0", "strictly between 0 and 1"]),
-    ("mask.ratio=1.0", ["mask.ratio=1.0", "strictly between 0 and 1"]),
-    ("mask.ratio=-0.5", ["mask.ratio=-0.5", "strictly between 0 and 1"]),
-    ("model.img_size=18", ["model.img_size=18", "a positive multiple of model.patch_size=4"]),
-    ("mask.unit=3", ["mask.unit=3", "a divisor of the patch grid 4"]),
-    ("model.arch=vit_huge", ["model.arch='vit_huge'", "vit_tiny, vit_small, vit_base, vit_large"]),
-    ("train.base_lr=0", ["train.base_lr=0", "a positive number"]),
-    ("train.base_lr=-1e-3", ["train.base_lr=-0.001", "a positive number"]),
-    ("train.batch_size=0", ["train.batch_size=0", "a positive integer"]),
-    ("train.batch_size=-8", ["train.batch_size=-8", "a positive integer"]),
-    ("data.on_error=ignore", ["data.on_error='ignore'", "skip or raise"]),
-    ("train.nan_policy=pray", ["train.nan_policy='pray'", "restore, stop"]),
-    ("train.nan_lr_factor=1.5", ["train.nan_lr_factor=1.5", "strictly between 0 and 1"]),
-    ("train.dist_timeout_s=0", ["train.dist_timeout_s=0", "a positive number of seconds"]),
-    ("device=gpu", ["device='gpu'", "auto, cpu, cuda or cuda:N"]),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.foo=1", ["unknown key 'train.foo'", "allowed keys under train:", "batch_size", "base_lr"]),
+        ("modle.arch=vit_tiny", ["unknown key 'modle'", "allowed keys under the top level:", "model", "train"]),
+        ("train.batch_size=abc", ["train.batch_size", "'abc'", "Integer"]),
+        ("mask.ratio=0", ["mask.ratio=0", "strictly between 0 and 1"]),
+        ("mask.ratio=1.0", ["mask.ratio=1.0", "strictly between 0 and 1"]),
+        ("mask.ratio=-0.5", ["mask.ratio=-0.5", "strictly between 0 and 1"]),
+        ("model.img_size=18", ["model.img_size=18", "a positive multiple of model.patch_size=4"]),
+        ("mask.unit=3", ["mask.unit=3", "a divisor of the patch grid 4"]),
+        ("model.arch=vit_huge", ["model.arch='vit_huge'", "vit_tiny, vit_small, vit_base, vit_large"]),
+        ("train.base_lr=0", ["train.base_lr=0", "a positive number"]),
+        ("train.base_lr=-1e-3", ["train.base_lr=-0.001", "a positive number"]),
+        ("train.batch_size=0", ["train.batch_size=0", "a positive integer"]),
+        ("train.batch_size=-8", ["train.batch_size=-8", "a positive integer"]),
+        ("data.on_error=ignore", ["data.on_error='ignore'", "skip or raise"]),
+        ("train.nan_policy=pray", ["train.nan_policy='pray'", "restore, stop"]),
+        ("train.nan_lr_factor=1.5", ["train.nan_lr_factor=1.5", "strictly between 0 and 1"]),
+        ("train.dist_timeout_s=0", ["train.dist_timeout_s=0", "a positive number of seconds"]),
+        ("device=gpu", ["device='gpu'", "auto, cpu, cuda or cuda:N"]),
+    ],
+)
 def test_bad_values_are_rejected_with_field_value_and_allowed(tmp_path, override, expected):
     with pytest.raises(ConfigError) as err:
         load_tiny(tmp_path / "run", override)

@@ -46,8 +46,9 @@ def write_bomb(path: Path, side: int = 10_000) -> None:
     row = b"\x00" + bytes((side + 7) // 8)
     pixels = zlib.compress(row * side, 9)
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", pixels)
-                     + _png_chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", pixels) + _png_chunk(b"IEND", b"")
+    )
 
 
 def build_folder(root: Path, good: int = 20) -> Path:
@@ -58,7 +59,8 @@ def build_folder(root: Path, good: int = 20) -> Path:
         Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(root / f"good_{i:02d}.png")
     Image.new("CMYK", (24, 24), (0, 255, 255, 0)).save(root / "cmyk.jpg", quality=95)
     Image.fromarray(np.array([[0, 65535], [32896, 65535]], dtype=np.uint16).repeat(12, 0).repeat(12, 1)).save(
-        root / "gray16.png")
+        root / "gray16.png"
+    )
     palette = Image.new("P", (24, 24), 0)
     palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
     palette.paste(1, (12, 0, 24, 24))
@@ -110,8 +112,9 @@ def test_odd_but_valid_formats_are_converted_not_skipped(folder):
 
 def _dataset(paths, on_error):
     masks = MaskGenerator.from_config(MaskConfig(), 16, 4)
-    return PretrainDataset(FileSource([str(p) for p in paths], [-1] * len(paths)), PairedViews(16), masks,
-                           on_error=on_error)
+    return PretrainDataset(
+        FileSource([str(p) for p in paths], [-1] * len(paths)), PairedViews(16), masks, on_error=on_error
+    )
 
 
 @pytest.mark.parametrize("name", sorted(BAD_REASONS))
@@ -141,8 +144,16 @@ def test_skip_policy_runs_lists_every_bad_file_once_and_warns_once(folder, tmp_p
     run_dir = tmp_path / "run"
     n = len(list(folder.glob("*.*")))
     assert n == 32  # 4 steps of 8 visit every file once
-    done = run(pretrain_cmd(run_dir, "data.source=folder", f"data.path={folder}", "data.num_workers=2",
-                            "train.max_steps=4", "data.on_error=skip"))
+    done = run(
+        pretrain_cmd(
+            run_dir,
+            "data.source=folder",
+            f"data.path={folder}",
+            "data.num_workers=2",
+            "train.max_steps=4",
+            "data.on_error=skip",
+        )
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = (run_dir / "skipped_files.txt").read_text().splitlines()
     listed = {Path(line.split("\t")[0]).name: line.split("\t")[1] for line in lines}
@@ -157,13 +168,23 @@ def test_raise_policy_stops_with_the_path_and_reason(folder, tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        code = cli_main(["pretrain", *TINY, f"output_dir={tmp_path / 'run'}", "data.source=folder",
-                         f"data.path={folder}", "data.num_workers=2", "train.max_steps=4", "data.on_error=raise"])
+        code = cli_main(
+            [
+                "pretrain",
+                *TINY,
+                f"output_dir={tmp_path / 'run'}",
+                "data.source=folder",
+                f"data.path={folder}",
+                "data.num_workers=2",
+                "train.max_steps=4",
+                "data.on_error=raise",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     err = capsys.readouterr().err
     assert code == 2, err
-    line = next(ln[ln.index("conmim: error:"):] for ln in err.splitlines() if "conmim: error:" in ln)  # after tqdm
+    line = next(ln[ln.index("conmim: error:") :] for ln in err.splitlines() if "conmim: error:" in ln)  # after tqdm
     assert line.startswith("conmim: error: cannot read ") and line.endswith("(data.on_error=raise)"), line
     assert any(str(folder / name) in line and reason in line for name, reason in BAD_REASONS.items()), line
     assert "Traceback" not in err

@@ -64,12 +64,21 @@ def _limit_file_size() -> None:
 
 def test_file_size_limit_gives_a_one_line_error_and_no_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    done = subprocess.run(pretrain_cmd(run_dir, "train.max_steps=3"), cwd=ROOT, env=env(), capture_output=True,
-                          text=True, timeout=180, preexec_fn=_limit_file_size)
+    done = subprocess.run(
+        pretrain_cmd(run_dir, "train.max_steps=3"),
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        preexec_fn=_limit_file_size,
+    )
     assert done.returncode == 2, done.stderr[-3000:]
-    errors = [ln[ln.index("conmim: error:"):] for ln in done.stderr.splitlines() if "conmim: error:" in ln]
-    assert errors == [f"conmim: error: cannot write checkpoint {run_dir / 'checkpoints' / 'step_00000001.pt'}: "
-                      "File too large; the previous checkpoint is unchanged"], done.stderr[-3000:]
+    errors = [ln[ln.index("conmim: error:") :] for ln in done.stderr.splitlines() if "conmim: error:" in ln]
+    assert errors == [
+        f"conmim: error: cannot write checkpoint {run_dir / 'checkpoints' / 'step_00000001.pt'}: "
+        "File too large; the previous checkpoint is unchanged"
+    ], done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     folder = run_dir / "checkpoints"
     _no_partial_files(folder)

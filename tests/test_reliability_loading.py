@@ -89,7 +89,7 @@ def test_export_writes_safetensors_not_pickle(real_run, tmp_path):
     assert cli_main(["export", str(real_run), "--out", str(out)]) == 0
     raw = out.read_bytes()
     header_len = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + header_len])  # safetensors: a JSON header, then raw tensor bytes
+    header = json.loads(raw[8 : 8 + header_len])  # safetensors: a JSON header, then raw tensor bytes
     expected = encoder_state(ckpt.load_latest(real_run / "checkpoints")[0], "teacher")
     assert set(header) - {"__metadata__"} == set(expected)
     with safe_open(str(out), "pt") as f:

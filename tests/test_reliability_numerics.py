@@ -36,8 +36,13 @@ def test_consecutive_nan_steps_restore_the_last_good_checkpoint_with_a_lower_lr(
     clean, bad = tmp_path / "clean", tmp_path / "bad"
     pretrain_in_process(clean, "train.max_steps=8")
     with caplog.at_level(logging.WARNING, logger="conmim.engine"):
-        pretrain_in_process(bad, "train.max_steps=8", "train.inject_nan_steps=[4,5,6]", "train.max_bad_steps=3",
-                            "train.nan_lr_factor=0.25")
+        pretrain_in_process(
+            bad,
+            "train.max_steps=8",
+            "train.inject_nan_steps=[4,5,6]",
+            "train.max_bad_steps=3",
+            "train.nan_lr_factor=0.25",
+        )
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("NaN/Inf in 3 consecutive steps (4-6" in m and "step_00000003.pt" in m for m in warned), warned
     got, ref = records(bad), records(clean)
@@ -52,15 +57,25 @@ def test_consecutive_nan_steps_restore_the_last_good_checkpoint_with_a_lower_lr(
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("overrides, expect", [
-    (("train.nan_policy=stop",), "train.nan_policy=stop"),
-    (("train.nan_max_restores=0",), "train.nan_max_restores=0"),
-    (("train.inject_nan_steps=[1,2,3,4]",), "no checkpoint predates them"),
-])
+@pytest.mark.parametrize(
+    "overrides, expect",
+    [
+        (("train.nan_policy=stop",), "train.nan_policy=stop"),
+        (("train.nan_max_restores=0",), "train.nan_max_restores=0"),
+        (("train.inject_nan_steps=[1,2,3,4]",), "no checkpoint predates them"),
+    ],
+)
 def test_persistent_nan_stops_with_a_clear_message(tmp_path, capsys, overrides, expect):
     run_dir = tmp_path / "run"
-    args = ["pretrain", *TINY, f"output_dir={run_dir}", "train.max_steps=10", "train.max_bad_steps=2",
-            "train.inject_nan_steps=[3,4,5,6]", *overrides]
+    args = [
+        "pretrain",
+        *TINY,
+        f"output_dir={run_dir}",
+        "train.max_steps=10",
+        "train.max_bad_steps=2",
+        "train.inject_nan_steps=[3,4,5,6]",
+        *overrides,
+    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

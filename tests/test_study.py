@@ -170,11 +170,18 @@ def test_label_fraction_study_runs_resumes_and_reports(tmp_path):
     # a finished pre-training run serves as a variant: the same encoder gives the same probe and k-NN
     reuse = tmp_path / "reuse.yaml"
     text = FRACTION_STUDY.format(out=tmp_path / "reuse")
-    for old, new in (("seeds: [0, 1]", "seeds: [0]\n  references: false"), ("[0.1, 1.0]", "[0.1]"),
-                     ("[2, 1]", "[2]"), ("[5, 2]", "[5]"), ("[[finetune.batch_size=16], []]", "[[]]"),
-                     ("- {name: scratch, pretrain: false}", ""),
-                     ("{name: conmim, label: ConMIM}",
-                      f"{{name: reused, finetune: false, pretrained: {tmp_path / 'runs/conmim_s0/pretrain'}}}")):
+    for old, new in (
+        ("seeds: [0, 1]", "seeds: [0]\n  references: false"),
+        ("[0.1, 1.0]", "[0.1]"),
+        ("[2, 1]", "[2]"),
+        ("[5, 2]", "[5]"),
+        ("[[finetune.batch_size=16], []]", "[[]]"),
+        ("- {name: scratch, pretrain: false}", ""),
+        (
+            "{name: conmim, label: ConMIM}",
+            f"{{name: reused, finetune: false, pretrained: {tmp_path / 'runs/conmim_s0/pretrain'}}}",
+        ),
+    ):
         assert old in text
         text = text.replace(old, new)
     reuse.write_text(text)
@@ -211,8 +218,11 @@ def test_fine_tuning_passes_split_into_evaluated_epochs(tmp_path):
     from conmim.study import fraction_config, variant_config
 
     config = tmp_path / "study.yaml"
-    config.write_text(FRACTION_STUDY.format(out=tmp_path).replace("finetune_epochs: [2, 1]",
-                                                                  "finetune_epochs: [4, 2]\n  finetune_evals: 2"))
+    config.write_text(
+        FRACTION_STUDY.format(out=tmp_path).replace(
+            "finetune_epochs: [2, 1]", "finetune_epochs: [4, 2]\n  finetune_evals: 2"
+        )
+    )
     study, base = load_study(config)
     cfg = variant_config(base, study.variants[0], 0, tmp_path, tmp_path)
     f, passes = fraction_config(cfg, study, 0)

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("encoder", ["beit", "vit"])
 def test_attention_matches_timm_explicit_path(encoder):
     torch.manual_seed(0)
-    model = ConMIM(arch="vit_tiny", img_size=32, patch_size=4, depth=2, encoder=encoder, proj_hidden_dim=32,
-                   proj_out_dim=16)
+    model = ConMIM(
+        arch="vit_tiny", img_size=32, patch_size=4, depth=2, encoder=encoder, proj_hidden_dim=32, proj_out_dim=16
+    )
     enc = model.teacher.encoder.eval()
     with torch.no_grad():  # give the shared relative position bias non-zero values so it matters
         for name, p in enc.named_parameters():
@@ -42,11 +43,26 @@ def test_attention_matches_timm_explicit_path(encoder):
 
 
 def test_visualize_writes_pngs_from_a_real_checkpoint(tmp_path, natural_images):
-    cfg = load_config(None, ["model.arch=vit_tiny", "model.depth=2", "model.img_size=32", "model.patch_size=4",
-                             "model.proj_hidden_dim=64", "model.proj_out_dim=32", "data.source=synthetic",
-                             "data.synthetic_size=16", "data.num_workers=0", "train.batch_size=8", "train.epochs=1",
-                             "train.max_steps=2", "train.precision=fp32", f"output_dir={tmp_path / 'run'}"],
-                      default_preset="fashion_mnist")
+    cfg = load_config(
+        None,
+        [
+            "model.arch=vit_tiny",
+            "model.depth=2",
+            "model.img_size=32",
+            "model.patch_size=4",
+            "model.proj_hidden_dim=64",
+            "model.proj_out_dim=32",
+            "data.source=synthetic",
+            "data.synthetic_size=16",
+            "data.num_workers=0",
+            "train.batch_size=8",
+            "train.epochs=1",
+            "train.max_steps=2",
+            "train.precision=fp32",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+        default_preset="fashion_mnist",
+    )
     pretrain(cfg)
     images = [str(p) for p in sorted(natural_images.glob("imagenet_*.jpg"))[:2]]
     assert len(images) == 2
