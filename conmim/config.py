@@ -167,6 +167,12 @@ class FinetuneConfig:
     clip_grad: float = 0.0  # 0: none (official)
     drop_path: float = 0.1
     head_init_scale: float = 0.001
+    # true (official): the final norm is dropped and a new fc_norm normalises the mean token; false: the
+    # pre-trained final norm stays on every token before the mean (docs/evaluation.md measures both)
+    fc_norm: bool = True
+    # > 0: before fine-tuning, fit the new head for this many epochs on the frozen classifier's cached
+    # head inputs (linear probe, then fine-tune), with linprobe's optimizer; 0: the official random head
+    probe_head_epochs: int = 0
     decay_rel_pos: bool = True  # official quirk: weight decay on the per-block relative position tables
     mixup: float = 0.8
     cutmix: float = 1.0

@@ -61,6 +61,7 @@ def measure(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) 
         g = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
         w = torch.sqrt(sum(p.pow(2).sum() for p in params))
         out[f"grad_over_weight_{name}"] = float(g.detach() / w.detach())
+        out[f"weight_rms_{name}"] = float(w.detach() / sum(p.numel() for p in params) ** 0.5)
     return out
 
 

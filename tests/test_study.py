@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -69,3 +71,164 @@ def test_bad_variant_override_fails_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="pixel"):
         load_study(config)
     assert not (tmp_path / "runs").exists()
+
+
+FRACTION_STUDY = """
+study:
+  output_dir: {out}/runs
+  docs_dir: {out}/docs
+  seeds: [0, 1]
+  train_images: 400
+  test_images: 200
+  label_fractions: [0.1, 1.0]
+  finetune_epochs: [2, 1]
+  probe_epochs: [5, 2]
+  fraction_overrides: [[finetune.batch_size=16], []]
+  variants:
+    - {{name: conmim, label: ConMIM}}
+    - {{name: scratch, pretrain: false}}
+base:
+  model: {{arch: vit_tiny, encoder: vit, depth: 2, img_size: 32, patch_size: 4, proj_hidden_dim: 64, proj_out_dim: 32}}
+  data: {{num_workers: 0, crop_scale_min: 0.25}}
+  train: {{batch_size: 32, epochs: 1, max_steps: 3, precision: fp32, log_every: 1, checkpoint_every: 2,
+          warmup_epochs: 0.1}}
+  eval: {{pool: mean}}
+  linprobe: {{warmup_epochs: 0}}
+  finetune: {{batch_size: 32, warmup_epochs: 0.5, mixup: 0.0, cutmix: 0.0, auto_augment: "", reprob: 0.0,
+             crop_pct: 1.0}}
+"""
+
+
+def test_balanced_subset_is_class_balanced_and_seeded(fashion_mnist_dir):
+    from conmim.data.sources import fashion_mnist
+    from conmim.tools.study import balanced_subset, fixed_subset
+
+    source = fixed_subset(fashion_mnist(fashion_mnist_dir, "train"), 400, 0)
+    first = balanced_subset(source, 0.1, 0)
+    assert len(first) == 40 and len(set(first.tolist())) == 40
+    assert np.bincount(source.labels[first], minlength=10).tolist() == [4] * 10
+    assert np.array_equal(first, balanced_subset(source, 0.1, 0))  # same seed, same subset
+    assert not np.array_equal(first, balanced_subset(source, 0.1, 1))  # another seed, another subset
+    assert set(first) <= set(balanced_subset(source, 0.2, 0))  # one seed's subsets are nested
+    assert np.array_equal(balanced_subset(source, 1.0, 3), np.arange(400))
+
+
+def test_fraction_lists_must_match_the_fractions(tmp_path):
+    config = tmp_path / "study.yaml"
+    config.write_text(FRACTION_STUDY.format(out=tmp_path).replace("finetune_epochs: [2, 1]", "finetune_epochs: [2]"))
+    with pytest.raises(ConfigError, match="finetune_epochs"):
+        load_study(config)
+
+
+def test_label_fraction_study_runs_resumes_and_reports(tmp_path):
+    config = tmp_path / "study.yaml"
+    config.write_text(FRACTION_STUDY.format(out=tmp_path))
+    start = time.perf_counter()
+    assert main(["study", "--config", str(config)]) == 0
+    first_seconds = time.perf_counter() - start
+    results = json.loads((tmp_path / "docs" / "results.json").read_text())
+    runs = {(r["variant"], r["seed"], r["fraction"]): r for r in results["runs"]}
+    expected = {(v, s, 0.1) for v in ("conmim", "scratch", "raw_pixels") for s in (0, 1)}
+    assert set(runs) == expected | {(v, 0, 1.0) for v in ("conmim", "scratch", "raw_pixels")}  # 100 %: seed 0 only
+    assert runs[("conmim", 0, 0.1)]["labels"] == 40 and runs[("conmim", 0, 1.0)]["labels"] == 400
+    for seed, fraction in ((0, 0.1), (1, 0.1), (0, 1.0)):  # scratch: the same recipe and steps
+        assert runs[("conmim", seed, fraction)]["finetune_steps"] == runs[("scratch", seed, fraction)]["finetune_steps"]
+    assert runs[("conmim", 0, 0.1)]["finetune_steps"] == 40 * 2 // 16  # two passes over 40 labels at batch 16
+    assert runs[("conmim", 0, 1.0)]["finetune_steps"] == 400 // 32
+    for r in runs.values():
+        assert all(0 <= r[m] <= 100 for m in ("linprobe_top1", "knn_top1"))
+        assert ("finetune_top1" in r) == (r["variant"] != "raw_pixels")
+    row = next(r for r in results["aggregate"] if r["variant"] == "conmim" and r["fraction"] == 0.1)
+    assert len(row["finetune_top1"]["values"]) == 2 and row["finetune_top1"]["std"] is not None
+    assert results["not_run"] == []
+    table = (tmp_path / "docs" / "table.md").read_text()
+    assert "| ConMIM |" in table and "| scratch |" in table
+    assert "raw pixels: k-NN (k=20, cosine)" in table and "raw pixels: linear" in table
+    with Image.open(tmp_path / "docs" / "label_efficiency.png") as im:
+        assert im.width > 400 and im.height > 300
+    assert not (tmp_path / "runs" / "scratch_s1" / "finetune_f1").exists()
+    assert not (tmp_path / "runs" / "scratch_s0" / "pretrain").exists()
+
+    stages = {p: p.read_text() for p in (tmp_path / "runs").glob("*/stages.json")}
+    start = time.perf_counter()
+    assert main(["study", "--config", str(config)]) == 0  # everything finished: nothing reruns
+    assert time.perf_counter() - start < first_seconds / 3
+    assert {p: p.read_text() for p in stages} == stages
+    assert json.loads((tmp_path / "docs" / "results.json").read_text())["runs"] == results["runs"]
+
+    # an interrupted study resumes stage by stage: a lost probe stage reruns alone, with the same result
+    path = tmp_path / "runs" / "conmim_s1" / "stages.json"
+    done = json.loads(path.read_text())
+    del done["linprobe_f0.1"]
+    path.write_text(json.dumps(done))
+    assert main(["study", "--config", str(config)]) == 0
+    again = json.loads(path.read_text())
+    assert list(again) == list(done) + ["linprobe_f0.1"]
+    assert again["linprobe_f0.1"]["result"] == json.loads(stages[path])["linprobe_f0.1"]["result"]
+    assert again["pretrain"] == done["pretrain"]
+
+    # a finished pre-training run serves as a variant: the same encoder gives the same probe and k-NN
+    reuse = tmp_path / "reuse.yaml"
+    text = FRACTION_STUDY.format(out=tmp_path / "reuse")
+    for old, new in (
+        ("seeds: [0, 1]", "seeds: [0]\n  references: false"),
+        ("[0.1, 1.0]", "[0.1]"),
+        ("[2, 1]", "[2]"),
+        ("[5, 2]", "[5]"),
+        ("[[finetune.batch_size=16], []]", "[[]]"),
+        ("- {name: scratch, pretrain: false}", ""),
+        (
+            "{name: conmim, label: ConMIM}",
+            f"{{name: reused, finetune: false, pretrained: {tmp_path / 'runs/conmim_s0/pretrain'}}}",
+        ),
+    ):
+        assert old in text
+        text = text.replace(old, new)
+    reuse.write_text(text)
+    assert main(["study", "--config", str(reuse)]) == 0
+    reused = json.loads((tmp_path / "reuse" / "runs" / "reused_s0" / "stages.json").read_text())
+    assert sorted(reused) == ["knn_f0.1", "linprobe_f0.1"]
+    original = json.loads((tmp_path / "runs" / "conmim_s0" / "stages.json").read_text())
+    assert all(reused[stage]["result"] == original[stage]["result"] for stage in reused)
+
+
+def test_label_preset_is_the_default_pretraining_with_equal_fine_tuning_steps(tmp_path):
+    from omegaconf import OmegaConf
+
+    from conmim.config import preset_path
+    from conmim.tools.study import fraction_config, variant_config
+
+    study, base = load_study("study_labels")
+    default = OmegaConf.load(preset_path("fashion_mnist"))
+    for section in ("model", "mask", "data", "train"):  # ConMIM here is the built-in default run
+        assert OmegaConf.to_container(base[section]) == OmegaConf.to_container(default[section]), section
+    assert study.label_fractions == [0.01, 0.1, 1.0] and study.seeds == [0, 1]
+    steps = {}
+    for variant in study.variants:
+        cfg = variant_config(base, variant, 0, tmp_path, tmp_path)
+        for i, labels in enumerate((600, 6000, 60000)):
+            f, passes = fraction_config(cfg, study, i)
+            tiles = passes // study.finetune_evals
+            steps.setdefault(variant.name, []).append(f.finetune.epochs * (labels * tiles // f.finetune.batch_size))
+            assert f.finetune.epochs * tiles == passes and f.finetune.warmup_epochs * tiles * labels < 300 * 128
+    assert steps["scratch"] == steps["conmim"] == steps["pixel"] == [750, 703, 1406]
+
+
+def test_fine_tuning_passes_split_into_evaluated_epochs(tmp_path):
+    from conmim.tools.study import fraction_config, variant_config
+
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        FRACTION_STUDY.format(out=tmp_path).replace(
+            "finetune_epochs: [2, 1]", "finetune_epochs: [4, 2]\n  finetune_evals: 2"
+        )
+    )
+    study, base = load_study(config)
+    cfg = variant_config(base, study.variants[0], 0, tmp_path, tmp_path)
+    f, passes = fraction_config(cfg, study, 0)
+    # 4 passes over the labelled images = 2 evaluated epochs of 2 passes; warm-up 0.5 pass = 0.25 epoch
+    assert (passes, f.finetune.epochs, f.finetune.warmup_epochs, f.finetune.batch_size) == (4, 2, 0.25, 16)
+    assert f.linprobe.epochs == 5 and fraction_config(cfg, study, 1)[0].linprobe.epochs == 2
+    config.write_text(config.read_text().replace("finetune_evals: 2", "finetune_evals: 3"))
+    with pytest.raises(ConfigError, match="finetune_evals"):
+        load_study(config)

@@ -10,6 +10,7 @@ atomically, and the best model is also exported as timm-loadable ``best.safetens
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -37,6 +38,7 @@ from ..runtime.device import resolve_device, resolve_precision
 from ..runtime.metrics import MetricsWriter
 from ..train.schedules import warmup_cosine
 from .common import EvalTransform, LabeledDataset, RGBTransform, img_size_of, num_classes_of
+from .linprobe import cached_batches, train_head
 from .transfer import build_classifier, grid_of, spec_from_module
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,46 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
     unless ``decay_rel_pos`` is off (the official code decays them)."""
     skip = ["pos_embed", "cls_token"] + ([] if decay_rel_pos else ["*relative_position_bias_table"])
     return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+
+
+@torch.no_grad()
+def _head_inputs(model: nn.Module, dataset, batch_size: int, device: torch.device, amp_dtype, workers: int):
+    """What the classifier's head sees (pooled, normalised tokens) for every image, model in eval mode."""
+    model.eval()
+    feats, labels = [], []
+    for images, y in tqdm(
+        DataLoader(dataset, batch_size=batch_size, num_workers=workers),
+        desc="head inputs",
+        leave=False,
+        dynamic_ncols=True,
+    ):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            tokens = model.forward_features(images.to(device, non_blocking=True))
+        feats.append(model.forward_head(tokens.float(), pre_logits=True).float())
+        labels.append(torch.as_tensor(y, device=device))
+    model.train()
+    return torch.cat(feats), torch.cat(labels)
+
+
+def probe_head_init(model: nn.Module, train_source, cfg: Config, device: torch.device, amp_dtype) -> float:
+    """Linear probe, then fine-tune: fit the new head on the frozen classifier's own head inputs, so the
+    first fine-tuning steps get gradients from a head that already classifies instead of the near-zero
+    random one (with AdamW, whose steps have the lr's size whatever the gradient's, those first steps
+    otherwise move the pre-trained blocks in directions set by a random head). Returns the fitted
+    head's training top-1 (%)."""
+    f, p = (
+        cfg.finetune,
+        dataclasses.replace(
+            cfg.linprobe, epochs=cfg.finetune.probe_head_epochs, warmup_epochs=min(cfg.linprobe.warmup_epochs, 1.0)
+        ),
+    )
+    size = img_size_of(model)
+    data = LabeledDataset(train_source, EvalTransform(size, cfg.data.mean, cfg.data.std, f.crop_pct))
+    x, y = _head_inputs(model, data, cfg.eval.batch_size, device, amp_dtype, cfg.data.num_workers)
+    train_head(model.head, *cached_batches(x, y, p.batch_size), p, device, cfg.train.seed)
+    model.head.train()
+    with torch.no_grad():
+        return 100.0 * (model.head(x).argmax(1) == y).float().mean().item()
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_kwargs) -> Image.Image:
@@ -222,7 +264,7 @@ def finetune(
 
     weights, spec = pretrained_of(encoder, cfg.eval.which)
     classes = f.num_classes or num_classes_of(train_source, test_source)
-    model, model_spec = build_classifier(weights, spec, classes, f.img_size, f.drop_path, f.head_init_scale)
+    model, model_spec = build_classifier(weights, spec, classes, f.img_size, f.drop_path, f.head_init_scale, f.fc_norm)
     model.to(device)
     size = img_size_of(model)
     train_set = LabeledDataset(train_source, train_transform(size, cfg))
@@ -267,6 +309,9 @@ def finetune(
 
     epoch, best, history = 0, {"top1": -1.0, "top5": None, "epoch": 0}, []
     last = out / "checkpoints" / "last.pt"
+    if f.probe_head_epochs and not last.is_file():
+        top1 = probe_head_init(model, train_source, cfg, device, amp_dtype)
+        log.info("head fitted on frozen features for %d epochs: training top-1 %.2f%%", f.probe_head_epochs, top1)
     if last.is_file():
         state = ckpt.safe_load(last)
         model.load_state_dict(state["model"])

@@ -101,8 +101,7 @@ def linear_probe(
             p.block,
             amp_dtype,
         )
-        batches = partial(_cached_batches, train_x, train_y, p.batch_size)
-        steps_per_epoch = math.ceil(len(train_x) / p.batch_size)
+        batches, steps_per_epoch = cached_batches(train_x, train_y, p.batch_size)
     else:
         train = LabeledDataset(train_source, probe_transform(size, d.mean, d.std, d.crop_scale_min))
         batches = partial(_encoded_batches, encoder, train, p, device, d.num_workers, amp_dtype)
@@ -144,12 +143,23 @@ def fit_head(
     that ``batches(generator)`` yields each epoch; (top-1 %, top-5 %, peak lr) on the test features."""
     torch.manual_seed(seed)
     head = probe_head(test_x.shape[1], classes).to(device)
+    lr = train_head(head, batches, steps_per_epoch, p, device, seed, log)
+    with torch.no_grad():
+        top1, top5 = accuracy(head(test_x.to(device)), test_y.to(device), topk=(1, min(5, classes)))
+    return top1.item(), top5.item(), lr
+
+
+def train_head(
+    head: nn.Module, batches, steps_per_epoch: int, p, device: torch.device, seed: int = 0, log: _Log | None = None
+) -> float:
+    """Train ``head`` in place on cached features with ``p``'s (a :class:`LinProbeConfig`) optimizer,
+    epochs and warm-up + cosine schedule; leaves it in eval mode and returns the peak lr."""
     lr = p.base_lr * p.batch_size / 256
     opt_cls = Lars if p.optimizer == "lars" else torch.optim.SGD
     optimizer = opt_cls(head.parameters(), lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
     total, warmup = p.epochs * steps_per_epoch, int(round(p.warmup_epochs * steps_per_epoch))
     step, gen = 0, torch.Generator().manual_seed(seed)
-    for epoch in tqdm(range(p.epochs), desc="linear probe", dynamic_ncols=True, leave=False):
+    for epoch in tqdm(range(p.epochs), desc="linear head", dynamic_ncols=True, leave=False):
         head.train()
         loss_sum, seen = 0.0, 0
         for x, y in batches(gen):
@@ -165,9 +175,12 @@ def fit_head(
                 {"step": step, "epoch": epoch + 1, "train_loss": loss_sum / seen, "lr": optimizer.param_groups[0]["lr"]}
             )
     head.eval()
-    with torch.no_grad():
-        top1, top5 = accuracy(head(test_x.to(device)), test_y.to(device), topk=(1, min(5, classes)))
-    return top1.item(), top5.item(), lr
+    return lr
+
+
+def cached_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    """A ``batches(generator)`` callable over cached features: a fresh shuffle every epoch."""
+    return partial(_cached_batches, x, y, batch_size), math.ceil(len(x) / batch_size)
 
 
 def probe_cached(
@@ -181,9 +194,8 @@ def probe_cached(
     seed: int = 0,
 ) -> float:
     """Linear-probe top-1 (%) on features extracted already (the final summary of pre-training)."""
-    batches = partial(_cached_batches, train_x, train_y, p.batch_size)
     return fit_head(
-        batches, math.ceil(len(train_x) / p.batch_size), test_x, test_y, classes, p, torch.device(device), seed
+        *cached_batches(train_x, train_y, p.batch_size), test_x, test_y, classes, p, torch.device(device), seed
     )[0]
 
 

@@ -1,8 +1,10 @@
-"""The study's report: ``results.json``, a Markdown table and two PNG plots (needs matplotlib).
+"""The study's report: ``results.json``, a Markdown table and PNG plots (needs matplotlib).
 
-Aggregates per variant (mean, spread over seeds), so the table and the bars show the same numbers
+Aggregates per variant (mean, spread over seeds), so the table and the plots show the same numbers
 as the JSON. Plots: pre-training loss and masked-patch retrieval accuracy against steps; top-1
-bars with one dot per seed and the min-max range as the error bar.
+bars with one dot per seed and the min-max range as the error bar. The label-efficiency protocol
+aggregates per (variant, label fraction) instead and plots top-1 against the fraction of labels
+(``label_efficiency.png``), with the raw-pixel references as grey lines.
 """
 
 from __future__ import annotations
@@ -35,6 +37,180 @@ def aggregate(runs: list[dict[str, Any]], order: list[str]) -> list[dict[str, An
                 }
         rows.append(row)
     return rows
+
+
+def _stat(values: list[float]) -> dict[str, Any]:
+    return {
+        "values": values,
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def aggregate_fractions(runs: list[dict[str, Any]], order: list[str], fractions: list[float]) -> list[dict[str, Any]]:
+    """Per variant in ``order`` and label fraction: labels, seeds, fine-tuning steps and each metric's
+    values over seeds with mean, sample std, min and max."""
+    rows = []
+    for name in order:
+        for fraction in fractions:
+            mine = [r for r in runs if r["variant"] == name and r["fraction"] == fraction]
+            if not mine:
+                continue
+            row: dict[str, Any] = {
+                "variant": name,
+                "fraction": fraction,
+                "labels": mine[0]["labels"],
+                "seeds": [r["seed"] for r in mine],
+            }
+            steps = sorted({r["finetune_steps"] for r in mine if "finetune_steps" in r})
+            if steps:
+                row["finetune_steps"] = steps[0] if len(steps) == 1 else steps
+            for metric in METRIC_NAMES:
+                values = [r[metric] for r in mine if metric in r]
+                if values:
+                    row[metric] = _stat(values)
+            rows.append(row)
+    return rows
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:g} %"
+
+
+def fraction_table(
+    rows: list[dict[str, Any]], labels: dict[str, str], fractions: list[float], reference: str, knn_k: int
+) -> str:
+    """Fine-tune and linear-probe top-1 per fraction (variants, then the raw-pixel reference lines),
+    then the k-NN top-1 of every encoder and of raw pixels."""
+    cell = {(r["variant"], r["fraction"]): r for r in rows}
+    counts = {r["fraction"]: r["labels"] for r in rows}
+    names = [n for n in labels if n != reference and any((n, f) in cell for f in fractions)]
+
+    def head(kinds: list[str]) -> list[str]:
+        cols = [f"{kind} {_percent(f)} ({counts.get(f, 0):,} labels)" for f in fractions for kind in kinds]
+        return ["| variant | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+
+    def line(title: str, name: str, metrics: list[str | None]) -> str:
+        cells = [_cell(cell.get((name, f), {}).get(m)) if m else "—" for f in fractions for m in metrics]
+        return f"| {title} | " + " | ".join(cells) + " |"
+
+    out = head(["fine-tune", "linear probe"])
+    out += [line(labels[n], n, ["finetune_top1", "linprobe_top1"]) for n in names]
+    if any(r["variant"] == reference for r in rows):
+        out.append(line(f"raw pixels: k-NN (k={knn_k}, cosine)", reference, [None, "knn_top1"]))
+        out.append(line("raw pixels: linear (BatchNorm + linear head)", reference, [None, "linprobe_top1"]))
+    single = [_percent(f) for f in fractions if f >= 1]
+    text = (
+        "Top-1 (%) on the test split: mean ± sample std over seeds (the seeds' values)"
+        + (f"; {single[0]} of the labels ran for the first seed only" if single else "")
+        + ". Raw-pixel rows: the named classifier on flattened normalised pixels.\n\n"
+        + "\n".join(out)
+        + "\n"
+    )
+    if any("knn_top1" in r for r in rows):
+        knn = head(["k-NN"])
+        knn += [
+            line(labels[n], n, ["knn_top1"])
+            for n in names + ([reference] if reference in labels else [])
+            if any("knn_top1" in cell.get((n, f), {}) for f in fractions)
+        ]
+        text += (
+            f"\nk-NN top-1 (%) of the frozen features (k={knn_k}, cosine; the labelled images are the bank):\n\n"
+            + "\n".join(knn)
+            + "\n"
+        )
+    return text
+
+
+def plot_label_efficiency(
+    rows: list[dict[str, Any]], labels: dict[str, str], fractions: list[float], reference: str, path: Path
+) -> None:
+    """Top-1 against the fraction of labels (log x): per variant fine-tuning (solid) and linear probe
+    (dashed), mean over seeds with min-max error bars; raw-pixel k-NN and linear head in grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    names = [n for n in labels if n != reference]
+    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    styles = [(n, "finetune_top1", "fine-tune", {"color": colors[n], "ls": "-", "marker": "o"}) for n in names]
+    styles += [
+        (n, "linprobe_top1", "linear probe", {"color": colors[n], "ls": "--", "marker": "s", "alpha": 0.8})
+        for n in names
+    ]
+    styles += [
+        (reference, "knn_top1", "k-NN", {"color": "0.45", "ls": ":", "marker": "^"}),
+        (reference, "linprobe_top1", "linear", {"color": "0.6", "ls": "-.", "marker": "v"}),
+    ]
+    values = []
+    for name, metric, kind, style in styles:
+        points = [(r["fraction"], r[metric]) for r in rows if r["variant"] == name and metric in r]
+        if not points:
+            continue
+        points.sort()
+        xs = [x for x, _ in points]
+        means = [s["mean"] for _, s in points]
+        err = [[s["mean"] - s["min"] for _, s in points], [s["max"] - s["mean"] for _, s in points]]
+        values += [v for _, s in points for v in s["values"]]
+        title = f"raw pixels: {kind}" if name == reference else f"{labels[name]}: {kind}"
+        ax.errorbar(xs, means, yerr=err, capsize=3, lw=1.5, ms=4, label=title, **style)
+    counts = {r["fraction"]: r["labels"] for r in rows}
+    ax.set_xscale("log")
+    ax.set_xticks(fractions, [f"{_percent(f)}\n({counts[f]:,})" if f in counts else _percent(f) for f in fractions])
+    ax.minorticks_off()
+    if values:
+        ax.set_ylim(max(0.0, min(values) - 3), min(100.0, max(values) + 2))
+    ax.set(
+        xlabel="fraction of the training labels (class-balanced subset; labelled images)",
+        ylabel="top-1 on the test split (%)",
+        title="Fashion-MNIST label efficiency: mean over seeds, bars = min-max",
+    )
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_fraction_report(summary: dict[str, Any], study, out: Path) -> dict[str, Path]:
+    """The label-efficiency protocol's results.json, table.md, label_efficiency.png and pretrain_curves.png."""
+    from .study import REFERENCE, fractions_at
+
+    docs = Path(study.docs_dir)
+    docs.mkdir(parents=True, exist_ok=True)
+    fractions = list(study.label_fractions)
+    labels = {v.name: v.label or v.name for v in study.variants}
+    if study.references:
+        labels[REFERENCE] = "raw pixels"
+    objectives = {v.name: "pixel" if "model.objective=pixel" in v.overrides else "conmim" for v in study.variants}
+    rows = aggregate_fractions(summary["runs"], list(labels), fractions)
+    done = {(r["variant"], r["seed"], r["fraction"]) for r in summary["runs"]}
+    missing = [
+        f"{v.name}_s{s} {_percent(study.label_fractions[i])}"
+        for v in study.variants
+        for s in (v.seeds or study.seeds)
+        for i in fractions_at(study, v.seeds or study.seeds, s)
+        if (v.name, s, study.label_fractions[i]) not in done
+    ]
+    paths = {
+        "json": docs / "results.json",
+        "table": docs / "table.md",
+        "plot": docs / "label_efficiency.png",
+        "curves": docs / "pretrain_curves.png",
+    }
+    paths["json"].write_text(json.dumps({**summary, "aggregate": rows, "not_run": missing}, indent=2) + "\n")
+    knn_k = summary.get("base", {}).get("eval", {}).get("knn_k", 20)
+    table = fraction_table(rows, labels, fractions, REFERENCE, knn_k)
+    if missing:
+        table += f"\nNot finished when this report was written: {', '.join(missing)}\n"
+    paths["table"].write_text(table)
+    plot_label_efficiency(rows, labels, fractions, REFERENCE, paths["plot"])
+    plot_curves(read_curves(out, summary["runs"]), objectives, paths["curves"])
+    return paths
 
 
 def _cell(stat: dict[str, Any] | None) -> str:
@@ -139,6 +315,8 @@ def plot_bars(rows: list[dict[str, Any]], labels: dict[str, str], path: Path) ->
 
 def write_report(summary: dict[str, Any], study, out: Path) -> dict[str, Path]:
     """Write results.json, table.md and the two PNGs into ``study.docs_dir``; returns their paths."""
+    if getattr(study, "label_fractions", None):
+        return write_fraction_report(summary, study, out)
     docs = Path(study.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     order = [v.name for v in study.variants]

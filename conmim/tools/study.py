@@ -1,4 +1,4 @@
-"""The small-scale study: ConMIM vs. scratch, pixel MIM and the ablations of docs/method.md §14.
+"""The small-scale study: ConMIM vs. scratch, pixel MIM and ablations (docs/method.md §14), on Fashion-MNIST.
 
 One YAML file fixes the protocol: a ``study`` section (data subset sizes, seeds, the variants as
 dotted overrides of the base configuration, which evaluations run) and a ``base`` section (an
@@ -8,6 +8,13 @@ that folder's ``stages.json`` and skipped when the command is run again, and an 
 pre-training or fine-tuning resumes from its checkpoints, so the study can be stopped at any time.
 Runs go seed by seed (all variants of the first seed, then the next seed), so a study cut short
 still has every variant once.
+
+With ``study.label_fractions`` the study measures label efficiency instead: every (variant, seed)
+pre-trains once without labels on all of ``train_images``, then for each fraction of the labels
+(a class-balanced subset drawn with the seed) a linear probe on cached features, a k-NN and, for
+variants that fine-tune, a full fine-tuning, each its own resumable stage (``linprobe_f0.01``,
+``finetune_f0.01``, ...); raw-pixel references (k-NN and the probe's linear head on normalised
+pixels) run once per (fraction, seed) in ``reference_sSEED``. Fraction 1 runs for the first seed only.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ class Variant:
     pretrain: bool = True  # false: evaluate a randomly initialised encoder (scratch fine-tuning)
     finetune: bool = True  # false: k-NN and linear probe only for this variant
     label: str = ""  # legend text; empty: the name
+    pretrained: str = ""  # a `conmim pretrain` run directory: its teacher encoder instead of pre-training here
 
 
 @dataclass
@@ -58,6 +66,14 @@ class StudySettings:
     linprobe: bool = True
     finetune: bool = True
     variants: list[Variant] = field(default_factory=list)
+    # Label-efficiency protocol (empty: the protocol above): fractions of the training labels, each a
+    # class-balanced subset drawn with the seed; fractions below 1 for every seed, 1 for the first only.
+    label_fractions: list[float] = field(default_factory=list)
+    finetune_epochs: list[int] = field(default_factory=list)  # per fraction: passes over its labelled images
+    probe_epochs: list[int] = field(default_factory=list)  # per fraction: linear-probe epochs
+    fraction_overrides: list[list[str]] = field(default_factory=list)  # per fraction: dotted overrides
+    finetune_evals: int = 1  # test evaluations per fine-tuning (the last one is the result); divides its epochs
+    references: bool = True  # raw-pixel k-NN and linear probe at each fraction
 
 
 def load_study(path: str | os.PathLike) -> tuple[StudySettings, Any]:
@@ -79,9 +95,86 @@ def load_study(path: str | os.PathLike) -> tuple[StudySettings, Any]:
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: study.variants names repeat: {names}")
     base = raw.get("base", OmegaConf.create({}))
+    check_fractions(study, path)
     for v in study.variants:  # fail on a bad override before hours of work, not in the middle
-        variant_config(base, v, (v.seeds or study.seeds)[0], Path(study.output_dir), Path(study.output_dir))
+        if v.pretrained and not os.path.exists(v.pretrained):
+            raise ConfigError(f"{path}: variant {v.name!r}: pretrained={v.pretrained!r} does not exist")
+        cfg = variant_config(base, v, (v.seeds or study.seeds)[0], Path(study.output_dir), Path(study.output_dir))
+        for i in range(len(study.label_fractions)):
+            fraction_config(cfg, study, i)
     return study, base
+
+
+def check_fractions(study: StudySettings, path: str) -> None:
+    """The per-fraction lists have one entry per fraction (or none); fractions lie in (0, 1]."""
+    fractions = study.label_fractions
+    if len(set(fractions)) != len(fractions) or any(not 0 < f <= 1 for f in fractions):
+        raise ConfigError(f"{path}: study.label_fractions={fractions}: distinct values in (0, 1] expected")
+    for key in ("finetune_epochs", "probe_epochs", "fraction_overrides"):
+        value = getattr(study, key)
+        if value and len(value) != len(fractions):
+            raise ConfigError(f"{path}: study.{key} has {len(value)} entries for {len(fractions)} label_fractions")
+    if study.finetune_evals < 1 or any(e % study.finetune_evals for e in study.finetune_epochs):
+        raise ConfigError(
+            f"{path}: study.finetune_evals={study.finetune_evals} must divide every finetune_epochs "
+            f"{study.finetune_epochs}"
+        )
+
+
+def fraction_tag(fraction: float) -> str:
+    """Stage-name suffix of a fraction: 0.01 -> f0.01, 1.0 -> f1."""
+    return f"f{fraction:g}"
+
+
+def fraction_config(cfg: Config, study: StudySettings, index: int) -> tuple[Config, int]:
+    """(a copy of ``cfg`` for the fraction ``study.label_fractions[index]``, its fine-tuning passes): the
+    fraction's overrides, probe epochs and passes. ``finetune.epochs`` and ``finetune.warmup_epochs`` are
+    read in passes over the labelled images; the copy's ``finetune.epochs`` is ``finetune_evals``, each
+    epoch being passes / finetune_evals passes over the labelled images (see :func:`tile`)."""
+    overrides = list(study.fraction_overrides[index]) if study.fraction_overrides else []
+    if study.probe_epochs:
+        overrides.append(f"linprobe.epochs={study.probe_epochs[index]}")
+    if study.finetune_epochs:
+        overrides.append(f"finetune.epochs={study.finetune_epochs[index]}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"study fraction {study.label_fractions[index]}: {err}") from None
+    out: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(out)
+    passes = out.finetune.epochs
+    if passes % study.finetune_evals:
+        raise ConfigError(
+            f"study fraction {study.label_fractions[index]}: finetune.epochs={passes} is not a "
+            f"multiple of study.finetune_evals={study.finetune_evals}"
+        )
+    out.finetune.epochs = study.finetune_evals
+    out.finetune.warmup_epochs = out.finetune.warmup_epochs * study.finetune_evals / passes
+    return out, passes
+
+
+def balanced_subset(source: ArraySource, fraction: float, seed: int) -> np.ndarray:
+    """Indices (sorted) of a class-balanced ``fraction`` of ``source``: round(fraction * N / classes) images
+    of every class, drawn by ``seed``; fraction 1: every index. The subsets of one seed are nested."""
+    if fraction >= 1:
+        return np.arange(len(source))
+    labels = np.asarray(source.labels)
+    classes = np.unique(labels)
+    per_class = max(1, round(fraction * len(labels) / len(classes)))
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in classes:
+        members = np.flatnonzero(labels == c)
+        if len(members) < per_class:
+            raise ConfigError(f"label fraction {fraction}: class {c} has {len(members)} images, {per_class} needed")
+        chosen.append(members[rng.permutation(len(members))[:per_class]])
+    return np.sort(np.concatenate(chosen))
+
+
+def tile(source: ArraySource, indices: np.ndarray, times: int) -> ArraySource:
+    """The images at ``indices``, repeated ``times`` over: one fine-tuning "epoch" of several passes."""
+    order = np.tile(indices, times)
+    return ArraySource(source.images[order], source.labels[order], source.classes)
 
 
 def variant_config(base: Any, variant: Variant, seed: int, run_dir: Path, data_dir: Path) -> Config:
@@ -177,28 +270,38 @@ def _random_encoder(cfg: Config, seed: int) -> torch.nn.Module:
     return timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
 
 
+def study_encoder(variant: Variant, seed: int, cfg: Config, stages: Stages, run_dir: Path) -> torch.nn.Module:
+    """The encoder of one (variant, seed): the teacher of ``variant.pretrained``, of a pre-training run
+    here (a recorded stage), or timm's random initialisation."""
+    from ..eval.knn import KnnMonitor
+    from ..export.encoders import load_encoder
+    from ..train.engine import pretrain
+
+    if variant.pretrained:
+        return load_encoder(variant.pretrained, "teacher")
+    if variant.pretrain:
+        stages.run("pretrain", lambda: {"steps": pretrain(cfg, KnnMonitor.from_config)["steps"]})
+        return load_encoder(run_dir / "pretrain", "teacher")
+    return _random_encoder(cfg, seed)
+
+
 def run_one(
     study: StudySettings, base: Any, variant: Variant, seed: int, train: ArraySource, test: ArraySource, data_dir: Path
 ) -> dict[str, Any]:
     """Pre-train (or not), then k-NN, linear probe and fine-tuning of one (variant, seed)."""
     from ..eval.common import EvalTransform, LabeledDataset
     from ..eval.finetune import finetune
-    from ..eval.knn import KnnMonitor, extract_features, knn_accuracy
+    from ..eval.knn import extract_features, knn_accuracy
     from ..eval.linprobe import linear_probe
-    from ..export.encoders import load_encoder
     from ..runtime.device import resolve_device
-    from ..train.engine import pretrain
 
     run_dir = Path(study.output_dir) / f"{variant.name}_s{seed}"
     cfg = variant_config(base, variant, seed, run_dir, data_dir)
     device = resolve_device(cfg.device)
     stages = Stages(run_dir)
-    if variant.pretrain:
-        stages.run("pretrain", lambda: {"steps": pretrain(cfg, KnnMonitor.from_config)["steps"]})
-        encoder = load_encoder(run_dir / "pretrain", "teacher").to(device)
-    else:
+    if not variant.pretrain:
         cfg.finetune.epochs = scratch_epochs(cfg, len(train))
-        encoder = _random_encoder(cfg, seed).to(device)
+    encoder = study_encoder(variant, seed, cfg, stages, run_dir).to(device)
 
     def knn() -> float:
         e, d = cfg.eval, cfg.data
@@ -243,6 +346,210 @@ def record_of(name: str, seed: int, done: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def fractions_at(study: StudySettings, seeds: list[int], seed: int) -> list[int]:
+    """Indices of the label fractions run at ``seed``: those below 1 always, 1 at the first of ``seeds`` only."""
+    return [i for i, f in enumerate(study.label_fractions) if f < 1 or seed == seeds[0]]
+
+
+def _stage_names(study: StudySettings, finetunes: bool, fraction: float) -> list[str]:
+    tag = fraction_tag(fraction)
+    return [
+        f"{kind}_{tag}"
+        for kind, on in (("linprobe", study.linprobe), ("knn", study.knn), ("finetune", study.finetune and finetunes))
+        if on
+    ]
+
+
+class _Features:
+    """Features of the fixed test split (extracted once) and of labelled subsets of train, on demand."""
+
+    def __init__(self, extract, train: ArraySource, test: ArraySource):
+        self.extract, self.train, self.test = extract, train, test
+        self._test: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._subset: tuple[bytes, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def of_test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._test is None:
+            self._test = self.extract(self.test, None, "test")
+        return self._test
+
+    def of_subset(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        key = indices.tobytes()
+        if self._subset is None or self._subset[0] != key:  # the last subset only: probe and k-NN share it
+            self._subset = (key, self.extract(self.train, indices, f"{len(indices)} labelled"))
+        return self._subset[1]
+
+
+def _probe_and_knn(
+    stages: Stages,
+    study: StudySettings,
+    features: _Features,
+    fcfg: Config,
+    indices: np.ndarray,
+    tag: str,
+    seed: int,
+    device: torch.device,
+) -> None:
+    """The ``linprobe_TAG`` and ``knn_TAG`` stages on the features of the labelled subset ``indices``
+    (for encoders: ``linprobe.pool`` / ``linprobe.block`` features for both; the k-NN bank is the subset)."""
+    from ..eval.knn import knn_accuracy
+    from ..eval.linprobe import probe_cached
+
+    def probe() -> dict[str, Any]:
+        (tx, ty), (qx, qy) = features.of_subset(indices), features.of_test()
+        top1 = probe_cached(tx, ty, qx, qy, int(max(ty.max(), qy.max())) + 1, fcfg.linprobe, device, seed)
+        return {"top1": top1, "epochs": fcfg.linprobe.epochs, "labels": len(indices), "feature_dim": tx.shape[1]}
+
+    def knn() -> dict[str, Any]:
+        (tx, ty), (qx, qy) = features.of_subset(indices), features.of_test()
+        return {
+            "top1": knn_accuracy(tx, ty, qx, qy, fcfg.eval.knn_k, fcfg.eval.knn_t),
+            "k": fcfg.eval.knn_k,
+            "labels": len(indices),
+        }
+
+    if study.linprobe:
+        stages.run(f"linprobe_{tag}", probe)
+    if study.knn:
+        stages.run(f"knn_{tag}", knn)
+
+
+def run_fractions(
+    study: StudySettings,
+    base: Any,
+    variant: Variant,
+    seed: int,
+    seeds: list[int],
+    train: ArraySource,
+    test: ArraySource,
+    data_dir: Path,
+) -> list[dict[str, Any]]:
+    """Label-efficiency protocol of one (variant, seed): the encoder once, then per label fraction a
+    linear probe and a k-NN on cached features and, for variants that fine-tune, a fine-tuning."""
+    from ..eval.common import EvalTransform, LabeledDataset
+    from ..eval.finetune import finetune
+    from ..eval.knn import extract_features
+    from ..runtime.device import resolve_device, resolve_precision
+
+    run_dir = Path(study.output_dir) / f"{variant.name}_s{seed}"
+    cfg = variant_config(base, variant, seed, run_dir, data_dir)
+    device = resolve_device(cfg.device)
+    stages = Stages(run_dir)
+    todo = fractions_at(study, seeds, seed)
+    names = [n for i in todo for n in _stage_names(study, variant.finetune, study.label_fractions[i])]
+    if all(n in stages.done for n in names):
+        return fraction_records(variant.name, seed, stages.done, study.label_fractions)
+    encoder = study_encoder(variant, seed, cfg, stages, run_dir).to(device)
+    p, d = cfg.linprobe, cfg.data
+    transform = EvalTransform(cfg.model.img_size, d.mean, d.std)
+    amp_dtype = resolve_precision(cfg.train.precision, device)
+
+    def extract(source: ArraySource, indices: np.ndarray | None, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        dataset = LabeledDataset(source, transform, None if indices is None else indices.tolist())
+        return extract_features(
+            encoder,
+            dataset,
+            cfg.eval.batch_size,
+            p.pool,
+            device,
+            d.num_workers,
+            f"{variant.name} s{seed} {what} features",
+            p.block,
+            amp_dtype,
+        )
+
+    features = _Features(extract, train, test)
+    for i in todo:
+        fraction, tag = study.label_fractions[i], fraction_tag(study.label_fractions[i])
+        fcfg, passes = fraction_config(cfg, study, i)
+        indices = balanced_subset(train, fraction, seed)
+        log.info("study: %s seed %d, %d labels (%s)", variant.name, seed, len(indices), tag)
+        _probe_and_knn(stages, study, features, fcfg, indices, tag, seed, device)
+        if study.finetune and variant.finetune:
+            tiles = passes // study.finetune_evals
+
+            def tune(fcfg=fcfg, indices=indices, tiles=tiles, passes=passes, tag=tag) -> dict[str, Any]:
+                result = finetune(encoder, tile(train, indices, tiles), test, fcfg, run_dir / f"finetune_{tag}")
+                (run_dir / f"finetune_{tag}" / "checkpoints" / "last.pt").unlink(missing_ok=True)  # finished
+                steps = fcfg.finetune.epochs * (len(indices) * tiles // fcfg.finetune.batch_size)
+                return {
+                    "top1": result["top1"],
+                    "top5": result["top5"],
+                    "best_top1": result["best_top1"],
+                    "history_top1": [h["top1"] for h in result["history"]],
+                    "passes": passes,
+                    "steps": steps,
+                    "batch_size": fcfg.finetune.batch_size,
+                    "labels": len(indices),
+                }
+
+            stages.run(f"finetune_{tag}", tune)
+    return fraction_records(variant.name, seed, stages.done, study.label_fractions)
+
+
+REFERENCE = "raw_pixels"
+
+
+def run_references(
+    study: StudySettings, base: Any, seed: int, seeds: list[int], train: ArraySource, test: ArraySource, data_dir: Path
+) -> list[dict[str, Any]]:
+    """Raw-pixel reference lines at each label fraction of ``seed``: k-NN (eval.knn_k, cosine) and the
+    linear probe's head (BatchNorm + linear) on flattened normalised pixels, as stages of ``reference_sSEED``."""
+    from ..eval.common import EvalTransform
+    from ..runtime.device import resolve_device
+
+    run_dir = Path(study.output_dir) / f"reference_s{seed}"
+    cfg = variant_config(base, Variant(REFERENCE), seed, run_dir, data_dir)
+    device = resolve_device(cfg.device)
+    stages = Stages(run_dir)
+    transform = EvalTransform(cfg.model.img_size, cfg.data.mean, cfg.data.std)
+
+    def extract(source: ArraySource, indices: np.ndarray | None, _what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        order = range(len(source)) if indices is None else indices.tolist()
+        feats = torch.stack([transform(source[i][0]).flatten() for i in order])
+        return feats, torch.as_tensor(np.asarray(source.labels)[list(order)].astype("int64"))
+
+    features = _Features(extract, train, test)
+    for i in fractions_at(study, seeds, seed):
+        fcfg, _passes = fraction_config(cfg, study, i)
+        _probe_and_knn(
+            stages,
+            study,
+            features,
+            fcfg,
+            balanced_subset(train, study.label_fractions[i], seed),
+            fraction_tag(study.label_fractions[i]),
+            seed,
+            device,
+        )
+    return fraction_records(REFERENCE, seed, stages.done, study.label_fractions)
+
+
+def fraction_records(name: str, seed: int, done: dict[str, Any], fractions: list[float]) -> list[dict[str, Any]]:
+    """One row per label fraction with a finished stage: its top-1 accuracies, labels, steps and seconds."""
+    records = []
+    for fraction in fractions:
+        tag = fraction_tag(fraction)
+        mine = {kind: done[f"{kind}_{tag}"] for kind in ("linprobe", "knn", "finetune") if f"{kind}_{tag}" in done}
+        if not mine:
+            continue
+        record: dict[str, Any] = {
+            "variant": name,
+            "seed": seed,
+            "fraction": fraction,
+            "labels": next(iter(mine.values()))["result"]["labels"],
+        }
+        for kind, stage in mine.items():
+            record[f"{kind}_top1"] = stage["result"]["top1"]
+        if "finetune" in mine:
+            record["finetune_steps"] = mine["finetune"]["result"]["steps"]
+        record["seconds"] = {kind: stage["seconds"] for kind, stage in mine.items()}
+        if "pretrain" in done:
+            record["seconds"]["pretrain"] = done["pretrain"]["seconds"]
+        records.append(record)
+    return records
+
+
 def plan(study: StudySettings) -> list[tuple[Variant, int]]:
     """Seed by seed: every variant's first seed, then every variant's second seed, ..."""
     seeds = [v.seeds or study.seeds for v in study.variants]
@@ -250,6 +557,34 @@ def plan(study: StudySettings) -> list[tuple[Variant, int]]:
     for position in range(max(len(s) for s in seeds)):
         order += [(v, s[position]) for v, s in zip(study.variants, seeds, strict=True) if position < len(s)]
     return order
+
+
+def _fraction_study(study: StudySettings, base: Any, root: str, report_only: bool) -> list[dict[str, Any]]:
+    """Every stage of the label-efficiency protocol, seed by seed (references first); the rows of the results."""
+    out, records = Path(study.output_dir), []
+    order = plan(study)
+    reference_seeds = list(dict.fromkeys(seed for _v, seed in order))
+    if not report_only:
+        train, test, data_dir = prepare_data(study, root)
+    for variant, seed in order:
+        seeds = variant.seeds or study.seeds
+        if study.references and seed in reference_seeds:
+            reference_seeds.remove(seed)
+            if report_only:
+                records += fraction_records(
+                    REFERENCE, seed, Stages(out / f"reference_s{seed}").done, study.label_fractions
+                )
+            else:
+                log.info("study: raw-pixel references, seed %d", seed)
+                records += run_references(study, base, seed, [order[0][1]], train, test, data_dir)
+        if report_only:
+            records += fraction_records(
+                variant.name, seed, Stages(out / f"{variant.name}_s{seed}").done, study.label_fractions
+            )
+        else:
+            log.info("study: %s seed %d", variant.name, seed)
+            records += run_fractions(study, base, variant, seed, seeds, train, test, data_dir)
+    return records
 
 
 def run_study(path: str | os.PathLike, fashion_root: str | None = None, report_only: bool = False) -> dict:
@@ -262,7 +597,9 @@ def run_study(path: str | os.PathLike, fashion_root: str | None = None, report_o
     root = fashion_root or OmegaConf.select(base, "data.path", default=None) or Config().data.path
     out = Path(study.output_dir)
     records, start = [], time.perf_counter()
-    if not report_only:
+    if study.label_fractions:
+        records = _fraction_study(study, base, root, report_only)
+    elif not report_only:
         train, test, data_dir = prepare_data(study, root)
         for variant, seed in plan(study):
             log.info("study: %s seed %d", variant.name, seed)
