@@ -253,3 +253,23 @@ def test_vit_encoder_with_absolute_positions_transfers_to_another_size():
     assert torch.equal(model.pos_embed[:, 0], enc.pos_embed[:, 0])  # the [CLS] position is kept as is
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_probe_head_init_fits_the_head_on_what_the_classifier_feeds_it(exported, fm):
+    """Linear probe, then fine-tune: before any fine-tuning step the classifier already classifies."""
+    from conmim.export import load_pretrained
+    from conmim.finetune import probe_head_init
+
+    train, test = fm
+    cfg = _cfg(finetune__probe_head_epochs=30, finetune__crop_pct=1.0, linprobe__batch_size=64)
+    test_set = LabeledDataset(test, EvalTransform(16, cfg.data.mean, cfg.data.std))
+    torch.manual_seed(0)
+    model, _ = build_classifier(*load_pretrained(exported), 10, drop_path=0.0)
+    assert model.head.weight.abs().max() < 1e-3  # the official near-zero head
+    before = evaluate(model, test_set, 64, torch.device("cpu"))["top1"]
+    blocks = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    train_top1 = probe_head_init(model, train, cfg, torch.device("cpu"), None)
+    after = evaluate(model, test_set, 64, torch.device("cpu"))["top1"]
+    assert train_top1 > 45.0 and after > 40.0 and after > before + 20.0, (before, train_top1, after)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in blocks.items())  # only the head moved
+    assert model.training  # handed back ready for fine-tuning
