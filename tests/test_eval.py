@@ -257,8 +257,8 @@ def test_vit_encoder_with_absolute_positions_transfers_to_another_size():
 
 def test_probe_head_init_fits_the_head_on_what_the_classifier_feeds_it(exported, fm):
     """Linear probe, then fine-tune: before any fine-tuning step the classifier already classifies."""
-    from conmim.export import load_pretrained
-    from conmim.finetune import probe_head_init
+    from conmim.eval.finetune import probe_head_init
+    from conmim.export.encoders import load_pretrained
 
     train, test = fm
     cfg = _cfg(finetune__probe_head_epochs=30, finetune__crop_pct=1.0, linprobe__batch_size=64)
