@@ -232,6 +232,22 @@ def preset_path(name: str) -> Path:
     return path
 
 
+# Keys that earlier versions wrote into run configurations and that no longer exist: dropped when an old
+# run's config.yaml or checkpoint is read, so its directory still works with every command.
+RETIRED_KEYS = ("train.inject_nan_steps",)
+
+
+def without_retired(raw: Any) -> Any:
+    """An OmegaConf node (or plain dict) of a stored configuration, less the :data:`RETIRED_KEYS`."""
+    node = OmegaConf.create(raw) if not OmegaConf.is_config(raw) else raw
+    for dotted in RETIRED_KEYS:
+        section, key = dotted.rsplit(".", 1)
+        parent = OmegaConf.select(node, section)
+        if parent is not None and key in parent:
+            parent.pop(key)
+    return node
+
+
 def load_config(
     config_file: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -249,7 +265,7 @@ def load_config(
         if source:
             if not os.path.isfile(source):
                 source = str(preset_path(source))  # allow a preset name instead of a file
-            layers.append(OmegaConf.load(source))
+            layers.append(without_retired(OmegaConf.load(source)))
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]

@@ -9,7 +9,7 @@ import torch
 from reliability_utils import load_tiny
 
 from conmim.cli import main as cli_main
-from conmim.config import ConfigError
+from conmim.config import ConfigError, load_config
 from conmim.runtime.distributed import DistInfo
 from conmim.train.engine import preflight, pretrain
 
@@ -79,3 +79,18 @@ def test_cli_reports_a_config_error_in_one_line_and_exit_code_2(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.strip() == "conmim: error: mask.ratio=1.5 is not allowed: a number strictly between 0 and 1", err
     assert not (tmp_path / "run").exists()
+
+
+def test_configurations_written_by_earlier_versions_still_load(tmp_path):
+    """Run directories keep working when a key they recorded is retired (here a former test hook)."""
+    from omegaconf import OmegaConf
+
+    from conmim.config import to_yaml
+    from conmim.export.encoders import config_of
+
+    old = OmegaConf.to_container(OmegaConf.create(to_yaml(load_config(None))))
+    old["train"]["inject_nan_steps"] = []
+    path = tmp_path / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(old))
+    assert load_config(str(path)).train.batch_size == old["train"]["batch_size"]
+    assert config_of({"config": OmegaConf.to_yaml(old)}).train.batch_size == old["train"]["batch_size"]

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, without_retired
 from ..models.conmim import timm_spec
 from ..runtime import checkpoint as ckpt
 
@@ -35,7 +35,7 @@ def config_of(state: dict) -> Config:
     """The run configuration stored inside a checkpoint."""
     if "config" not in state:
         raise ConfigError("checkpoint holds no 'config'; it was not written by conmim pretrain")
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(state["config"]))
+    merged = OmegaConf.merge(OmegaConf.structured(Config), without_retired(state["config"]))
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
