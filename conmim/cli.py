@@ -261,11 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser(
         "study",
-        help="run (or continue) the small-scale study and write its report",
-        description="ConMIM vs. scratch, pixel MIM and ablations, as fixed by a study YAML. "
-        "Running it again skips finished stages and resumes unfinished ones.",
+        help="run (or continue) a study on Fashion-MNIST and write its report",
+        description="ConMIM vs. scratch, pixel MIM and ablations, as fixed by a study YAML: study_labels (pre-train "
+        "without labels, then fine-tune and probe on 1 %, 10 % and 100 % of the labels) or study_cpu (a subset, "
+        "with the ablations). Running it again skips finished stages and resumes unfinished ones.",
     )
-    p.add_argument("--config", default="study_cpu", help="study YAML file or packaged preset (default: study_cpu)")
+    p.add_argument(
+        "--config", default="study_labels", help="study YAML file or packaged preset (default: study_labels)"
+    )
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished stages")
     p.set_defaults(func=cmd_study)
     p = sub.add_parser(
