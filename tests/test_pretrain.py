@@ -140,13 +140,16 @@ def test_pretrain_on_natural_images_at_224(tmp_path, natural_images):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_overrides):
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_overrides, accum_steps):
+    """Also with gradient accumulation: a resumed run continues at the right micro-batch."""
     base = tiny_overrides + [
         "data.source=synthetic",
         "data.synthetic_size=64",
         "train.epochs=2",
         "model.drop_path=0.1",
         "train.checkpoint_every=3",
+        f"train.accum_steps={accum_steps}",
     ]
     full = pretrain(load_config(None, base + ["train.max_steps=7", f"output_dir={tmp_path / 'full'}"]))
     pretrain(load_config(None, base + ["train.max_steps=3", f"output_dir={tmp_path / 'split'}"]))
