@@ -273,3 +273,24 @@ def test_probe_head_init_fits_the_head_on_what_the_classifier_feeds_it(exported,
     assert train_top1 > 45.0 and after > 40.0 and after > before + 20.0, (before, train_top1, after)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in blocks.items())  # only the head moved
     assert model.training  # handed back ready for fine-tuning
+
+
+def test_probe_head_init_on_repeated_images_extracts_once_and_keeps_the_step_count(exported, fm, monkeypatch):
+    """A study's fine-tuning epoch holds ``repeats`` copies of the labelled images: the head fit reads each
+    image once and trains ``repeats`` times as many epochs (and warm-up), the same steps as on the copies."""
+    from conmim.eval import finetune as ft
+    from conmim.export.encoders import load_pretrained
+
+    seen = {}
+
+    def spy(head, batches, steps_per_epoch, p, device, seed=0, log=None):
+        features = batches.args[0]  # cached_batches: partial(_cached_batches, x, y, batch_size)
+        seen.update(rows=len(features), steps_per_epoch=steps_per_epoch, epochs=p.epochs, warmup=p.warmup_epochs)
+        return 0.0
+
+    monkeypatch.setattr(ft, "train_head", spy)
+    train, _test = fm
+    cfg = _cfg(finetune__probe_head_epochs=4, linprobe__batch_size=64, linprobe__warmup_epochs=0.5)
+    model, _ = build_classifier(*load_pretrained(exported), 10, drop_path=0.0)
+    ft.probe_head_init(model, train, cfg, torch.device("cpu"), None, repeats=3)
+    assert seen == {"rows": len(train), "steps_per_epoch": -(-len(train) // 64), "epochs": 12, "warmup": 1.5}

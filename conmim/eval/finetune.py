@@ -79,17 +79,21 @@ def _head_inputs(model: nn.Module, dataset, batch_size: int, device: torch.devic
     return torch.cat(feats), torch.cat(labels)
 
 
-def probe_head_init(model: nn.Module, train_source, cfg: Config, device: torch.device, amp_dtype) -> float:
+def probe_head_init(
+    model: nn.Module, train_source, cfg: Config, device: torch.device, amp_dtype, repeats: int = 1
+) -> float:
     """Linear probe, then fine-tune: fit the new head on the frozen classifier's own head inputs, so the
     first fine-tuning steps get gradients from a head that already classifies instead of the near-zero
     random one (with AdamW, whose steps have the lr's size whatever the gradient's, those first steps
-    otherwise move the pre-trained blocks in directions set by a random head). Returns the fitted
-    head's training top-1 (%)."""
-    f, p = (
-        cfg.finetune,
-        dataclasses.replace(
-            cfg.linprobe, epochs=cfg.finetune.probe_head_epochs, warmup_epochs=min(cfg.linprobe.warmup_epochs, 1.0)
-        ),
+    otherwise move the pre-trained blocks in directions set by a random head). ``repeats``: how many
+    copies of ``train_source`` one fine-tuning epoch holds; the head then trains ``repeats`` times as
+    many epochs on features extracted once, which is the same number of steps as on the copies.
+    Returns the fitted head's training top-1 (%)."""
+    f = cfg.finetune
+    p = dataclasses.replace(
+        cfg.linprobe,
+        epochs=f.probe_head_epochs * repeats,
+        warmup_epochs=min(cfg.linprobe.warmup_epochs, 1.0) * repeats,
     )
     size = img_size_of(model)
     data = LabeledDataset(train_source, EvalTransform(size, cfg.data.mean, cfg.data.std, f.crop_pct))
@@ -243,6 +247,7 @@ def finetune(
     test_source,
     cfg: Config | None = None,
     out_dir: str | Path | None = None,
+    head_source: tuple[Any, int] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a pre-trained encoder on ``train_source``; evaluate on ``test_source`` every epoch.
 
@@ -251,6 +256,8 @@ def finetune(
     ``cfg.finetune`` (recipe), ``cfg.data`` (mean, std, workers), ``cfg.train`` (seed, precision)
     and ``cfg.device``; ``out_dir`` defaults to ``<output_dir>/finetune``. Returns the last epoch's
     top1/top5, best_top1/best_top5/best_epoch, the per-epoch history and sizes.
+    ``head_source``: (images, repeats) when ``train_source`` is ``repeats`` copies of ``images``; the
+    ``finetune.probe_head_epochs`` head fit then extracts their features once (see :func:`probe_head_init`).
     """
     cfg = cfg or Config()
     f, start = cfg.finetune, time.perf_counter()
@@ -310,7 +317,8 @@ def finetune(
     epoch, best, history = 0, {"top1": -1.0, "top5": None, "epoch": 0}, []
     last = out / "checkpoints" / "last.pt"
     if f.probe_head_epochs and not last.is_file():
-        top1 = probe_head_init(model, train_source, cfg, device, amp_dtype)
+        head_images, repeats = head_source or (train_source, 1)
+        top1 = probe_head_init(model, head_images, cfg, device, amp_dtype, repeats)
         log.info("head fitted on frozen features for %d epochs: training top-1 %.2f%%", f.probe_head_epochs, top1)
     if last.is_file():
         state = ckpt.safe_load(last)

@@ -469,7 +469,14 @@ def run_fractions(
             tiles = passes // study.finetune_evals
 
             def tune(fcfg=fcfg, indices=indices, tiles=tiles, passes=passes, tag=tag) -> dict[str, Any]:
-                result = finetune(encoder, tile(train, indices, tiles), test, fcfg, run_dir / f"finetune_{tag}")
+                result = finetune(
+                    encoder,
+                    tile(train, indices, tiles),
+                    test,
+                    fcfg,
+                    run_dir / f"finetune_{tag}",
+                    head_source=(tile(train, indices, 1), tiles),
+                )
                 (run_dir / f"finetune_{tag}" / "checkpoints" / "last.pt").unlink(missing_ok=True)  # finished
                 steps = fcfg.finetune.epochs * (len(indices) * tiles // fcfg.finetune.batch_size)
                 return {
