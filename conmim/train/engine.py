@@ -149,112 +149,200 @@ def build_loader(
     return loader, sampler, dataset
 
 
-def _apply_checkpoint(
-    state: dict,
-    path: Path,
-    model: ConMIM,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-    rank: int,
-) -> tuple[int, torch.Tensor | None]:
-    """Load a checkpoint into the run; returns its step and this rank's partly filled metrics window."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    ranks = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older files: rank 0's only
-    if rank < len(ranks):
-        set_rng_state(ranks[rank], device)
-    else:
-        log.warning(
-            "%s was written by %d process(es); rank %d keeps its fresh RNG seed, so this run will not "
-            "match an uninterrupted one exactly",
-            path,
-            len(ranks),
-            rank,
+@dataclass
+class Run:
+    """What one pre-training run holds between steps: the model, its optimizer state and where it runs.
+
+    ``student`` is what the loss calls: the model's student, wrapped for DDP and ``torch.compile`` when
+    configured; ``model.student`` stays the bare module whose parameters the optimizer steps.
+    """
+
+    cfg: Config
+    out: Path
+    device: torch.device
+    dist: distributed.DistInfo
+    model: ConMIM | PixelMIM
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    guard: StepGuard
+    amp_dtype: torch.dtype | None
+    student: torch.nn.Module | None = None
+
+    def load(self, state: dict, path: Path) -> tuple[int, torch.Tensor | None]:
+        """Load a checkpoint; returns its step and this rank's partly filled metrics window."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        rank = self.dist.rank
+        ranks = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older files: rank 0's only
+        if rank < len(ranks):
+            set_rng_state(ranks[rank], self.device)
+        else:
+            log.warning(
+                "%s was written by %d process(es); rank %d keeps its fresh RNG seed, so this run will not "
+                "match an uninterrupted one exactly",
+                path,
+                len(ranks),
+                rank,
+            )
+        meters = state.get("meter") or []
+        return int(state["step"]), meters[rank].to(self.device) if rank < len(meters) else None
+
+    def save(self, step: int, sums: torch.Tensor) -> None:
+        """Checkpoint ``step`` (rank 0 writes; every rank contributes its RNG states and metrics window)."""
+        rank_states = distributed.gather_to_main({"rng": rng_state(self.device), "meter": sums.cpu()})
+        if self.dist.is_main:
+            assert rank_states is not None
+            state = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "step": step,
+                "rng": [r["rng"] for r in rank_states],
+                "meter": [r["meter"] for r in rank_states],
+                "guard": self.guard.state_dict(),
+                "config": to_yaml(self.cfg),
+            }
+            ckpt.save_checkpoint(state, self.out / "checkpoints", step, self.cfg.train.keep_checkpoints)
+
+    def recover(self, step: int) -> tuple[int, torch.Tensor | None] | None:
+        """After ``max_bad_steps`` consecutive non-finite steps: restore the newest checkpoint from before
+        them with a lower lr (``nan_policy=restore``), or stop. Returns (step, metrics window) after a
+        restore, None while the run is healthy. Reads one scalar from the device."""
+        t, guard = self.cfg.train, self.guard
+        bad = int(guard.bad_run)
+        if bad < t.max_bad_steps:
+            return None
+        last_good = step - bad
+        found = ckpt.load_latest(self.out / "checkpoints", "cpu", max_step=last_good)
+        where = f"the last checkpoint from before them is {found[1]}" if found else "no checkpoint predates them"
+        what = (
+            f"loss or gradients were NaN/Inf in {bad} consecutive steps ({last_good + 1}-{step}; "
+            f"train.max_bad_steps={t.max_bad_steps})"
         )
-    meters = state.get("meter") or []
-    return int(state["step"]), meters[rank].to(device) if rank < len(meters) else None
+        if t.nan_policy == "stop" or found is None or guard.restores >= t.nan_max_restores:
+            tried = f", after {guard.restores} restore(s) with a lower lr" if guard.restores else ""
+            raise NonFiniteError(
+                f"stopping: {what}{tried}; {where}. Lower train.base_lr, raise train.warmup_epochs, "
+                f"use train.precision=bf16 or fp32, or check the data (train.nan_policy={t.nan_policy}, "
+                f"train.nan_max_restores={t.nan_max_restores})"
+            )
+        state, path = found
+        restored, meter = self.load(state, path)
+        guard.lr_scale *= t.nan_lr_factor
+        guard.restores += 1
+        guard.bad_run.zero_()
+        if self.dist.is_main:
+            log.warning(
+                "%s: restored %s (step %d), lr x %.3g from now on (restore %d of at most %d)",
+                what,
+                path,
+                restored,
+                guard.lr_scale,
+                guard.restores,
+                t.nan_max_restores,
+            )
+        return restored, meter
 
 
-def _save(
-    cfg: Config,
-    out: Path,
-    step: int,
-    model: ConMIM,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    guard: StepGuard,
-    sums: torch.Tensor,
-    device: torch.device,
-    dist: distributed.DistInfo,
-) -> None:
-    """Checkpoint ``step`` (rank 0 writes; every rank contributes its RNG states and metrics window)."""
-    rank_states = distributed.gather_to_main({"rng": rng_state(device), "meter": sums.cpu()})
-    if dist.is_main:
-        assert rank_states is not None
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "step": step,
-            "rng": [r["rng"] for r in rank_states],
-            "meter": [r["meter"] for r in rank_states],
-            "guard": guard.state_dict(),
-            "config": to_yaml(cfg),
-        }
-        ckpt.save_checkpoint(state, out / "checkpoints", step, cfg.train.keep_checkpoints)
-
-
-def _recover(
-    cfg: Config,
-    out: Path,
-    step: int,
-    guard: StepGuard,
-    model: ConMIM,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-    dist: distributed.DistInfo,
-) -> tuple[int, torch.Tensor | None] | None:
-    """After ``max_bad_steps`` consecutive non-finite steps: restore the newest checkpoint from before them
-    with a lower lr (``nan_policy=restore``), or stop. Returns (step, metrics window) after a restore,
-    None while the run is healthy. Reads one scalar from the device."""
+def build(cfg: Config, out: Path, device: torch.device, dist: distributed.DistInfo) -> Run:
+    """The model (identical on every rank), its AdamW, the fp16 scaler and the non-finite-step guard."""
     t = cfg.train
-    bad = int(guard.bad_run)
-    if bad < t.max_bad_steps:
-        return None
-    last_good = step - bad
-    found = ckpt.load_latest(out / "checkpoints", "cpu", max_step=last_good)
-    where = f"the last checkpoint from before them is {found[1]}" if found else "no checkpoint predates them"
-    what = (
-        f"loss or gradients were NaN/Inf in {bad} consecutive steps ({last_good + 1}-{step}; "
-        f"train.max_bad_steps={t.max_bad_steps})"
-    )
-    if t.nan_policy == "stop" or found is None or guard.restores >= t.nan_max_restores:
-        tried = f", after {guard.restores} restore(s) with a lower lr" if guard.restores else ""
-        raise NonFiniteError(
-            f"stopping: {what}{tried}; {where}. Lower train.base_lr, raise train.warmup_epochs, "
-            f"use train.precision=bf16 or fp32, or check the data (train.nan_policy={t.nan_policy}, "
-            f"train.nan_max_restores={t.nan_max_restores})"
-        )
+    model = (PixelMIM if cfg.model.objective == "pixel" else ConMIM).from_config(cfg.model).to(device)
+    distributed.broadcast_from_main(model)  # ranks seed differently and DDP only syncs the student, not the teacher
+    optimizer = build_adamw(
+        model.student, t.base_lr, t.weight_decay, tuple(t.betas), t.decay_mask_token, t.decay_rel_pos, fused=True
+    )  # fused: skips a non-finite step on the device
+    amp_dtype = resolve_precision(t.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    guard = StepGuard(model, optimizer, scaler, t.max_bad_steps, t.log_every)
+    return Run(cfg, out, device, dist, model, optimizer, scaler, guard, amp_dtype)
+
+
+def restore(run: Run) -> tuple[int, torch.Tensor | None]:
+    """Resume from ``resume=FILE`` or the newest readable checkpoint of the output folder, if any:
+    returns (step, metrics window), (0, None) for a fresh run."""
+    cfg = run.cfg
+    if cfg.resume:
+        found = (ckpt.safe_load(cfg.resume, "cpu"), Path(cfg.resume))
+    else:
+        found = ckpt.load_latest(run.out / "checkpoints", "cpu") if (run.out / "checkpoints").is_dir() else None
+    if not found:
+        return 0, None
     state, path = found
-    restored, meter = _apply_checkpoint(state, path, model, optimizer, scaler, device, dist.rank)
-    guard.lr_scale *= t.nan_lr_factor
-    guard.restores += 1
-    guard.bad_run.zero_()
-    if dist.is_main:
-        log.warning(
-            "%s: restored %s (step %d), lr x %.3g from now on (restore %d of at most %d)",
-            what,
-            path,
-            restored,
-            guard.lr_scale,
-            guard.restores,
-            t.nan_max_restores,
-        )
-    return restored, meter
+    step, meter = run.load(state, path)
+    if state.get("guard"):
+        run.guard.load_state_dict(state["guard"])
+    if run.dist.is_main:
+        log.info("resumed from %s at step %d", path, step)
+    return step, meter
+
+
+def wrap_student(run: Run) -> None:
+    """DDP (gradients averaged across ranks) and ``torch.compile`` around the student, as configured."""
+    student = run.model.student
+    if run.dist.enabled:
+        student = DistributedDataParallel(student, broadcast_buffers=False)
+    if run.cfg.train.compile:
+        student = compile_step(run.model, student)
+    run.student = student
+
+
+@dataclass
+class StepResult:
+    """One optimizer step's means (loss, retrieval accuracy, grad norm, mask ratio) and schedule values."""
+
+    sums: torch.Tensor  # (4,) on the device, not read back
+    ok: torch.Tensor  # bool on the device: False when the guard skipped a non-finite step
+    lr: float
+    weight_decay: float
+    momentum: float
+
+
+def train_step(run: Run, batches, step: int, plan: Plan, params: list[torch.nn.Parameter]) -> StepResult:
+    """One optimizer step: schedules, ``accum_steps`` forward/backward passes, clip, AdamW, EMA teacher."""
+    t, guard, device = run.cfg.train, run.guard, run.device
+    lr = warmup_cosine(step, plan.total_steps, plan.lr, t.min_lr, plan.warmup_steps) * guard.lr_scale
+    wd = warmup_cosine(step, plan.total_steps, t.weight_decay, t.weight_decay_end)
+    for group in run.optimizer.param_groups:
+        group["lr"], group["weight_decay"] = lr, wd * group["wd_scale"]
+    guard.begin()
+    sums = torch.zeros(4, device=device)
+    for micro in range(t.accum_steps):
+        weak, strong, mask = next(batches)
+        if step + 1 in INJECT_NAN_STEPS and not guard.restores:  # test hook, cured by a restore
+            weak, strong = weak * math.nan, strong * math.nan
+        last = micro == t.accum_steps - 1
+        sync = contextlib.nullcontext() if last or not run.dist.enabled else run.student.no_sync()
+        with sync:
+            loss, accuracy = forward_backward(
+                run.model, run.student, weak, strong, mask, run.amp_dtype, run.scaler, t.accum_steps
+            )
+        sums += torch.stack([loss, accuracy, torch.zeros((), device=device), mask.float().mean()]) / t.accum_steps
+    momentum = teacher_momentum(step, plan.total_steps, t.momentum, t.momentum_end)
+    grad_norm, ok = optimizer_step(run.model, run.optimizer, run.scaler, params, t.clip_grad, momentum, guard=guard)
+    sums[2] += grad_norm.float()
+    return StepResult(sums, ok, lr, wd, momentum)
+
+
+def metrics_record(step: int, plan: Plan, sums: torch.Tensor, result: StepResult, guard: StepGuard) -> dict:
+    """The metrics record of the interval that ends at ``step``: means over its finite steps, all ranks."""
+    totals = distributed.all_mean(sums).tolist()
+    means = [v / totals[4] if totals[4] else None for v in totals[:4]]
+    return {
+        "step": step,
+        "epoch": round(step / plan.steps_per_epoch, 4),
+        "loss": means[0],
+        "retrieval_acc": means[1],
+        "grad_norm": means[2],
+        "mask_ratio": means[3],
+        "lr": result.lr,
+        "weight_decay": result.weight_decay,
+        "momentum": result.momentum,
+        "skipped_steps": int(guard.skipped),
+        "nan_restores": guard.restores,
+    }
 
 
 def _report_skipped(out: Path) -> None:
@@ -280,43 +368,17 @@ def pretrain(cfg: Config, make_monitor: Callable[[Config], Monitor | None] | Non
     dist = distributed.setup(device.type, cfg.train.dist_timeout_s)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
-    out = Path(cfg.output_dir)
+    out, t = Path(cfg.output_dir), cfg.train
     source = preflight(cfg, dist, device)
     if dist.is_main:
         (out / "config.yaml").write_text(to_yaml(cfg))
-    seed_process(cfg.train.seed, dist.rank)
-    t = cfg.train
+    seed_process(t.seed, dist.rank)
 
-    model = (PixelMIM if cfg.model.objective == "pixel" else ConMIM).from_config(cfg.model).to(device)
-    distributed.broadcast_from_main(model)  # ranks seed differently and DDP only syncs the student, not the teacher
-    optimizer = build_adamw(
-        model.student, t.base_lr, t.weight_decay, tuple(t.betas), t.decay_mask_token, t.decay_rel_pos, fused=True
-    )  # fused: skips a non-finite step on the device
-    amp_dtype = resolve_precision(t.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    guard = StepGuard(model, optimizer, scaler, t.max_bad_steps, t.log_every)
-
-    step, meter = 0, None
-    resumed = None
-    if cfg.resume:
-        resumed = (ckpt.safe_load(cfg.resume, "cpu"), Path(cfg.resume))
-    elif (out / "checkpoints").is_dir():
-        resumed = ckpt.load_latest(out / "checkpoints", "cpu")
-    if resumed:
-        state, path = resumed
-        step, meter = _apply_checkpoint(state, path, model, optimizer, scaler, device, dist.rank)
-        if state.get("guard"):
-            guard.load_state_dict(state["guard"])
-        if dist.is_main:
-            log.info("resumed from %s at step %d", path, step)
-
+    run = build(cfg, out, device, dist)
+    step, meter = restore(run)
     loader, sampler, dataset = build_loader(cfg, dist, step * t.accum_steps, source, out / "skipped_files.txt")
     plan = make_plan(cfg, sampler.steps_per_epoch, dist.world_size)
-    student = model.student
-    if dist.enabled:
-        student = DistributedDataParallel(model.student, broadcast_buffers=False)
-    if t.compile:
-        student = compile_step(model, student)
+    wrap_student(run)
     writer = MetricsWriter(out, step) if dist.is_main else None
     monitor = make_monitor(cfg) if make_monitor and cfg.eval.monitor_every and dist.is_main else None
     if dist.is_main:
@@ -330,41 +392,21 @@ def pretrain(cfg: Config, make_monitor: Callable[[Config], Monitor | None] | Non
             plan.lr,
         )
 
-    model.train()
+    run.model.train()
     views = device_views(cfg, device, dataset)
     batches = device_batches(loader, views, device)
     sums = meter if meter is not None else torch.zeros(5, device=device)  # loss, acc, grad norm, mask, finite steps
     images_since, t0 = 0, time.perf_counter()
     bar = tqdm(total=plan.run_steps, initial=step, disable=not dist.is_main, desc="pretrain", dynamic_ncols=True)
-    params = [p for p in model.student.parameters() if p.requires_grad]
+    params = [p for p in run.model.student.parameters() if p.requires_grad]
     while step < plan.run_steps:
-        lr = warmup_cosine(step, plan.total_steps, plan.lr, t.min_lr, plan.warmup_steps) * guard.lr_scale
-        wd = warmup_cosine(step, plan.total_steps, t.weight_decay, t.weight_decay_end)
-        for group in optimizer.param_groups:
-            group["lr"], group["weight_decay"] = lr, wd * group["wd_scale"]
-        guard.begin()
-        step_sums = torch.zeros(4, device=device)
-        for micro in range(t.accum_steps):
-            weak, strong, mask = next(batches)
-            if step + 1 in INJECT_NAN_STEPS and not guard.restores:  # test hook, cured by a restore
-                weak, strong = weak * math.nan, strong * math.nan
-            sync = contextlib.nullcontext() if (micro == t.accum_steps - 1 or not dist.enabled) else student.no_sync()
-            with sync:
-                loss, accuracy = forward_backward(model, student, weak, strong, mask, amp_dtype, scaler, t.accum_steps)
-            step_sums += (
-                torch.stack([loss, accuracy, torch.zeros((), device=device), mask.float().mean()]) / t.accum_steps
-            )
-        momentum = teacher_momentum(step, plan.total_steps, t.momentum, t.momentum_end)
-        grad_norm, ok = optimizer_step(model, optimizer, scaler, params, t.clip_grad, momentum, guard=guard)
-        step_sums[2] += grad_norm.float()
-        sums[:4] += torch.where(ok, step_sums, 0.0)  # a skipped step's NaN stays out of the means
-        sums[4] += ok
+        result = train_step(run, batches, step, plan, params)
+        sums[:4] += torch.where(result.ok, result.sums, 0.0)  # a skipped step's NaN stays out of the means
+        sums[4] += result.ok
         step += 1
         images_since += plan.total_batch
         bar.update(1)
-        if guard.due(step, plan.run_steps) and (
-            back := _recover(cfg, out, step, guard, model, optimizer, scaler, device, dist)
-        ):
+        if run.guard.due(step, plan.run_steps) and (back := run.recover(step)):
             step, meter = back
             sums = meter if meter is not None else torch.zeros_like(sums)
             sampler.start_step = step * t.accum_steps
@@ -378,30 +420,14 @@ def pretrain(cfg: Config, make_monitor: Callable[[Config], Monitor | None] | Non
         knn: dict[str, float] = {}  # the online k-NN, in the step's record when it has one
         if monitor and (step % cfg.eval.monitor_every == 0 or step == plan.run_steps):
             t_monitor = time.perf_counter()
-            knn = monitor(model.teacher.encoder, device, amp_dtype)
+            knn = monitor(run.model.teacher.encoder, device, run.amp_dtype)
             t0 += time.perf_counter() - t_monitor  # keep img_per_s a training throughput
         if step % t.log_every == 0 or step == plan.run_steps:
-            totals = distributed.all_mean(sums).tolist()
-            means = [v / totals[4] if totals[4] else None for v in totals[:4]]
-            elapsed = time.perf_counter() - t0
-            record = {
-                "step": step,
-                "epoch": round(step / plan.steps_per_epoch, 4),
-                "loss": means[0],
-                "retrieval_acc": means[1],
-                "grad_norm": means[2],
-                "mask_ratio": means[3],
-                "lr": lr,
-                "weight_decay": wd,
-                "momentum": momentum,
-                "img_per_s": images_since / elapsed,
-                "skipped_steps": int(guard.skipped),
-                "nan_restores": guard.restores,
-                **knn,
-            }
+            record = metrics_record(step, plan, sums, result, run.guard)
+            record.update(img_per_s=images_since / (time.perf_counter() - t0), **knn)
             if writer:
                 writer.write(record)
-            shown = [math.nan if v is None else v for v in means]
+            shown = [math.nan if record[k] is None else record[k] for k in ("loss", "retrieval_acc")]
             bar.set_postfix(loss=f"{shown[0]:.3f}", acc=f"{shown[1]:.2f}", img_s=f"{record['img_per_s']:.0f}")
             if step % t.log_every == 0:  # a run's last record may cover a partial interval: keep it open
                 sums.zero_()
@@ -409,12 +435,12 @@ def pretrain(cfg: Config, make_monitor: Callable[[Config], Monitor | None] | Non
         elif knn and writer:
             writer.write({"step": step, **knn})
         if step % t.checkpoint_every == 0 or step == plan.run_steps:
-            _save(cfg, out, step, model, optimizer, scaler, guard, sums, device, dist)
+            run.save(step, sums)
     bar.close()
     if writer:
         writer.close()
     if dist.is_main:
         _report_skipped(out)
-    summary = {"steps": step, "output_dir": str(out), "model": model, "is_main": dist.is_main}
+    summary = {"steps": step, "output_dir": str(out), "model": run.model, "is_main": dist.is_main}
     distributed.teardown()
     return summary
