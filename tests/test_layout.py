@@ -81,3 +81,25 @@ def test_method_references_name_existing_sections():
                 if number not in sections:
                     wrong.append(f"{path.relative_to(root)}: §{number}")
     assert sections and not wrong, wrong
+
+
+def test_model_fields_are_spelled_once_in_the_configuration():
+    """Every model field reaches ConMIM's constructor by name, and the export spec and the models agree."""
+    import dataclasses
+    import inspect
+
+    from conmim.config import Config, ModelConfig
+    from conmim.export.encoders import spec_of
+    from conmim.models import pretraining_model
+    from conmim.models.conmim import ConMIM, kwargs_from
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"objective"}
+    assert fields == set(inspect.signature(ConMIM).parameters)
+    cfg = Config()
+    cfg.model = ModelConfig(arch="vit_tiny", depth=2, img_size=32, patch_size=8, drop_path=0.2, pos_embed="sincos")
+    assert kwargs_from(ConMIM, cfg.model)["drop_path"] == 0.2
+    for objective in ("conmim", "pixel"):
+        cfg.model.objective = objective
+        model = pretraining_model(cfg.model)
+        assert model.spec == spec_of(cfg) and spec_of(cfg)["kwargs"]["drop_path_rate"] == 0.0
+        assert spec_of(cfg)["kwargs"]["use_abs_pos_emb"] and spec_of(cfg)["kwargs"]["depth"] == 2

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import Config, ConfigError, without_retired
-from ..models.conmim import timm_spec
+from ..models.conmim import encoder_spec
 from ..runtime import checkpoint as ckpt
 
 
@@ -40,17 +40,8 @@ def config_of(state: dict) -> Config:
 
 
 def spec_of(cfg: Config) -> dict[str, Any]:
-    m = cfg.model
-    return timm_spec(
-        m.arch,
-        m.img_size,
-        m.patch_size,
-        encoder=m.encoder,
-        in_chans=m.in_chans,
-        depth=m.depth,
-        init_values=m.init_values,
-        pos_embed=m.pos_embed,
-    )
+    """The timm spec of a run's exported encoder."""
+    return encoder_spec(cfg.model)
 
 
 def encoder_state(state: dict, which: str = "teacher") -> dict[str, torch.Tensor]:

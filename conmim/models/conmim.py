@@ -7,7 +7,9 @@ into ``timm.create_model(**ConMIM.timm_spec())`` with ``strict=True``.
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 from typing import Any
 
 import timm
@@ -27,6 +29,20 @@ ARCH_DIMS: dict[str, tuple[int, int, int]] = {
     "vit_base": (768, 12, 12),
     "vit_large": (1024, 24, 16),
 }
+
+
+def kwargs_from(fn: Callable, cfg: Any) -> dict[str, Any]:
+    """The fields of ``cfg`` (a :class:`conmim.config.ModelConfig`) that ``fn`` takes as keyword arguments.
+
+    Model classes and :func:`timm_spec` name their arguments as the configuration names its fields, so
+    a field is spelled once, in the configuration, and every builder reads it from there.
+    """
+    return {name: getattr(cfg, name) for name in inspect.signature(fn).parameters if hasattr(cfg, name)}
+
+
+def encoder_spec(cfg: Any) -> dict[str, Any]:
+    """The timm spec of the encoder a ``ModelConfig`` describes, as exports carry it (no drop path)."""
+    return timm_spec(**{**kwargs_from(timm_spec, cfg), "drop_path": 0.0})
 
 
 def timm_spec(
@@ -372,25 +388,7 @@ class ConMIM(nn.Module):
     @classmethod
     def from_config(cls, m: Any) -> ConMIM:
         """Build from a :class:`conmim.config.ModelConfig`."""
-        return cls(
-            arch=m.arch,
-            img_size=m.img_size,
-            patch_size=m.patch_size,
-            encoder=m.encoder,
-            in_chans=m.in_chans,
-            depth=m.depth,
-            init_values=m.init_values,
-            drop_path=m.drop_path,
-            teacher_drop_path=m.teacher_drop_path,
-            proj_hidden_dim=m.proj_hidden_dim,
-            proj_out_dim=m.proj_out_dim,
-            temperature=m.temperature,
-            sync_bn=m.sync_bn,
-            teacher_bn_eval=m.teacher_bn_eval,
-            trunc_normal_1std=m.trunc_normal_1std,
-            pos_embed=m.pos_embed,
-            rel_pos_init=m.rel_pos_init,
-        )
+        return cls(**kwargs_from(cls, m))
 
     @property
     def num_patches(self) -> int:

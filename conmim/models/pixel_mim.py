@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conmim import Branch, init_student, timm_spec
+from .conmim import Branch, init_student, kwargs_from, timm_spec
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -102,19 +102,7 @@ class PixelMIM(nn.Module):
     @classmethod
     def from_config(cls, m: Any) -> PixelMIM:
         """Build from a :class:`conmim.config.ModelConfig` (projector and temperature fields are unused)."""
-        return cls(
-            arch=m.arch,
-            img_size=m.img_size,
-            patch_size=m.patch_size,
-            encoder=m.encoder,
-            in_chans=m.in_chans,
-            depth=m.depth,
-            init_values=m.init_values,
-            drop_path=m.drop_path,
-            trunc_normal_1std=m.trunc_normal_1std,
-            pos_embed=m.pos_embed,
-            rel_pos_init=m.rel_pos_init,
-        )
+        return cls(**kwargs_from(cls, m))
 
     def forward_with_stats(
         self, weak: torch.Tensor, strong: torch.Tensor, mask: torch.Tensor, student: nn.Module | None = None

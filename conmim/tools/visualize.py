@@ -149,15 +149,14 @@ def _correctness(cells: torch.Tensor, size: tuple[int, int]) -> Image.Image:
 def load_for_visualization(source: str | Path, which: str = "teacher") -> tuple[nn.Module, Any, Config]:
     """(encoder, pre-training model or None, config) from a run folder, checkpoint or exported file."""
     from ..export.encoders import config_of, load_encoder, load_run_checkpoint
-    from ..models.conmim import ConMIM
-    from ..models.pixel_mim import PixelMIM
+    from ..models import pretraining_model
 
     source = Path(source)
     if source.suffix == ".safetensors":
         return load_encoder(source).eval(), None, Config()
     state, _path = load_run_checkpoint(source)
     cfg = config_of(state)
-    model = (PixelMIM if cfg.model.objective == "pixel" else ConMIM).from_config(cfg.model)
+    model = pretraining_model(cfg.model)
     model.load_state_dict(state["model"])
     model.eval()
     encoder = getattr(model, which).encoder

@@ -35,6 +35,7 @@ from ..data.masking import MaskGenerator
 from ..data.pretrain import EpochSampler, PretrainDataset, read_skipped
 from ..data.sources import build_source
 from ..data.views import PairedViews
+from ..models import pretraining_model
 from ..models.conmim import ConMIM
 from ..models.pixel_mim import PixelMIM
 from ..runtime import checkpoint as ckpt
@@ -249,7 +250,7 @@ class Run:
 def build(cfg: Config, out: Path, device: torch.device, dist: distributed.DistInfo) -> Run:
     """The model (identical on every rank), its AdamW, the fp16 scaler and the non-finite-step guard."""
     t = cfg.train
-    model = (PixelMIM if cfg.model.objective == "pixel" else ConMIM).from_config(cfg.model).to(device)
+    model = pretraining_model(cfg.model).to(device)
     distributed.broadcast_from_main(model)  # ranks seed differently and DDP only syncs the student, not the teacher
     optimizer = build_adamw(
         model.student, t.base_lr, t.weight_decay, tuple(t.betas), t.decay_mask_token, t.decay_rel_pos, fused=True
