@@ -98,6 +98,7 @@ class TrainConfig:
     weight_decay_end: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     clip_grad: float = 3.0  # 0: no clipping (the norm is still logged)
+    grad_checkpointing: bool = False  # recompute the student's block activations in backward: less memory, slower
     momentum: float = 0.996  # teacher EMA, cosine to momentum_end
     momentum_end: float = 1.0
     accum_steps: int = 1

@@ -8,7 +8,6 @@ into ``timm.create_model(**ConMIM.timm_spec())`` with ``strict=True``.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import build_sincos2d_pos_embed
+from timm.models import checkpoint
 from torch import nn
 
 # pos_embed choices that give a BEiT encoder timm's absolute position embedding (the others have none)
@@ -112,14 +112,6 @@ def _official_init(module: nn.Module, trunc_1std: bool) -> None:
             trunc(p.data)
 
 
-def _rescale_blocks(encoder: nn.Module) -> None:
-    """Divide each block's output projections by sqrt(2 * layer) (BEiT's fix_init_weight)."""
-    with torch.no_grad():
-        for layer, blk in enumerate(encoder.blocks, start=1):
-            blk.attn.proj.weight.div_(math.sqrt(2.0 * layer))
-            blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
-
-
 def locality_slopes(num_heads: int) -> torch.Tensor:
     """Per-head distance penalties of the locality prior: 1 for the first head, halving per head
     down to 1/16 for the last, so some heads look at direct neighbours and others further out."""
@@ -171,7 +163,7 @@ def init_student(branch: nn.Module, trunc_1std: bool, pos_embed: str = "none", r
     _official_init(branch.encoder, trunc_1std)
     bound = 0.02 if trunc_1std else 2.0
     nn.init.trunc_normal_(branch.mask_token, std=0.02, a=-bound, b=bound)
-    _rescale_blocks(branch.encoder)
+    branch.encoder.fix_init_weight()  # each block's output projections / sqrt(2 * layer), timm's BEiT rule
     if branch.is_beit:
         init_position(branch.encoder, pos_embed, rel_pos_init)
 
@@ -275,26 +267,34 @@ class Branch(nn.Module):
     def grid_size(self) -> tuple[int, int]:
         return tuple(self.encoder.patch_embed.grid_size)  # type: ignore[return-value]
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (timm's switch,
+        honoured by :meth:`features`): less memory for more compute (docs/benchmarks.md)."""
+        self.encoder.set_grad_checkpointing(enable)
+
     def features(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """All tokens after the final norm, (B, 1 + N, D); masked patches become the mask token."""
+        """All tokens after the final norm, (B, 1 + N, D); masked patches become the mask token.
+
+        timm's own forward has no place for the mask token, hence this loop over its parts."""
         enc = self.encoder
+        recompute = enc.grad_checkpointing and torch.is_grad_enabled()
         x = enc.patch_embed(images)
         if mask is not None:
             w = mask.unsqueeze(-1).to(x.dtype)
             token = self.mask_token if self.mask_pos is None else self.mask_token + self.mask_pos
             x = x * (1 - w) + token.to(x.dtype) * w
+        # [CLS], absolute positions (timm's ViT, or BEiT with pos_embed=sincos*) and position dropout,
+        # as both timm classes do in their forward (class token first, no register tokens).
+        x = torch.cat((enc.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        if enc.pos_embed is not None:
+            x = x + enc.pos_embed
+        x = enc.pos_drop(x)
         if self.is_beit:
-            x = torch.cat((enc.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-            if enc.pos_embed is not None:
-                x = x + enc.pos_embed
-            x = enc.pos_drop(x)
-            bias = enc.rel_pos_bias() if enc.rel_pos_bias is not None else None
-            for blk in enc.blocks:
-                x = blk(x, shared_rel_pos_bias=bias)
+            kwargs = {"shared_rel_pos_bias": enc.rel_pos_bias() if enc.rel_pos_bias is not None else None}
         else:
-            x = enc.norm_pre(enc.patch_drop(enc._pos_embed(x)))
-            for blk in enc.blocks:
-                x = blk(x)
+            x, kwargs = enc.norm_pre(enc.patch_drop(x)), {}
+        for blk in enc.blocks:
+            x = checkpoint(blk, x, **kwargs) if recompute else blk(x, **kwargs)
         return enc.norm(x)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

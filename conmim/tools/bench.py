@@ -198,6 +198,7 @@ class Variant:
         t = cfg.train
         torch.manual_seed(t.seed)  # both variants start from the same weights
         model = ConMIM.from_config(cfg.model).to(device).train()
+        model.student.set_grad_checkpointing(t.grad_checkpointing)
         set_fused_attention(model, fast)
         optimizer = build_adamw(
             model.student,

@@ -252,6 +252,7 @@ def build(cfg: Config, out: Path, device: torch.device, dist: distributed.DistIn
     t = cfg.train
     model = pretraining_model(cfg.model).to(device)
     distributed.broadcast_from_main(model)  # ranks seed differently and DDP only syncs the student, not the teacher
+    model.student.set_grad_checkpointing(t.grad_checkpointing)
     optimizer = build_adamw(
         model.student, t.base_lr, t.weight_decay, tuple(t.betas), t.decay_mask_token, t.decay_rel_pos, fused=True
     )  # fused: skips a non-finite step on the device
