@@ -27,7 +27,8 @@ def rows(paths: list[str]) -> list[str]:
                 f"{r['precision']} | {r['compile']} | {r['data_path']} | {num(r['img_per_s'])} | "
                 f"{r['step_ms']:.0f} | {', '.join(num(c) for c in r['img_per_s_chunks'])} | "
                 f"{r.get('cpu_ms_per_step') or '—'} | {r['peak_mem_gb']:.2f} | {mfu} | "
-                f"{r.get('speedup_vs_plain', '—')} | {r.get('speedup_vs_plain_cpu_time', '—')} | "
+                f"{r.get('speedup_vs_plain', r.get('speedup_vs_baseline', '—'))} | "
+                f"{r.get('speedup_vs_plain_cpu_time', r.get('speedup_vs_baseline_cpu_time', '—'))} | "
                 f"{'—' if r['host_syncs'] is None else r['host_syncs']} | {r['date'][:10]} |"
             )
     return out

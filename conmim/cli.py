@@ -58,11 +58,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     lines = run_bench(cfg)
     for line in lines:
         print(json.dumps(line), flush=True)
-    fast, plain = lines
+    fast, other = lines
+    against = "plain eager fp32" if other["variant"] == "plain" else f"baseline ({' '.join(cfg.bench.baseline)})"
     print(
         f"{fast['arch']} {fast['img_size']}px batch {fast['batch_size']} on {fast['device']}: fast "
-        f"{fast['img_per_s']:.1f} img/s ({fast['precision']}, compile={fast['compile']}) vs plain eager fp32 "
-        f"{plain['img_per_s']:.1f} img/s = {fast['speedup_vs_plain']:.2f}x",
+        f"{fast['img_per_s']:.1f} img/s ({fast['precision']}, compile={fast['compile']}) vs {against} "
+        f"{other['img_per_s']:.1f} img/s = {fast['speedup_vs_' + other['variant']]:.2f}x",
         file=sys.stderr,
     )
     return 0

@@ -215,6 +215,9 @@ class BenchConfig:
     repeats: int = 3  # the figure is the median chunk; the spread of the chunks is reported too
     jpeg_images: int = 384  # jpeg: how many files to write
     peak_tflops: float = 0.0  # MFU denominator; 0: the device's dense bf16 datasheet peak when known
+    # the variant timed beside the configured one: empty = "plain" (eager fp32, for-loop optimizer); else
+    # "baseline", the configuration with these dotted overrides, e.g. [train.grad_checkpointing=false]
+    baseline: list[str] = field(default_factory=list)
 
 
 @dataclass

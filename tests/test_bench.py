@@ -104,3 +104,17 @@ def test_jpeg_writer_makes_imagenet_sized_rgb_jpegs(tmp_path):
     sizes = [Image.open(p).size for p in paths]
     assert all(Image.open(p).format == "JPEG" and Image.open(p).mode == "RGB" for p in paths)
     assert all(300 <= min(s) and max(s) <= 860 for s in sizes) and len(set(sizes)) > 1
+
+
+def test_bench_baseline_times_one_setting_against_the_same_fast_path():
+    """``bench.baseline`` overrides: gradient checkpointing on, timed beside the same step without it."""
+    cfg = load_config(
+        None,
+        [*TINY, "model.depth=2", "train.grad_checkpointing=true", "bench.baseline=[train.grad_checkpointing=false]"],
+        schema_cls=BenchRunConfig,
+    )
+    fast, baseline = run_bench(cfg)
+    assert (fast["variant"], baseline["variant"]) == ("fast", "baseline")
+    assert (fast["grad_checkpointing"], baseline["grad_checkpointing"]) == (True, False)
+    assert fast["precision"] == baseline["precision"] and fast["attention"] == baseline["attention"] == "sdpa"
+    assert fast["speedup_vs_baseline"] == pytest.approx(fast["img_per_s"] / baseline["img_per_s"], rel=1e-2)

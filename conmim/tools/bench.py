@@ -6,7 +6,9 @@ initial weights, in the same process:
 - ``fast``: the configuration as given (``train.precision``, ``train.compile``, ``data.gpu_aug``),
   SDPA attention, fused AdamW, foreach clipping and EMA;
 - ``plain``: fp32, eager, explicit softmax attention, per-parameter AdamW / clipping / EMA loops,
-  and the CPU data path: what a straightforward implementation does.
+  and the CPU data path: what a straightforward implementation does;
+- or, with ``bench.baseline`` set, ``baseline``: the fast path with those overrides (the cost of one
+  setting, e.g. ``bench.baseline=[train.grad_checkpointing=false]`` beside ``train.grad_checkpointing=true``).
 
 Data (``bench.data``): ``synthetic`` keeps a few random batches on the device (the model step
 alone; the two variants then alternate chunk by chunk, so a shared machine's load hits both);
@@ -168,12 +170,16 @@ def _release_memory(device: torch.device) -> None:
 
 
 def variant_config(cfg: BenchRunConfig, variant: str, folder: Path | None) -> BenchRunConfig:
-    """The configuration one variant runs; ``plain`` turns every speed-up off."""
+    """The configuration one variant runs; ``plain`` turns every speed-up off, ``baseline`` applies
+    ``bench.baseline``'s overrides."""
     cfg = copy.deepcopy(cfg)
     if folder is not None:
         cfg.data.source, cfg.data.path, cfg.data.split = "folder", str(folder), "."  # the images, unsplit
     if variant == "plain":
         cfg.train.precision, cfg.train.compile, cfg.data.gpu_aug = "fp32", False, False
+    if variant == "baseline":
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(cfg.bench.baseline)))
+        cfg = OmegaConf.to_object(merged)
     return cfg
 
 
@@ -194,7 +200,7 @@ class Variant:
     host_syncs: int | None = None
 
     def __post_init__(self) -> None:
-        cfg, device, fast = self.cfg, self.device, self.name == "fast"
+        cfg, device, fast = self.cfg, self.device, self.name != "plain"
         t = cfg.train
         torch.manual_seed(t.seed)  # both variants start from the same weights
         model = ConMIM.from_config(cfg.model).to(device).train()
@@ -308,7 +314,7 @@ def report(v: Variant, cfg: BenchRunConfig, device: torch.device, data: str) -> 
     flops = flops_per_image(v.cfg.model)
     peak, peak_source = peak_tflops(device, cfg.bench.peak_tflops)
     amp = resolve_precision(t.precision, device)
-    fast = v.name == "fast"
+    fast = v.name != "plain"
     return {
         "variant": v.name,
         "img_per_s": round(img_s, 2),
@@ -332,6 +338,7 @@ def report(v: Variant, cfg: BenchRunConfig, device: torch.device, data: str) -> 
         "data_path": "synthetic" if data == "synthetic" else ("device" if v.cfg.data.gpu_aug else "cpu"),
         "precision": {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp],
         "compile": t.compile,
+        "grad_checkpointing": t.grad_checkpointing,
         "attention": "sdpa" if fast else "math",
         "optimizer": "fused" if fast else "for-loop",
         "torch": torch.__version__,
@@ -344,6 +351,7 @@ def run_bench(cfg: BenchRunConfig) -> list[dict[str, Any]]:
     """Measure both variants; returns the two report lines (fast first, with its speed-up)."""
     device = resolve_device(cfg.device)
     b = cfg.bench
+    names = ("fast", "baseline" if b.baseline else "plain")
     chunks = _chunk_sizes(b.steps, b.repeats)
     with contextlib.ExitStack() as stack:
         folder = None
@@ -354,14 +362,14 @@ def run_bench(cfg: BenchRunConfig) -> list[dict[str, Any]]:
             folder = Path(b.data)
         variants: list[Variant] = []
         if b.data == "synthetic":  # alternate chunk by chunk: load changes on a shared machine hit both
-            for name in ("fast", "plain"):
+            for name in names:
                 variants.append(Variant(name, variant_config(cfg, name, folder), device, MemoryMeter(device)))
                 variants[-1].warmup(b.warmup)
             for n in tqdm(chunks, desc="timing", leave=False):
                 for v in variants:
                     v.time_chunk(n)
         else:  # one after the other: each data path needs its own steady state
-            for name in ("fast", "plain"):
+            for name in names:
                 _release_memory(device)
                 v = Variant(name, variant_config(cfg, name, folder), device, MemoryMeter(device))
                 v.warmup(b.warmup)
@@ -371,7 +379,9 @@ def run_bench(cfg: BenchRunConfig) -> list[dict[str, Any]]:
                 variants.append(v)
                 del v
         lines = [report(v, cfg, device, b.data if b.data in ("synthetic", "jpeg") else "folder") for v in variants]
-    lines[0]["speedup_vs_plain"] = round(lines[0]["img_per_s"] / lines[1]["img_per_s"], 3)
+    lines[0][f"speedup_vs_{names[1]}"] = round(lines[0]["img_per_s"] / lines[1]["img_per_s"], 3)
     if device.type == "cpu":
-        lines[0]["speedup_vs_plain_cpu_time"] = round(lines[1]["cpu_ms_per_step"] / lines[0]["cpu_ms_per_step"], 3)
+        lines[0][f"speedup_vs_{names[1]}_cpu_time"] = round(
+            lines[1]["cpu_ms_per_step"] / lines[0]["cpu_ms_per_step"], 3
+        )
     return lines
