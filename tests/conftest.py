@@ -7,29 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny import TINY
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-
-# A ViT small enough for CPU tests: 16-px images, 4-px patches, 2 blocks, a narrow projector.
-TINY = [
-    "model.arch=vit_tiny",
-    "model.depth=2",
-    "model.img_size=16",
-    "model.patch_size=4",
-    "model.proj_hidden_dim=64",
-    "model.proj_out_dim=32",
-    "mask.unit=2",
-    "data.num_workers=0",
-    "train.batch_size=8",
-    "train.epochs=1",
-    "train.warmup_epochs=0.1",
-    "train.log_every=2",
-    "train.checkpoint_every=3",
-    "train.precision=fp32",
-    "train.base_lr=1e-3",
-    "eval.final_knn=false",
-    "eval.monitor_every=0",
-]
 
 
 def foolbox_data_dir() -> Path:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tiny import TINY_MODEL
 
 from conmim.runtime import checkpoint as ckpt
 
@@ -29,14 +30,8 @@ SEED = int(os.environ.get("CONMIM_FAULT_SEED", random.randrange(10**6)))
 # 16-px images, 4-px patches, 2 blocks, a narrow projector, synthetic data, fp32, drop path on
 # (so the torch RNG state matters), a log record and a checkpoint every step.
 TINY = [
-    "model.arch=vit_tiny",
-    "model.depth=2",
-    "model.img_size=16",
-    "model.patch_size=4",
-    "model.proj_hidden_dim=64",
-    "model.proj_out_dim=32",
+    *TINY_MODEL,
     "model.drop_path=0.1",
-    "mask.unit=2",
     "data.source=synthetic",
     "data.synthetic_size=64",
     "data.num_workers=0",

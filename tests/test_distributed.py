@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY_MODEL_ARGS
 
 from conmim import ConMIM
 from conmim.data.masking import MaskGenerator
@@ -26,7 +27,7 @@ def run_torchrun(args: list[str], timeout: int = 240) -> None:
 def single_process_grads(sync_bn: bool) -> dict[str, torch.Tensor]:
     """What DDP must reproduce, computed in this process from the same weights and batch."""
     torch.manual_seed(0)
-    model = ConMIM("vit_tiny", 16, 4, depth=2, proj_hidden_dim=64, proj_out_dim=32)
+    model = ConMIM(**TINY_MODEL_ARGS)
     g = torch.Generator().manual_seed(1)
     weak, strong = torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g)
     masks = MaskGenerator((4, 4), "random_unit", 0.5, unit=2)

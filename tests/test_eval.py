@@ -9,6 +9,7 @@ import math
 import pytest
 import timm
 import torch
+from tiny import TINY, TINY_MODEL_ARGS
 
 from conmim import ConMIM
 from conmim.cli import main
@@ -23,24 +24,6 @@ from conmim.export.encoders import load_encoder, write_encoder
 from conmim.models.conmim import timm_spec
 
 FM = "/usr/share/datasets/fashion-mnist"
-TINY = [
-    "model.arch=vit_tiny",
-    "model.depth=2",
-    "model.img_size=16",
-    "model.patch_size=4",
-    "model.proj_hidden_dim=64",
-    "model.proj_out_dim=32",
-    "mask.unit=2",
-    "data.num_workers=0",
-    "train.batch_size=8",
-    "train.epochs=1",
-    "train.warmup_epochs=0.1",
-    "train.log_every=2",
-    "train.checkpoint_every=3",
-    "train.precision=fp32",
-    "train.base_lr=1e-3",
-    "eval.final_knn=false",
-]
 
 
 def _subset(source: ArraySource, n: int, offset: int = 0) -> ArraySource:
@@ -64,7 +47,7 @@ def fm() -> tuple[ArraySource, ArraySource]:
 @pytest.fixture(scope="module")
 def encoder() -> torch.nn.Module:
     torch.manual_seed(0)
-    return ConMIM("vit_tiny", 16, 4, depth=2, proj_hidden_dim=64, proj_out_dim=32).teacher.encoder.eval()
+    return ConMIM(**TINY_MODEL_ARGS).teacher.encoder.eval()
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,14 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from tiny import TINY_MODEL_ARGS
 
 from conmim import ConMIM, denoising_contrastive_loss, timm_spec
 from conmim.train.schedules import teacher_momentum, warmup_cosine
 
 
 def tiny_model(**kw) -> ConMIM:
-    return ConMIM("vit_tiny", img_size=16, patch_size=4, depth=2, proj_hidden_dim=64, proj_out_dim=32, **kw)
+    return ConMIM(**TINY_MODEL_ARGS, **kw)
 
 
 def official_loss(student, teacher, mask, temperature):
