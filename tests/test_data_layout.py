@@ -84,3 +84,27 @@ def test_split_location_rule(tmp_path):
     assert split_location(lists, ".") == str(tmp_path / "names.txt")
     with pytest.raises(DataError, match="names_test.txt"):
         split_location(lists, "test")
+
+
+def test_every_source_kind_meets_the_source_protocol(tmp_path, fashion_mnist_dir):
+    from PIL import Image
+
+    from conmim.data.sources import Source, SyntheticSource, fashion_mnist, image_folder, list_file
+    from conmim.eval.common import limit_source
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / c / "x.png")
+    (tmp_path / "list.txt").write_text("a/x.png 0\nb/x.png 1\n")
+    sources = [
+        image_folder(tmp_path),
+        list_file(tmp_path / "list.txt"),
+        fashion_mnist(fashion_mnist_dir, "test"),
+        SyntheticSource(4, 8),
+    ]
+    sources.append(limit_source(sources[2], 5))
+    for source in sources:
+        assert isinstance(source, Source), type(source)
+        image, label = source[len(source) - 1]
+        assert isinstance(image, Image.Image) and isinstance(label, int) and isinstance(source.name(0), str)
+    assert sources[0].classes == ["a", "b"] and sources[4].classes == sources[2].classes

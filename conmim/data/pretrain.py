@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from .masking import MaskGenerator
-from .sources import DataError
+from .sources import DataError, Source
 from .views import PairedViews
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class PretrainDataset(Dataset):
 
     def __init__(
         self,
-        source,
+        source: Source,
         views: PairedViews,
         masks: MaskGenerator,
         seed: int = 0,

@@ -1,8 +1,8 @@
 """Image sources.
 
-A *source* is an indexable collection of ``(PIL image, label)`` with ``label = -1`` when unknown:
-an image folder, a list file, Fashion-MNIST's IDX files, or synthetic images. Pre-training
-(:mod:`conmim.data.pretrain`) and evaluation (:mod:`conmim.eval.common`) both read them.
+A *source* (:class:`Source`) is an indexable collection of ``(PIL image, label)`` with ``label = -1``
+when unknown: an image folder, a list file, Fashion-MNIST's IDX files, or synthetic images.
+Pre-training (:mod:`conmim.data.pretrain`) and evaluation (:mod:`conmim.eval.common`) both read them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import struct
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -29,6 +29,23 @@ FASHION_MNIST_HINT = "install Debian's dataset-fashion-mnist (apt-get install da
 
 class DataError(ValueError):
     """A data source that cannot be used; the message names the path and the reason."""
+
+
+@runtime_checkable
+class Source(Protocol):
+    """What every command reads images through. A new kind of data needs only these four members."""
+
+    classes: list[str]  # class names by label; empty when the labels are unnamed or unknown
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        """Image ``index`` (any PIL mode; readers convert) and its label, -1 when unknown."""
+        ...
+
+    def name(self, index: int) -> str:
+        """What an error message or a skipped-files list calls item ``index`` (a path for files)."""
+        ...
 
 
 def load_image(path: str | os.PathLike | IO[bytes]) -> Image.Image:
@@ -236,7 +253,7 @@ def split_location(data_cfg, split: str) -> str:
     return found
 
 
-def build_source(data_cfg, img_size: int, split: str | None = None):
+def build_source(data_cfg, img_size: int, split: str | None = None) -> Source:
     """The source named by a :class:`conmim.config.DataConfig`, for ``split`` (default: ``data.split``,
     the training images); folders and list files are found by :func:`split_location`."""
     src = data_cfg.source

@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ..data.sources import DataError, build_source
+from ..data.sources import DataError, Source, build_source
 
 
 class EvalTransform:
@@ -28,7 +28,7 @@ class EvalTransform:
 class LabeledDataset(Dataset):
     """A source of ``(PIL image, label)`` seen through a deterministic transform."""
 
-    def __init__(self, source, transform, indices: list[int] | None = None):
+    def __init__(self, source: Source, transform, indices: list[int] | None = None):
         self.source, self.transform = source, transform
         self.indices = list(range(len(source))) if indices is None else list(indices)
 
@@ -57,9 +57,9 @@ class UnlabelledError(DataError):
 class SourceSubset:
     """Some images of a source, by index, with their labels (a source itself)."""
 
-    def __init__(self, source, indices: list[int]):
+    def __init__(self, source: Source, indices: list[int]):
         self.source, self.indices = source, list(indices)
-        self.classes = getattr(source, "classes", [])
+        self.classes = source.classes
         labels = getattr(source, "labels", None)
         self.labels = [int(labels[i]) for i in self.indices] if labels is not None else None
 
@@ -69,11 +69,11 @@ class SourceSubset:
     def name(self, index: int) -> str:
         return self.source.name(self.indices[index])
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return self.source[self.indices[index]]
 
 
-def limit_source(source, limit: int, seed: int = 0):
+def limit_source(source: Source, limit: int, seed: int = 0) -> Source:
     """``limit`` images of ``source`` drawn without replacement with ``seed`` (all of it when 0 or larger)."""
     if not 0 < limit < len(source):
         return source
@@ -81,9 +81,9 @@ def limit_source(source, limit: int, seed: int = 0):
     return SourceSubset(source, sorted(order[:limit].tolist()))
 
 
-def num_classes_of(*sources) -> int:
+def num_classes_of(*sources: Source) -> int:
     """Number of classes of labelled sources: their class names, else the largest label + 1."""
-    found = max(len(getattr(s, "classes", None) or ()) for s in sources)
+    found = max(len(s.classes) for s in sources)
     for s in sources:
         labels = getattr(s, "labels", None)
         if labels is not None and len(labels):
