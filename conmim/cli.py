@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         "is a ConMIM pre-training run or checkpoint (the map needs the projectors)",
     )
     p.add_argument("source", help="pre-training run directory, checkpoint file, or exported .safetensors")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files and/or folders (a folder: the images directly in it, sorted)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--which",
