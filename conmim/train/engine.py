@@ -43,6 +43,7 @@ from ..runtime.device import resolve_device, resolve_precision
 from ..runtime.metrics import MetricsWriter
 from ..runtime.seeding import rng_state, seed_process, set_rng_state
 from .guard import NonFiniteError, StepGuard
+from .init_weights import describe, init_from
 from .optim import build_adamw
 from .schedules import teacher_momentum, warmup_cosine
 from .step import compile_step, forward_backward, optimizer_step
@@ -104,6 +105,8 @@ def preflight(cfg: Config, dist: distributed.DistInfo, device: torch.device):
         raise ConfigError(f"device={cfg.device!r} is not allowed: no CUDA device is visible; use auto or cpu")
     if cfg.resume and not Path(cfg.resume).is_file():
         raise ConfigError(f"resume={cfg.resume!r} is not allowed: no such checkpoint file")
+    if cfg.model.init and not Path(cfg.model.init).exists():
+        raise ConfigError(f"model.init={cfg.model.init!r} is not allowed: no such file or folder")
     source = build_source(cfg.data, cfg.model.img_size)
     b, w = cfg.train.batch_size, dist.world_size
     if len(source) // w < b:
@@ -309,6 +312,10 @@ def pretrain(cfg: Config, make_monitor: Callable[[Config], Monitor | None] | Non
             guard.load_state_dict(state["guard"])
         if dist.is_main:
             log.info("resumed from %s at step %d", path, step)
+    elif cfg.model.init:  # a resumed run has its own weights; model.init only starts a run
+        fresh = init_from(model, cfg.model.init)
+        if dist.is_main:
+            log.info(describe(cfg.model.init, fresh))
 
     loader, sampler, dataset = build_loader(cfg, dist, step * t.accum_steps, source, out / "skipped_files.txt")
     plan = make_plan(cfg, sampler.steps_per_epoch, dist.world_size)
