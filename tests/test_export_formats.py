@@ -124,3 +124,13 @@ def test_hub_export_refuses_a_file_as_folder(tiny_run, tmp_path, capsys):
     target.write_text("")
     assert main(["export", str(tiny_run[0]), "--format", "hub", "--out", str(target)]) == 2
     assert "writes a folder" in capsys.readouterr().err
+
+
+def test_hub_from_an_exported_file_says_it_has_no_training_record(tiny_run, tmp_path):
+    exported = tmp_path / "enc.safetensors"
+    assert main(["export", str(tiny_run[0]), "--out", str(exported)]) == 0
+    assert main(["export", str(exported), "--format", "hub", "--out", str(tmp_path / "hub")]) == 0
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "No training record came with these weights" in card and "not recorded with these weights" in card
+    model = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True)
+    assert model.patch_embed.grid_size == (4, 4)

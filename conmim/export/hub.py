@@ -123,7 +123,8 @@ def model_card(source: ExportSource, which: str, config: dict[str, Any]) -> str:
                 "input": "x".join(str(v) for v in config["pretrained_cfg"]["input_size"]),
                 "patch size": args["patch_size"],
                 "width / depth / heads": f"{args['embed_dim']} / {args['depth']} / {args['num_heads']}",
-                "normalisation mean / std": f"{config['pretrained_cfg']['mean']} / {config['pretrained_cfg']['std']}",
+                "normalisation mean / std": f"{config['pretrained_cfg']['mean']} / {config['pretrained_cfg']['std']}"
+                + ("" if cfg is not None else " (conmim's default: not recorded with these weights)"),
             }
         ),
     ]
