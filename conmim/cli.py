@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import BenchRunConfig, ConfigError, load_config, to_yaml
 from .data.sources import DataError
+from .export.onnx import ExportError
 from .runtime.checkpoint import CheckpointError
 from .train.guard import NonFiniteError
 
@@ -70,10 +71,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export.encoders import export
+    from .export.encoders import export, read_source
 
-    weights, spec = export(args.source, args.out, args.which)
-    print(f"wrote {weights} and {spec}")
+    if args.format == "safetensors":
+        weights, spec = export(args.source, args.out, args.which)
+        print(f"wrote {weights} and {spec}")
+        return 0
+    source = read_source(args.source, args.which)
+    if args.format == "onnx":
+        from .export.onnx import export_onnx
+
+        path, diff = export_onnx(source.weights, source.spec, args.out, args.atol)
+        print(f"wrote {path}; onnxruntime vs PyTorch max abs diff {diff:.3g} (tolerance {args.atol:g})")
+        return 0
+    from .export.hub import export_hub
+
+    folder = export_hub(source, args.out, args.which)
+    print(f"wrote {folder} (config.json, model.safetensors, README.md); load: timm.create_model('local-dir:{folder}')")
     return 0
 
 
@@ -240,9 +254,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_bench)
-    p = sub.add_parser("export", help="write an encoder as timm-loadable safetensors + JSON")
-    p.add_argument("source", help="run directory or checkpoint file")
-    p.add_argument("--out", required=True, help="output .safetensors file (the .json goes beside it)")
+    p = sub.add_parser(
+        "export",
+        help="write an encoder: timm-loadable safetensors + JSON, ONNX, or a timm Hub folder",
+        description="Export a pre-trained encoder. --format safetensors (default): OUT.safetensors + OUT.json "
+        "with the timm.create_model arguments; onnx: OUT.onnx with a dynamic batch axis, checked in onnxruntime "
+        "against PyTorch (needs pip install 'conmim[onnx]'); hub: folder OUT in timm's Hugging Face Hub layout "
+        "(config.json, model.safetensors, README.md model card), loadable with timm.create_model('local-dir:OUT').",
+    )
+    p.add_argument("source", help="run directory or checkpoint file (onnx, hub: also an exported .safetensors)")
+    p.add_argument("--out", required=True, help="output .safetensors file, .onnx file, or hub folder")
+    p.add_argument(
+        "--format", choices=("safetensors", "onnx", "hub"), default="safetensors", help="(default: %(default)s)"
+    )
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=1e-4,
+        help="onnx: largest allowed absolute difference between onnxruntime and PyTorch outputs (default 1e-4)",
+    )
     p.add_argument(
         "--which",
         choices=("teacher", "student"),
@@ -279,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         "is a ConMIM pre-training run or checkpoint (the map needs the projectors)",
     )
     p.add_argument("source", help="pre-training run directory, checkpoint file, or exported .safetensors")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files and/or folders (a folder: the images directly in it, sorted)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--which",
@@ -297,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, OSError, CheckpointError, NonFiniteError) as err:
+    except (ConfigError, DataError, OSError, CheckpointError, NonFiniteError, ExportError) as err:
         print(f"conmim: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:

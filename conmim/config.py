@@ -56,6 +56,9 @@ class ModelConfig:
     sync_bn: bool = False  # official: projector BatchNorm per process
     teacher_bn_eval: bool = False  # official: teacher BatchNorm uses batch statistics
     trunc_normal_1std: bool = True  # official pre-training init quirk: truncate at +-1 std
+    # continued pre-training: student and teacher start from these weights (a conmim run or checkpoint, an
+    # export, a timm state dict, an official checkpoint), resized to this model's grid; "" = fresh init
+    init: str = ""
 
 
 @dataclass
@@ -348,6 +351,7 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= m.drop_path < 1.0, "model.drop_path", m.drop_path, "a number in [0, 1)")
     _require(0.0 <= m.teacher_drop_path < 1.0, "model.teacher_drop_path", m.teacher_drop_path, "a number in [0, 1)")
     _require(m.in_chans > 0, "model.in_chans", m.in_chans, "a positive integer")
+    _require(not m.init or m.objective == "conmim", "model.init", m.init, "only with model.objective=conmim")
     _require(k.type in MASK_TYPES, "mask.type", k.type, f"one of {', '.join(MASK_TYPES)}")
     _require(0.0 < k.ratio < 1.0, "mask.ratio", k.ratio, "a number strictly between 0 and 1")
     grid = m.img_size // m.patch_size

@@ -5,7 +5,7 @@ mean-pooled patch tokens + a new ``fc_norm`` replace the [CLS] output and the fi
 block gets its own relative position table, initialised from the shared pre-trained one; a new head
 is initialised with a small scale; at another resolution the tables (timm's geometric-progression
 resize, keeping the 3 [CLS] entries) and any absolute position embedding (timm's bicubic resample)
-are resized. Resizing uses timm's helpers, not hand-written interpolation.
+are resized. Resizing uses timm's helpers (``conmim.models.resize``), not hand-written interpolation.
 """
 
 from __future__ import annotations
@@ -15,30 +15,12 @@ from typing import Any
 
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
 from torch import nn
+
+from ..models.resize import grid_of, resize_abs_pos_embed, resize_rel_pos_table
 
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 HEAD_PREFIXES = ("head.", "fc_norm.")
-
-
-def grid_of(spec: dict[str, Any]) -> tuple[int, int]:
-    """Patch grid of a timm spec (``img_size // patch_size``)."""
-    kw = spec["kwargs"]
-    size, patch = kw.get("img_size", 224), kw.get("patch_size", 16)
-    size = size if isinstance(size, (list, tuple)) else (size, size)
-    patch = patch if isinstance(patch, (list, tuple)) else (patch, patch)
-    return size[0] // patch[0], size[1] // patch[1]
-
-
-def resize_rel_pos_table(table: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
-    """A (num_rel, heads) BEiT table for ``old_grid`` resized to ``new_grid``; unchanged at the same grid."""
-    if tuple(old_grid) == tuple(new_grid):
-        return table
-    size = (2 * new_grid[0] - 1) * (2 * new_grid[1] - 1) + 3
-    return resize_rel_pos_bias_table(
-        table, new_window_size=tuple(new_grid), new_bias_shape=(size, table.shape[1]), old_window_size=tuple(old_grid)
-    )
 
 
 def classifier_spec(
@@ -86,11 +68,8 @@ def transfer_weights(weights: dict[str, torch.Tensor], spec: dict[str, Any], mod
             raise KeyError(f"pre-trained weights have neither {key} nor {SHARED_TABLE}")
         out[key] = resize_rel_pos_table(table.clone(), old_grid, new_grid)
     if "pos_embed" in out:
-        out["pos_embed"] = resample_abs_pos_embed(
-            out["pos_embed"],
-            new_size=list(new_grid),
-            old_size=list(old_grid),
-            num_prefix_tokens=getattr(model, "num_prefix_tokens", 1),
+        out["pos_embed"] = resize_abs_pos_embed(
+            out["pos_embed"], old_grid, new_grid, getattr(model, "num_prefix_tokens", 1)
         )
     return out
 

@@ -34,7 +34,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _grid_from_table(rows: int) -> int:
+def grid_from_table(rows: int) -> int:
+    """The side g of the square patch grid whose BEiT table has ``rows`` = (2g-1)^2 + 3 rows."""
     side = math.isqrt(rows - 3)
     if side * side != rows - 3 or side % 2 == 0:
         raise ValueError(f"a relative position table of {rows} rows is not (2g-1)^2 + 3 for a square grid g")
@@ -51,7 +52,7 @@ def infer_spec(sd: dict[str, torch.Tensor], img_size: int = 0) -> dict[str, Any]
     heads = sd[tables[0]].shape[1] if tables else dim // 64
     if not img_size:
         if tables:
-            img_size = _grid_from_table(sd[tables[0]].shape[0]) * patch
+            img_size = grid_from_table(sd[tables[0]].shape[0]) * patch
         elif "pos_embed" in sd:
             img_size = math.isqrt(sd["pos_embed"].shape[1] - 1) * patch
         else:

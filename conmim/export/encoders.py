@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +84,38 @@ def read_spec(path: str | Path) -> dict[str, Any]:
     return json.loads(meta["timm_spec"])
 
 
-def load_pretrained(path: str | Path, which: str = "teacher") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Encoder weights and timm spec of an exported ``.safetensors``, a run directory or a checkpoint."""
+@dataclass
+class ExportSource:
+    """What an export needs from its source: the encoder and, for a conmim run, where it came from
+    (the model card of ``--format hub`` reports the run's configuration and measurements)."""
+
+    weights: dict[str, torch.Tensor]
+    spec: dict[str, Any]
+    config: Config | None = None  # None for an exported or converted .safetensors
+    run_dir: Path | None = None  # the run directory the checkpoint belongs to
+    step: int | None = None
+
+
+def read_source(path: str | Path, which: str = "teacher") -> ExportSource:
+    """The encoder of an exported ``.safetensors``, a run directory or a checkpoint, with its run."""
     path = Path(path)
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
-        return load_file(str(path)), read_spec(path)
-    state, _found = load_run_checkpoint(path)
-    return encoder_state(state, which), spec_of(config_of(state))
+        return ExportSource(load_file(str(path)), read_spec(path))
+    state, found = load_run_checkpoint(path)
+    cfg = config_of(state)
+    run_dir = path if path.is_dir() else found.parent
+    if run_dir.name == "checkpoints":
+        run_dir = run_dir.parent
+    step = int(state["step"]) if "step" in state else None
+    return ExportSource(encoder_state(state, which), spec_of(cfg), cfg, run_dir, step)
+
+
+def load_pretrained(path: str | Path, which: str = "teacher") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Encoder weights and timm spec of an exported ``.safetensors``, a run directory or a checkpoint."""
+    source = read_source(path, which)
+    return source.weights, source.spec
 
 
 def build_encoder(weights: dict[str, torch.Tensor], spec: dict[str, Any], **overrides: Any) -> torch.nn.Module:

@@ -163,13 +163,46 @@ def load_for_visualization(source: str | Path, which: str = "teacher") -> tuple[
     return encoder, model if cfg.model.objective == "conmim" else None, cfg
 
 
+def image_inputs(paths: list[str | Path]) -> list[Path]:
+    """The image files named by ``paths``: a file as it is, a folder as the image files directly in
+    it (by extension, sorted by name; other files are skipped). Each file must open as an image, an
+    empty folder or a missing path is an error, and two inputs with one stem would write the same
+    PNG names, so they are refused too."""
+    from ..data.sources import IMAGE_EXTENSIONS, DataError
+
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not inside:
+                raise DataError(f"{path}: a folder with no image files ({', '.join(IMAGE_EXTENSIONS)}) directly in it")
+            files += inside
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such image file or folder")
+    stems: dict[str, Path] = {}
+    for path in files:
+        try:
+            with Image.open(path):  # reads the header only
+                pass
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: not an image file that PIL can read ({err})") from None
+        if path.stem in stems:
+            raise DataError(f"{stems[path.stem]} and {path} would both write {path.stem}_*.png; rename one")
+        stems[path.stem] = path
+    return files
+
+
 def visualize(
     source: str | Path, images: list[str | Path], out: str | Path, which: str = "teacher", seed: int = 0
 ) -> list[Path]:
-    """Write ``NAME_attention.png`` (and ``NAME_retrieval.png`` for ConMIM checkpoints) per image."""
+    """Write ``NAME_attention.png`` (and ``NAME_retrieval.png`` for ConMIM checkpoints) per image
+    of ``images`` (files or folders, see :func:`image_inputs`)."""
     from ..data.masking import MaskGenerator
     from ..data.sources import load_image
 
+    images = image_inputs(images)  # every input checked before the model is loaded or a file written
     encoder, model, cfg = load_for_visualization(source, which)
     size = encoder.patch_embed.img_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)

@@ -44,6 +44,7 @@ from ..runtime.device import resolve_device, resolve_precision
 from ..runtime.metrics import MetricsWriter
 from ..runtime.seeding import rng_state, seed_process, set_rng_state
 from .guard import NonFiniteError, StepGuard
+from .init_weights import describe, init_from
 from .optim import build_adamw
 from .schedules import teacher_momentum, warmup_cosine
 from .step import compile_step, forward_backward, optimizer_step
@@ -105,6 +106,8 @@ def preflight(cfg: Config, dist: distributed.DistInfo, device: torch.device):
         raise ConfigError(f"device={cfg.device!r} is not allowed: no CUDA device is visible; use auto or cpu")
     if cfg.resume and not Path(cfg.resume).is_file():
         raise ConfigError(f"resume={cfg.resume!r} is not allowed: no such checkpoint file")
+    if cfg.model.init and not Path(cfg.model.init).exists():
+        raise ConfigError(f"model.init={cfg.model.init!r} is not allowed: no such file or folder")
     source = build_source(cfg.data, cfg.model.img_size)
     b, w = cfg.train.batch_size, dist.world_size
     if len(source) // w < b:
@@ -264,13 +267,18 @@ def build(cfg: Config, out: Path, device: torch.device, dist: distributed.DistIn
 
 def restore(run: Run) -> tuple[int, torch.Tensor | None]:
     """Resume from ``resume=FILE`` or the newest readable checkpoint of the output folder, if any:
-    returns (step, metrics window), (0, None) for a fresh run."""
+    returns (step, metrics window). A fresh run returns (0, None), after loading ``model.init``'s
+    weights when set (a resumed run has its own weights; ``model.init`` only starts a run)."""
     cfg = run.cfg
     if cfg.resume:
         found = (ckpt.safe_load(cfg.resume, "cpu"), Path(cfg.resume))
     else:
         found = ckpt.load_latest(run.out / "checkpoints", "cpu") if (run.out / "checkpoints").is_dir() else None
     if not found:
+        if cfg.model.init:
+            fresh = init_from(run.model, cfg.model.init)
+            if run.dist.is_main:
+                log.info(describe(cfg.model.init, fresh))
         return 0, None
     state, path = found
     step, meter = run.load(state, path)
