@@ -24,14 +24,31 @@ def run_torchrun(args: list[str], timeout: int = 240) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def single_process_grads(sync_bn: bool) -> dict[str, torch.Tensor]:
-    """What DDP must reproduce, computed in this process from the same weights and batch."""
-    torch.manual_seed(0)
-    model = ConMIM(**TINY_MODEL_ARGS)
+def fixed_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch of tests/scripts/ddp_grads.py: 8 images (4 per rank) and their masks."""
     g = torch.Generator().manual_seed(1)
     weak, strong = torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g)
     masks = MaskGenerator((4, 4), "random_unit", 0.5, unit=2)
-    mask = torch.stack([masks(g) for _ in range(8)])
+    return weak, strong, torch.stack([masks(g) for _ in range(8)])
+
+
+def fresh_model() -> ConMIM:
+    torch.manual_seed(0)
+    return ConMIM(**TINY_MODEL_ARGS)
+
+
+def running_stats(images: slice) -> dict[str, torch.Tensor]:
+    """BatchNorm running statistics after one training forward over ``images`` of the fixed batch."""
+    model = fresh_model()
+    weak, strong, mask = fixed_batch()
+    model(weak[images], strong[images], mask[images])
+    return {n: b for n, b in model.named_buffers() if ".running_" in n}
+
+
+def single_process_grads(sync_bn: bool) -> dict[str, torch.Tensor]:
+    """What DDP must reproduce, computed in this process from the same weights and batch."""
+    model = fresh_model()
+    weak, strong, mask = fixed_batch()
     if sync_bn:  # BatchNorm over all 2b images: one forward over the whole batch
         model(weak, strong, mask).backward()
     else:  # per-process BatchNorm: each half on its own, gradients averaged as DDP does
@@ -50,6 +67,13 @@ def test_ddp_gradients_match_single_process(tmp_path, sync_bn):
     for name in ref:
         scale = ref[name].abs().max().item()
         assert (ddp[name] - ref[name]).abs().max().item() <= 1e-5 * scale + 1e-6, name
+    # running statistics: global BatchNorm tracks the whole batch on every rank, per-process its own half
+    for rank, images in enumerate((slice(0, 4), slice(4, 8))):
+        got = torch.load(f"{out}.rank{rank}", weights_only=True)
+        want = running_stats(slice(0, 8) if sync_bn else images)
+        assert got.keys() == want.keys() and len(got) == 12  # mean, var of 3 projector BatchNorms x 2 branches
+        for name in want:
+            assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-6), (rank, name)
 
 
 def test_torchrun_pretrain_writes_one_run(tmp_path, tiny_overrides):

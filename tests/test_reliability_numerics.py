@@ -39,6 +39,21 @@ def test_a_nan_step_is_skipped_exactly(tmp_path, monkeypatch):
     assert records(tmp_path / "nan")[:2] == records(tmp_path / "clean")
 
 
+def test_fp16_nan_step_is_skipped_and_the_loss_scale_backs_off(tmp_path, monkeypatch):
+    """With fp16 the GradScaler also sees the NaN step: the guard skips it exactly as in fp32 (weights,
+    teacher, BatchNorm and AdamW state those of the clean run), and the scaler halves its scale.
+    The first 3 steps overflow by design while the scale calibrates (65,536 -> 8,192) and count as skipped."""
+    pretrain_in_process(tmp_path / "clean", "train.max_steps=5", "train.precision=fp16")
+    inject_nan(monkeypatch, 6)
+    pretrain_in_process(tmp_path / "nan", "train.max_steps=6", "train.precision=fp16")
+    clean, nan = final_state(tmp_path / "clean"), final_state(tmp_path / "nan")
+    assert [r["skipped_steps"] for r in records(tmp_path / "clean")] == [1, 2, 3, 3, 3]  # 4 and 5 trained
+    assert_same_state(nan, clean, same_step=False)
+    assert nan["scaler"]["scale"] == clean["scaler"]["scale"] * nan["scaler"]["backoff_factor"]
+    last = records(tmp_path / "nan")[-1]
+    assert last["step"] == 6 and last["skipped_steps"] == 4 and last["loss"] is None
+
+
 def test_consecutive_nan_steps_restore_the_last_good_checkpoint_with_a_lower_lr(tmp_path, caplog, monkeypatch):
     clean, bad = tmp_path / "clean", tmp_path / "bad"
     pretrain_in_process(clean, "train.max_steps=8")

@@ -1,9 +1,11 @@
 """torchrun worker for tests/test_distributed.py: one DDP step on this rank's half of a fixed batch.
 
-Writes the student's gradients (identical on all ranks after DDP's all-reduce) from rank 0.
+Writes the student's gradients (identical on all ranks after DDP's all-reduce) from rank 0, and each
+rank's BatchNorm running statistics (student and teacher projectors) to ``OUT.rankN``.
 """
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -15,7 +17,10 @@ from conmim.runtime.distributed import setup
 out, sync_bn = sys.argv[1], sys.argv[2] == "1"
 info = setup("cpu")
 torch.manual_seed(0)
-model = ConMIM("vit_tiny", 16, 4, depth=2, proj_hidden_dim=64, proj_out_dim=32, sync_bn=sync_bn)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny import TINY_MODEL_ARGS  # noqa: E402
+
+model = ConMIM(**TINY_MODEL_ARGS, sync_bn=sync_bn)
 g = torch.Generator().manual_seed(1)
 weak, strong = torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g)
 from conmim.data.masking import MaskGenerator  # noqa: E402
@@ -28,5 +33,6 @@ loss, _ = model.forward_with_stats(weak[half], strong[half], mask[half], student
 loss.backward()
 if info.rank == 0:
     torch.save({n: p.grad for n, p in model.student.named_parameters()}, out)
+torch.save({n: b for n, b in model.named_buffers() if ".running_" in n}, f"{out}.rank{info.rank}")
 dist.barrier()
 dist.destroy_process_group()
