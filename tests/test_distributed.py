@@ -1,5 +1,6 @@
 """Real two-process torchrun/gloo runs on CPU compared with one process."""
 
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +102,31 @@ def eval_step(line: str) -> int:
     import json
 
     return json.loads(line)["step"]
+
+
+def test_torchrun_finetune_splits_the_images_and_writes_once(tmp_path, tiny_overrides):
+    """Two ranks fine-tune from a real pre-training checkpoint: each takes half of every epoch (64 images,
+    batch 8 per rank: 4 steps), rank 0 alone writes records, checkpoints, results and the export."""
+    from conmim.cli import main
+
+    run = tmp_path / "run"
+    assert main(["pretrain", *tiny_overrides, "train.max_steps=2"]) == 0
+    run_torchrun(
+        [
+            "-m",
+            "conmim.cli",
+            "finetune",
+            str(run),
+            "eval.train_limit=64",
+            "eval.test_limit=32",
+            "finetune.epochs=2",
+            "finetune.batch_size=8",
+            "data.num_workers=0",
+        ]
+    )
+    out = run / "finetune"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records if "test_top1" in r] == [(1, 4), (2, 8)]
+    result = json.loads((out / "results.json").read_text())
+    assert result["train_images"] == 64 and len(result["history"]) == 2
+    assert (out / "best.safetensors").is_file() and (out / "checkpoints" / "last.pt").is_file()
