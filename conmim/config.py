@@ -214,7 +214,8 @@ BENCH_DATA = ("synthetic", "jpeg")
 class BenchConfig:
     """``conmim bench`` only: what to feed the step and how long to time it."""
 
-    data: str = "synthetic"  # synthetic (tensors on the device) | jpeg (generated files) | a folder path
+    # synthetic (tensors on the device) | jpeg (generated files) | a folder of images | shards (folder of .tar, pattern)
+    data: str = "synthetic"
     steps: int = 20  # timed optimizer steps per path, split into ``repeats`` chunks
     warmup: int = 3  # untimed steps first (compilation, autotuning, worker start-up)
     repeats: int = 3  # the figure is the median chunk; the spread of the chunks is reported too
@@ -429,10 +430,10 @@ def validate(cfg: Config) -> None:
     if isinstance(cfg, BenchRunConfig):
         b = cfg.bench
         _require(
-            b.data in BENCH_DATA or os.path.isdir(b.data),
+            b.data in BENCH_DATA or os.path.isdir(b.data) or b.data.endswith(".tar"),
             "bench.data",
             b.data,
-            "synthetic, jpeg or an existing folder of images",
+            "synthetic, jpeg, an existing folder of images or of .tar shards, or a shard file or pattern (.tar)",
         )
         _require(
             b.repeats > 0 and b.steps >= b.repeats,

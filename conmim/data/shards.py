@@ -53,6 +53,11 @@ def require_webdataset():
     return webdataset
 
 
+def is_shard_location(location: str) -> bool:
+    """A ``.tar`` file or pattern, or a folder holding ``.tar`` files (``conmim bench`` picks the source by it)."""
+    return location.endswith(".tar") or (os.path.isdir(location) and any(Path(location).glob("*.tar")))
+
+
 def shard_paths(location: str) -> list[str]:
     """The shard files of ``location``: a folder (its ``*.tar``, sorted), one ``.tar``, a brace pattern
     (``train-{000000..000009}.tar``) or several joined by ``::``. Every file must exist."""
