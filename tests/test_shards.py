@@ -62,6 +62,11 @@ def test_packed_shards_hold_the_folder_bytes_labels_and_classes(tmp_path, labell
     assert [s["__key__"] for s in streamed] == [f"{i:08d}" for i in range(24)]
     assert [s.get("png", s.get("jpg")) for s in streamed] == [source.raw(i) for i in range(24)]
     assert [int(s["cls"]) for s in streamed] == folder.labels
+    # reproducible, and one plain ustar header per member (what the index scan reads)
+    again = pack(labelled, tmp_path / "again")
+    assert [s.read_bytes() for s in again] == [s.read_bytes() for s in shards]
+    with tarfile.open(shards[0]) as tar:
+        assert not any(m.pax_headers for m in tar.getmembers())
 
 
 def test_pretraining_from_shards_equals_the_folder_run_and_resumes_exactly(tmp_path, tiny_overrides, labelled):

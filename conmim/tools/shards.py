@@ -78,7 +78,9 @@ def pack_shards(src: str, out: str, shard_size: int, on_error: str = "raise", pr
                 skipped.append((path, reason))
                 continue
             if writer is None:  # ShardWriter opens its first shard at once: only once there is an image
-                writer = wds.ShardWriter(pattern, maxcount=shard_size, maxsize=float("inf"), verbose=0, mtime=0.0)
+                # mtime 0, an int: the same images give the same bytes, and plain ustar headers (a float
+                # mtime adds a pax header to every member, which doubles the reader's index scan)
+                writer = wds.ShardWriter(pattern, maxcount=shard_size, maxsize=float("inf"), verbose=0, mtime=0)
             sample = {"__key__": f"{count:08d}", ext: raw}
             if source.labels[i] >= 0:
                 sample["cls"] = str(source.labels[i]).encode()
