@@ -171,6 +171,8 @@ def test_missing_shards_and_splits_are_clear_errors(tmp_path, labelled):
         shard_paths(str(tmp_path / "shards" / "shard-{000000..000006}.tar"))
     with pytest.raises(DataError, match="holds no .tar files"):
         shard_paths(str(labelled))
+    with pytest.raises(DataError, match="reads local shard files"):
+        shard_paths("https://example.org/shard-{000000..000004}.tar")
     cfg = load_config(None, ["data.source=webdataset", f"data.path={tmp_path}/shards/shard-{{000000..000004}}.tar"])
     assert len(build_source(cfg.data, 16)) == 24  # a pattern without {split}: the training split
     with pytest.raises(DataError, match=r"names no shards of split 'test'.*\{split\}"):

@@ -66,6 +66,8 @@ def shard_paths(location: str) -> list[str]:
         if not found:
             raise DataError(f"shard folder {location!r} holds no .tar files")
         return found
+    if "://" in location or location.startswith("pipe:"):
+        raise DataError(f"data.path={location!r}: conmim reads local shard files by offset; copy the shards to a disk")
     paths = require_webdataset().shardlists.expand_urls(location)
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
