@@ -216,3 +216,20 @@ def test_without_the_webdataset_package_the_error_says_how_to_install(tmp_path, 
     monkeypatch.setitem(__import__("sys").modules, "webdataset", None)
     with pytest.raises(DataError, match=r"pip install 'conmim\[webdataset\]'"):
         shard_paths("shards/train-{000000..000009}.tar")
+
+
+@pytest.mark.slow  # two torchrun processes
+def test_two_ranks_from_shards_train_as_from_the_folder(tmp_path, labelled):
+    """Under torchrun (2 gloo ranks, 2 workers each) the shard run splits the epoch as the folder run does:
+    the same metrics and the same final weights, bitwise."""
+    from reliability_utils import assert_same_state, final_state, records, run, torchrun_cmd
+
+    pack(labelled, tmp_path / "shards")
+    for name, data in (("shards", tmp_path / "shards"), ("folder", labelled)):
+        source = "webdataset" if name == "shards" else "folder"
+        overrides = [f"data.source={source}", f"data.path={data}", "data.split=.", "data.num_workers=2"]
+        proc = run(torchrun_cmd(tmp_path / name, *overrides), timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert records(tmp_path / "shards") == records(tmp_path / "folder")
+    assert len(records(tmp_path / "shards")) == 6  # 24 images, 4 per rank: 3 steps an epoch, 2 epochs
+    assert_same_state(final_state(tmp_path / "shards"), final_state(tmp_path / "folder"))
