@@ -212,6 +212,15 @@ def test_packing_refuses_a_non_image_or_lists_it(tmp_path, labelled, capsys):
     assert "already holds shards" in capsys.readouterr().err
 
 
+def test_packing_a_list_file_keeps_its_labels(tmp_path, labelled):
+    files = sorted(labelled.rglob("*.png"))[:4]
+    (tmp_path / "list.txt").write_text("".join(f"{f} {k % 3}\n" for k, f in enumerate(files)) + f"{files[0]}\n")
+    pack(tmp_path / "list.txt", tmp_path / "shards")
+    source = ShardSource(shard_paths(str(tmp_path / "shards")))
+    assert source.labels == [0, 1, 2, 0, -1] and source.classes == []  # no label: no .cls member
+    assert source.raw(2) == files[2].read_bytes()
+
+
 def test_without_the_webdataset_package_the_error_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "webdataset", None)
     with pytest.raises(DataError, match=r"pip install 'conmim\[webdataset\]'"):

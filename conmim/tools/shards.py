@@ -59,7 +59,10 @@ def pack_shards(src: str, out: str, shard_size: int, on_error: str = "raise", pr
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     if existing := sorted(folder.glob(f"{prefix}-*.tar")):
-        raise DataError(f"{out!r} already holds shards ({existing[0].name}, ...): choose an empty folder")
+        raise DataError(
+            f"{out!r} already holds shards ({existing[0].name}, ...): choose an empty folder "
+            "(or remove the shards a stopped packing left there)"
+        )
     wds = require_webdataset()
     written: list[str] = []
     skipped: list[tuple[str, str]] = []
