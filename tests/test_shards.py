@@ -174,7 +174,13 @@ def test_missing_shards_and_splits_are_clear_errors(tmp_path, labelled):
     with pytest.raises(DataError, match="reads local shard files"):
         shard_paths("https://example.org/shard-{000000..000004}.tar")
     cfg = load_config(None, ["data.source=webdataset", f"data.path={tmp_path}/shards/shard-{{000000..000004}}.tar"])
-    assert len(build_source(cfg.data, 16)) == 24  # a pattern without {split}: the training split
+    source = build_source(cfg.data, 16)
+    assert len(source) == 24  # a pattern without {split}: the training split
+    assert build_source(cfg.data, 16) is source  # scanned once while the shards are unchanged
+    with open(tmp_path / "shards" / "shard-000004.tar", "ab") as f:
+        f.write(bytes(10240))  # more zero trailer: the same samples, a changed shard
+    again = build_source(cfg.data, 16)
+    assert again is not source and len(again) == 24
     with pytest.raises(DataError, match=r"names no shards of split 'test'.*\{split\}"):
         build_source(cfg.data, 16, "test")
 

@@ -23,6 +23,7 @@ under ``raise`` it is a :class:`DataError` naming the shard and the member.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tarfile
@@ -220,3 +221,17 @@ class ShardSource:
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return load_image(BytesIO(self.raw(index))), self.labels[index]
+
+
+@functools.lru_cache(maxsize=4)
+def _indexed(paths: tuple[str, ...], stamps: tuple[tuple[int, int], ...], on_error: str) -> ShardSource:
+    return ShardSource(paths, on_error)
+
+
+def open_shards(location: str, on_error: str = "skip") -> ShardSource:
+    """The shards of ``location`` (see :func:`shard_paths`), scanned once per process while they stay
+    unchanged (same sizes and modification times): pre-training, its online k-NN and the final
+    evaluation build the same source, and each scan reads every tar header."""
+    paths = shard_paths(location)
+    stamps = tuple((st.st_size, st.st_mtime_ns) for st in map(os.stat, paths))
+    return _indexed(tuple(paths), stamps, on_error)

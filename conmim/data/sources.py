@@ -290,9 +290,9 @@ def build_source(data_cfg, img_size: int, split: str | None = None) -> Source:
     if src == "list":
         return list_file(split_location(data_cfg, split))
     if src == "webdataset":
-        from .shards import ShardSource, shard_paths  # the optional webdataset package, only when asked for
+        from .shards import open_shards  # the optional webdataset package, only when asked for
 
-        return ShardSource(shard_paths(split_location(data_cfg, split)), data_cfg.on_error)
+        return open_shards(split_location(data_cfg, split), data_cfg.on_error)
     if src == "synthetic":
         return SyntheticSource(data_cfg.synthetic_size, img_size)
     raise DataError(f"data.source={src!r}: choose fashion_mnist, folder, list, webdataset or synthetic")
