@@ -144,7 +144,9 @@ def test_a_corrupt_member_is_named_by_shard_and_member(tmp_path, labelled):
     assert list(read_skipped(log)) == [source.name(7)]
 
 
-def test_a_corrupt_tar_header_or_truncated_shard_is_named_or_skipped_and_listed(tmp_path, labelled):
+def test_a_corrupt_tar_header_or_truncated_shard_is_named_or_skipped_and_listed(
+    tmp_path, labelled, tiny_overrides, capsys
+):
     shards = pack(labelled, tmp_path / "shards")
     header = image_member(shards[2], 12)
     with open(shards[2], "r+b") as f:
@@ -163,6 +165,13 @@ def test_a_corrupt_tar_header_or_truncated_shard_is_named_or_skipped_and_listed(
     log = tmp_path / "skipped.txt"
     _dataset(source, "skip", log)
     assert list(read_skipped(log)) == [name for name, _ in source.skipped]
+    # the real command: one line naming shard and member under raise; a run and its list under skip
+    data = ["data.source=webdataset", f"data.path={where}", "data.split=.", "train.max_steps=2"]
+    assert main(["pretrain", *tiny_overrides, *data, "data.on_error=raise"]) == 2
+    assert f"conmim: error: cannot read {shards[2]}:00000012.cls: corrupt tar header" in capsys.readouterr().err
+    assert main(["pretrain", *tiny_overrides, *data]) == 0
+    listed = read_skipped(Path(tiny_overrides[-1].split("=", 1)[1]) / "skipped_files.txt")
+    assert sorted(listed) == sorted(name for name, _ in source.skipped)
 
 
 def test_missing_shards_and_splits_are_clear_errors(tmp_path, labelled):
