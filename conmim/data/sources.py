@@ -257,7 +257,7 @@ def split_location(data_cfg, split: str) -> str:
             subs = sorted(e.name for e in os.scandir(path) if e.is_dir())[:6]
             hint = f"; {path!r} holds {', '.join(subs) if subs else 'no sub-folders'}"
         raise DataError(
-            f"split folder {found!r} not found: folder sources read data.path/<split> (data.path="
+            f"split folder {found!r} not found: {data_cfg.source} sources read data.path/<split> (data.path="
             f"{path!r}, split {split!r}), data.split=. for images directly under data.path{hint}"
         )
     return found
