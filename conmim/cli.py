@@ -1,4 +1,5 @@
-"""The ``conmim`` command line: ``conmim pretrain|export|knn|linprobe|finetune|convert|bench|study|visualize``."""
+"""The ``conmim`` command line: ``conmim pretrain|export|knn|linprobe|finetune|convert|shards|bench|study|visualize``
+(one sub-command each)."""
 
 from __future__ import annotations
 
@@ -192,6 +193,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shards(args: argparse.Namespace) -> int:
+    from .tools.shards import pack_shards
+
+    result = pack_shards(args.source, args.out, args.shard_size, args.on_error)
+    skipped = ""
+    if result.skipped:
+        skipped = f", {len(result.skipped)} file(s) skipped (listed in {args.out}/skipped_files.txt)"
+    print(f"wrote {result.images} images in {len(result.shards)} shard(s){skipped}: {result.pattern}")
+    print(f"use: data.source=webdataset data.path='{result.pattern}'")
+    return 0
+
+
 def _run_eval(func):
     """Resolve the configuration once for an evaluation command; ``--print-config`` stops there."""
 
@@ -290,6 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors file (the .json goes beside it)")
     p.add_argument("--img-size", type=int, default=0, help="image size (default: inferred from the weights)")
     p.set_defaults(func=cmd_convert)
+    p = sub.add_parser(
+        "shards",
+        help="pack an image folder or list file into tar shards for data.source=webdataset",
+        description="Pack the images of SOURCE (a folder, recursive, first-level sub-folders as classes; or a "
+        "'path [label]' list file) unchanged into OUT/shard-000000.tar, ... (webdataset layout: KEY.jpg and KEY.cls "
+        "with the label), class names in OUT/classes.txt. For splits, pack each split folder to OUT_ROOT/<split>.",
+    )
+    p.add_argument("source", help="image folder or list file")
+    p.add_argument("out", help="output folder (must not hold shards yet)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default: %(default)s)")
+    bad_file = "a file that is not an image: stop (raise, default) or leave it out and list it (skip)"
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help=bad_file)
+    p.set_defaults(func=cmd_shards)
     p = sub.add_parser(
         "study",
         help="run (or continue) a study on Fashion-MNIST and write its report",

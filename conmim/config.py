@@ -26,7 +26,7 @@ POS_EMBEDS = ("none", "mask_sincos", "sincos", "sincos_fixed")
 REL_POS_INITS = ("zero", "locality")
 OBJECTIVES = ("conmim", "pixel")
 MASK_TYPES = ("random_unit", "block", "random")
-SOURCES = ("fashion_mnist", "folder", "list", "synthetic")
+SOURCES = ("fashion_mnist", "folder", "list", "webdataset", "synthetic")
 
 
 class ConfigError(ValueError):
@@ -75,6 +75,7 @@ class DataConfig:
     source: str = "fashion_mnist"
     # The data root. Folder sources: data.path/<split>/[<class>/]*.jpg; list sources: <path w/o .txt>_<split>.txt;
     # split "." means data.path itself (conmim.data.sources.split_location, used by every command).
+    # webdataset: a folder of <split>/*.tar, or a shard file / brace pattern, {split} standing for the split
     path: str = "/usr/share/datasets/fashion-mnist"
     split: str = "train"  # training images: pre-training, and the k-NN bank / probe / fine-tuning train set
     num_workers: int = 2
@@ -84,9 +85,10 @@ class DataConfig:
     strong_aug: bool = True  # photometric ops on the teacher's view
     weak_aug_strong: bool = False  # ablation: strong photometric ops on the student's view too
     synthetic_size: int = 1024
-    on_error: str = "skip"  # skip | raise, for unreadable image files
+    on_error: str = "skip"  # skip | raise, for unreadable image files (and damaged tar shards)
     eval_split: str = "test"  # labelled held-out split of knn / linprobe / finetune (ImageNet folder: val)
-    gpu_aug: bool = False  # folder/list: workers only read file bytes; decode + views run batched on the device
+    # folder/list/webdataset: workers only read the encoded bytes; decode + views run batched on the device
+    gpu_aug: bool = False
 
 
 @dataclass
@@ -212,7 +214,8 @@ BENCH_DATA = ("synthetic", "jpeg")
 class BenchConfig:
     """``conmim bench`` only: what to feed the step and how long to time it."""
 
-    data: str = "synthetic"  # synthetic (tensors on the device) | jpeg (generated files) | a folder path
+    # synthetic (tensors on the device) | jpeg (generated files) | a folder of images | shards (folder of .tar, pattern)
+    data: str = "synthetic"
     steps: int = 20  # timed optimizer steps per path, split into ``repeats`` chunks
     warmup: int = 3  # untimed steps first (compilation, autotuning, worker start-up)
     repeats: int = 3  # the figure is the median chunk; the spread of the chunks is reported too
@@ -373,12 +376,13 @@ def validate(cfg: Config) -> None:
         f"{m.in_chans} values each, std positive",
     )
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
-    reads_files = d.source in ("folder", "list") or (isinstance(cfg, BenchRunConfig) and cfg.bench.data != "synthetic")
+    reads_files = d.source in ("folder", "list", "webdataset")
+    reads_files = reads_files or (isinstance(cfg, BenchRunConfig) and cfg.bench.data != "synthetic")
     _require(
         not d.gpu_aug or reads_files,
         "data.gpu_aug",
         d.gpu_aug,
-        f"false with data.source={d.source!r}; the device data path reads files (folder or list)",
+        f"false with data.source={d.source!r}; the device data path reads files (folder, list or webdataset)",
     )
     _require(t.batch_size > 0, "train.batch_size", t.batch_size, "a positive integer")
     _require(t.base_lr > 0, "train.base_lr", t.base_lr, "a positive number")
@@ -426,10 +430,10 @@ def validate(cfg: Config) -> None:
     if isinstance(cfg, BenchRunConfig):
         b = cfg.bench
         _require(
-            b.data in BENCH_DATA or os.path.isdir(b.data),
+            b.data in BENCH_DATA or os.path.isdir(b.data) or b.data.endswith(".tar"),
             "bench.data",
             b.data,
-            "synthetic, jpeg or an existing folder of images",
+            "synthetic, jpeg, an existing folder of images or of .tar shards, or a shard file or pattern (.tar)",
         )
         _require(
             b.repeats > 0 and b.steps >= b.repeats,

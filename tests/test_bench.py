@@ -118,3 +118,16 @@ def test_bench_baseline_times_one_setting_against_the_same_fast_path():
     assert (fast["grad_checkpointing"], baseline["grad_checkpointing"]) == (True, False)
     assert fast["precision"] == baseline["precision"] and fast["attention"] == baseline["attention"] == "sdpa"
     assert fast["speedup_vs_baseline"] == pytest.approx(fast["img_per_s"] / baseline["img_per_s"], rel=1e-2)
+
+
+def test_shard_folder_runs_the_webdataset_source(tmp_path):
+    """``bench.data`` naming tar shards times the same step reading them (data.source=webdataset)."""
+    from conmim.tools.shards import pack_shards
+
+    write_jpeg_folder(tmp_path / "images", 8, seed=2)
+    pattern = pack_shards(str(tmp_path / "images"), str(tmp_path / "shards"), 3).pattern
+    for data in (str(tmp_path / "shards"), pattern):
+        cfg = load_config(None, [*TINY, f"bench.data={data}", "data.num_workers=0"], schema_cls=BenchRunConfig)
+        fast, plain = run_bench(cfg)
+        assert fast["data"] == plain["data"] == "webdataset" and fast["data_path"] == "cpu"
+        assert fast["config"]["data"]["source"] == "webdataset" and fast["img_per_s"] > 0

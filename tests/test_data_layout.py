@@ -89,8 +89,10 @@ def test_split_location_rule(tmp_path):
 def test_every_source_kind_meets_the_source_protocol(tmp_path, fashion_mnist_dir):
     from PIL import Image
 
+    from conmim.data.shards import ShardSource, shard_paths
     from conmim.data.sources import Source, SyntheticSource, fashion_mnist, image_folder, list_file
     from conmim.eval.common import limit_source
+    from conmim.tools.shards import pack_shards
 
     for c in ("a", "b"):
         (tmp_path / c).mkdir()
@@ -103,8 +105,9 @@ def test_every_source_kind_meets_the_source_protocol(tmp_path, fashion_mnist_dir
         SyntheticSource(4, 8),
     ]
     sources.append(limit_source(sources[2], 5))
+    sources.append(ShardSource(shard_paths(pack_shards(str(tmp_path), str(tmp_path / "shards"), 1).pattern)))
     for source in sources:
         assert isinstance(source, Source), type(source)
         image, label = source[len(source) - 1]
         assert isinstance(image, Image.Image) and isinstance(label, int) and isinstance(source.name(0), str)
-    assert sources[0].classes == ["a", "b"] and sources[4].classes == sources[2].classes
+    assert sources[0].classes == ["a", "b"] == sources[5].classes and sources[4].classes == sources[2].classes

@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..config import Config
 from .pretrain import PretrainDataset, sample_generator
-from .sources import DataError, FileSource, load_image
+from .sources import DataError, load_image
 from .views import ViewParams
 
 # Columns of the packed parameter table, one row per view (ViewParams flattened).
@@ -60,7 +59,7 @@ def pack_params(p: ViewParams) -> list[float]:
 
 
 class EncodedPretrainDataset(PretrainDataset):
-    """``(epoch, index) -> (payload, params (2, 17), mask, name)`` for a file source.
+    """``(epoch, index) -> (payload, params (2, 17), mask, name)`` for a source of encoded images (``raw(i)``).
 
     ``payload`` is the file's bytes (1-D uint8) for RGB JPEGs, else the decoded (3, H, W) uint8 image.
     Row 0 of ``params`` is the crop/flip/strong-ops draw, row 1 the weak view's own ops (ablation
@@ -68,13 +67,13 @@ class EncodedPretrainDataset(PretrainDataset):
     """
 
     def __init__(self, source, *args, **kwargs):
-        if not isinstance(source, FileSource):
-            raise DataError("data.gpu_aug=true needs a file source (data.source=folder or list)")
+        if not callable(getattr(source, "raw", None)):
+            raise DataError("data.gpu_aug=true needs encoded images (data.source=folder, list or webdataset)")
         super().__init__(source, *args, **kwargs)
 
     def load(self, i: int) -> tuple[torch.Tensor, int, int, str]:
         name = self.source.name(i)
-        raw = Path(name).read_bytes()
+        raw = self.source.raw(i)
         with Image.open(io.BytesIO(raw)) as im:  # header only: no pixel is decoded here
             fmt, mode, (width, height) = im.format, im.mode, im.size
         if fmt == "JPEG" and mode == "RGB":

@@ -63,7 +63,8 @@ class PretrainDataset(Dataset):
 
     Unreadable files follow ``on_error``: ``raise`` stops with the path and reason, ``skip``
     substitutes the next readable sample and appends the file to ``skip_log`` (from whichever
-    worker process met it; see :func:`record_skipped`).
+    worker process met it; see :func:`record_skipped`). What a source itself dropped while indexing
+    (``source.skipped``: the damaged part of a tar shard) joins the same list when the dataset is built.
     """
 
     def __init__(
@@ -78,6 +79,8 @@ class PretrainDataset(Dataset):
         self.source, self.views, self.masks, self.seed, self.on_error = source, views, masks, seed, on_error
         self.skip_log = skip_log
         self._seen_bad: set[str] = set()  # per process: record each bad file once
+        for name, reason in getattr(source, "skipped", ()):
+            self.record(name, reason)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -101,6 +104,10 @@ class PretrainDataset(Dataset):
         reason = f"{type(err).__name__}: {err}"
         if self.on_error == "raise":
             raise DataError(f"cannot read {name}: {reason} (data.on_error=raise)") from err
+        self.record(name, reason)
+
+    def record(self, name: str, reason: str) -> None:
+        """Add ``name`` to the skip log, once per process."""
         if name not in self._seen_bad:
             self._seen_bad.add(name)
             log.debug("skipping unreadable image %s (%s)", name, reason)

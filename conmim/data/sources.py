@@ -1,7 +1,8 @@
 """Image sources.
 
 A *source* (:class:`Source`) is an indexable collection of ``(PIL image, label)`` with ``label = -1``
-when unknown: an image folder, a list file, Fashion-MNIST's IDX files, or synthetic images.
+when unknown: an image folder, a list file, tar shards (:mod:`conmim.data.shards`), Fashion-MNIST's
+IDX files, or synthetic images.
 Pre-training (:mod:`conmim.data.pretrain`) and evaluation (:mod:`conmim.eval.common`) both read them.
 """
 
@@ -92,6 +93,10 @@ class FileSource:
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return load_image(self.paths[index]), self.labels[index]
+
+    def raw(self, index: int) -> bytes:
+        """The file's encoded bytes (the device data path decodes them itself)."""
+        return Path(self.paths[index]).read_bytes()
 
 
 def image_folder(root: str | os.PathLike) -> FileSource:
@@ -219,15 +224,20 @@ ROOT_SPLIT = "."  # data.split / data.eval_split: the images directly under data
 
 
 def split_location(data_cfg, split: str) -> str:
-    """Where the images of ``split`` live for a folder or list source: the one rule of every command.
+    """Where the images of ``split`` live for a folder, list or webdataset source: the one rule of every command.
 
     ``data.path`` is the data root. A folder source reads ``data.path/<split>`` (ImageNet layout:
     ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``); a list source reads
-    ``<data.path without .txt>_<split>.txt``. ``split=.`` (or empty) is ``data.path`` itself.
+    ``<data.path without .txt>_<split>.txt``. ``split=.`` (or empty) is ``data.path`` itself. A
+    webdataset source whose ``data.path`` is a folder reads ``data.path/<split>/*.tar``; a shard file
+    or brace pattern has ``{split}`` replaced by the split, and without ``{split}`` it holds the
+    training images only (``data.split``): another split has no shards to find.
     Pre-training reads ``data.split``; knn / linprobe / finetune read ``data.split`` as their training
     set and ``data.eval_split`` as the held-out one. Raises :class:`DataError` naming the missing path.
     """
     path = data_cfg.path
+    if data_cfg.source == "webdataset" and not os.path.isdir(path):
+        return _shard_pattern(path, split, data_cfg.split)
     if split in ("", ROOT_SPLIT):
         return path
     if data_cfg.source == "list":
@@ -247,10 +257,25 @@ def split_location(data_cfg, split: str) -> str:
             subs = sorted(e.name for e in os.scandir(path) if e.is_dir())[:6]
             hint = f"; {path!r} holds {', '.join(subs) if subs else 'no sub-folders'}"
         raise DataError(
-            f"split folder {found!r} not found: folder sources read data.path/<split> (data.path="
+            f"split folder {found!r} not found: {data_cfg.source} sources read data.path/<split> (data.path="
             f"{path!r}, split {split!r}), data.split=. for images directly under data.path{hint}"
         )
     return found
+
+
+def _shard_pattern(pattern: str, split: str, train_split: str) -> str:
+    """The shard pattern of ``split`` (see :func:`split_location`)."""
+    if "{split}" in pattern:
+        if split in ("", ROOT_SPLIT):
+            raise DataError(f"data.path={pattern!r} has a {{split}} placeholder: data.split=. names no split")
+        return pattern.replace("{split}", split)
+    if split not in ("", ROOT_SPLIT, train_split):
+        raise DataError(
+            f"data.path={pattern!r} names no shards of split {split!r} (only the training shards, data.split="
+            f"{train_split!r}): write {{split}} where the split's name goes, e.g. "
+            "shards/{split}-{000000..000009}.tar, or give a folder with one sub-folder of .tar files per split"
+        )
+    return pattern
 
 
 def build_source(data_cfg, img_size: int, split: str | None = None) -> Source:
@@ -264,6 +289,10 @@ def build_source(data_cfg, img_size: int, split: str | None = None) -> Source:
         return image_folder(split_location(data_cfg, split))
     if src == "list":
         return list_file(split_location(data_cfg, split))
+    if src == "webdataset":
+        from .shards import open_shards  # the optional webdataset package, only when asked for
+
+        return open_shards(split_location(data_cfg, split), data_cfg.on_error)
     if src == "synthetic":
         return SyntheticSource(data_cfg.synthetic_size, img_size)
-    raise DataError(f"data.source={src!r}: choose fashion_mnist, folder, list or synthetic")
+    raise DataError(f"data.source={src!r}: choose fashion_mnist, folder, list, webdataset or synthetic")

@@ -13,7 +13,8 @@ initial weights, in the same process:
 Data (``bench.data``): ``synthetic`` keeps a few random batches on the device (the model step
 alone; the two variants then alternate chunk by chunk, so a shared machine's load hits both);
 ``jpeg`` writes ImageNet-sized JPEG files to a temporary folder and ``PATH`` uses a folder of
-images: both run the complete data path from files, one variant after the other, each with its
+images, or tar shards (a folder of ``.tar`` files or a shard pattern: ``data.source=webdataset``):
+all run the complete data path from files, one variant after the other, each with its
 loader's prefetch queue drained after warm-up so the figure is the steady state.
 """
 
@@ -45,6 +46,7 @@ from tqdm import tqdm
 from ..config import BenchRunConfig, Config, ModelConfig
 from ..data.gpu_views import device_batches, device_views
 from ..data.masking import MaskGenerator
+from ..data.shards import is_shard_location
 from ..models.conmim import ARCH_DIMS, ConMIM, set_fused_attention
 from ..runtime import distributed
 from ..runtime.device import resolve_device, resolve_precision
@@ -173,8 +175,9 @@ def variant_config(cfg: BenchRunConfig, variant: str, folder: Path | None) -> Be
     """The configuration one variant runs; ``plain`` turns every speed-up off, ``baseline`` applies
     ``bench.baseline``'s overrides."""
     cfg = copy.deepcopy(cfg)
-    if folder is not None:
-        cfg.data.source, cfg.data.path, cfg.data.split = "folder", str(folder), "."  # the images, unsplit
+    if folder is not None:  # the images, unsplit
+        source = "webdataset" if is_shard_location(str(folder)) else "folder"
+        cfg.data.source, cfg.data.path, cfg.data.split = source, str(folder), "."
     if variant == "plain":
         cfg.train.precision, cfg.train.compile, cfg.data.gpu_aug = "fp32", False, False
     if variant == "baseline":
@@ -378,7 +381,8 @@ def run_bench(cfg: BenchRunConfig) -> list[dict[str, Any]]:
                 v.close()
                 variants.append(v)
                 del v
-        lines = [report(v, cfg, device, b.data if b.data in ("synthetic", "jpeg") else "folder") for v in variants]
+        data = b.data if b.data in ("synthetic", "jpeg") else variants[0].cfg.data.source  # folder | webdataset
+        lines = [report(v, cfg, device, data) for v in variants]
     lines[0][f"speedup_vs_{names[1]}"] = round(lines[0]["img_per_s"] / lines[1]["img_per_s"], 3)
     if device.type == "cpu":
         lines[0][f"speedup_vs_{names[1]}_cpu_time"] = round(
