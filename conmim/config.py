@@ -9,6 +9,7 @@ the field, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -187,6 +188,61 @@ class FinetuneConfig:
     log_every: int = 20
 
 
+SEGMENT_HEADS = ("upernet", "linear")
+
+
+@dataclass
+class SegmentConfig:
+    """``conmim segment`` (docs/dense.md). Defaults: a CPU-sized run on the built-in scenes; the
+    ``segment_ade20k`` preset holds BEiT's ADE20K recipe."""
+
+    # Data: an ADE20K-layout root (images/<split>, annotations/<split>), or a pair of folders
+    # (images, masks and val_images, val_masks), or neither: the built-in scenes in scenes_dir.
+    data: str = ""
+    train_split: str = "training"
+    val_split: str = "validation"
+    images: str = ""
+    masks: str = ""
+    val_images: str = ""
+    val_masks: str = ""
+    num_classes: int = 0  # 0: from the scenes' scenes.json (required for other data)
+    val_limit: int = 0  # evaluate on the first N validation images (0: all)
+    scenes_dir: str = "data/scenes"  # generated on first use from data.path's Fashion-MNIST files
+    scenes_train: int = 2000
+    scenes_val: int = 200
+    scenes_size: int = 64
+    scenes_seed: int = 0
+    # Model: the encoder at crop_size, its blocks `indices` ([]: spread as 3/5/7/11 of 12) rescaled by
+    # `scales` relative to the token grid (strides patch/scale), then the head.
+    head: str = "upernet"  # upernet (fine-tunes everything) | linear (frozen encoder, BN + 1x1 conv: the probe)
+    indices: list[int] = field(default_factory=list)
+    scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
+    channels: int = 128  # UperNet width (BEiT: 768)
+    dropout: float = 0.1
+    drop_path: float = 0.1
+    # Training: iterations with random scale / crop / flip, AdamW with layer decay, poly schedule.
+    crop_size: int = 64
+    base_size: int = 64  # short side before the random scale (ADE20K: 512); 0 = images as they are
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    flip: bool = True
+    iters: int = 300
+    batch_size: int = 8
+    lr: float = 2.0e-4  # peak, absolute (BEiT's configs give it at their total batch of 16)
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_iters: int = 30
+    warmup_ratio: float = 1.0e-6
+    power: float = 1.0
+    min_lr: float = 0.0
+    # Evaluation: sliding windows of crop_size every eval_stride px (0: 2/3 of the crop), logits averaged
+    # and resized to the original image before the argmax.
+    eval_stride: int = 0
+    eval_every: int = 0  # iterations between evaluations (0: only at the end)
+    log_every: int = 20
+    checkpoint_every: int = 100
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -196,6 +252,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     linprobe: LinProbeConfig = field(default_factory=LinProbeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
     output_dir: str = "runs/default"
     resume: str = ""
     device: str = "auto"
@@ -415,6 +472,7 @@ def validate(cfg: Config) -> None:
         "positive numbers",
     )
     _validate_eval(cfg)
+    _validate_segment(cfg.segment)
     if isinstance(cfg, BenchRunConfig):
         b = cfg.bench
         _require(
@@ -482,4 +540,62 @@ def _validate_eval(cfg: Config) -> None:
         "finetune.batch_size",
         ft.batch_size,
         "an even number when mixup/cutmix is on (timm mixes a batch with its reverse)",
+    )
+
+
+def _validate_segment(s: SegmentConfig) -> None:
+    _require(s.head in SEGMENT_HEADS, "segment.head", s.head, f"one of {', '.join(SEGMENT_HEADS)}")
+    pair = (s.images, s.masks, s.val_images, s.val_masks)
+    _require(
+        all(pair) or not any(pair),
+        "segment.images/masks/val_images/val_masks",
+        pair,
+        "all four folders (a generic image + mask pair for training and validation) or none",
+    )
+    _require(not (s.data and any(pair)), "segment.data", s.data, "empty when segment.images/masks/... name the folders")
+    _require(
+        s.num_classes > 0 or not (s.data or any(pair)),
+        "segment.num_classes",
+        s.num_classes,
+        "the number of classes of your masks (ids 1..N, 0 = ignore; ADE20K: 150)",
+    )
+    _require(s.num_classes >= 0 and s.num_classes < 255, "segment.num_classes", s.num_classes, "0..254")
+    _require(
+        len(s.scales) >= 2 and all(x > 0 and math.log2(x).is_integer() for x in s.scales),
+        "segment.scales",
+        s.scales,
+        "two or more powers of 2 relative to the token grid, e.g. [4, 2, 1, 0.5]",
+    )
+    _require(not s.indices or len(s.indices) == len(s.scales), "segment.indices", s.indices, "[] or one per scale")
+    _require(s.channels > 0, "segment.channels", s.channels, "a positive integer")
+    _require(
+        0 <= s.dropout < 1 and 0 <= s.drop_path < 1, "segment.dropout/drop_path", (s.dropout, s.drop_path), "in [0, 1)"
+    )
+    _require(s.crop_size > 0, "segment.crop_size", s.crop_size, "a positive size, a multiple of the patch size")
+    _require(s.base_size >= 0, "segment.base_size", s.base_size, "0 (as they are) or a positive size")
+    _require(
+        len(s.ratio_range) == 2 and 0 < s.ratio_range[0] <= s.ratio_range[1],
+        "segment.ratio_range",
+        s.ratio_range,
+        "[low, high] with 0 < low <= high",
+    )
+    for name in ("iters", "batch_size", "log_every", "checkpoint_every", "scenes_size"):
+        _require(getattr(s, name) > 0, f"segment.{name}", getattr(s, name), "a positive integer")
+    _require(
+        s.scenes_train > 0 and s.scenes_val > 0, "segment.scenes_train/val", (s.scenes_train, s.scenes_val), "positive"
+    )
+    _require(s.lr > 0 and s.min_lr >= 0, "segment.lr/min_lr", (s.lr, s.min_lr), "lr positive, min_lr 0 or more")
+    _require(0 < s.layer_decay <= 1, "segment.layer_decay", s.layer_decay, "a number in (0, 1]")
+    _require(len(s.betas) == 2 and all(0 <= b < 1 for b in s.betas), "segment.betas", s.betas, "two numbers in [0, 1)")
+    _require(
+        s.warmup_iters >= 0 and 0 < s.warmup_ratio <= 1,
+        "segment.warmup_iters/warmup_ratio",
+        (s.warmup_iters, s.warmup_ratio),
+        "warm-up iterations 0 or more, ratio in (0, 1]",
+    )
+    _require(
+        s.eval_stride >= 0 and s.eval_every >= 0 and s.val_limit >= 0,
+        "segment.eval_stride/eval_every/val_limit",
+        (s.eval_stride, s.eval_every, s.val_limit),
+        "0 or more",
     )
