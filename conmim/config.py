@@ -214,6 +214,7 @@ class SegmentConfig:
     scenes_seed: int = 0
     # Model: the encoder at crop_size, its blocks `indices` ([]: spread as 3/5/7/11 of 12) rescaled by
     # `scales` relative to the token grid (strides patch/scale), then the head.
+    init: str = "pretrained"  # pretrained | random: the same encoder with timm's initialisation (the scratch baseline)
     head: str = "upernet"  # upernet (fine-tunes everything) | linear (frozen encoder, BN + 1x1 conv: the probe)
     indices: list[int] = field(default_factory=list)
     scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
@@ -544,6 +545,7 @@ def _validate_eval(cfg: Config) -> None:
 
 
 def _validate_segment(s: SegmentConfig) -> None:
+    _require(s.init in ("pretrained", "random"), "segment.init", s.init, "pretrained or random")
     _require(s.head in SEGMENT_HEADS, "segment.head", s.head, f"one of {', '.join(SEGMENT_HEADS)}")
     pair = (s.images, s.masks, s.val_images, s.val_masks)
     _require(

@@ -245,6 +245,8 @@ def test_bad_input_errors_from_the_command(tmp_path, capsys, scenes_dir):
     assert "segment.num_classes=0 is not allowed" in capsys.readouterr().err
     assert main(["segment", "x.safetensors", "segment.head=fcn"]) == 2
     assert "segment.head='fcn' is not allowed: one of upernet, linear" in capsys.readouterr().err
+    assert main(["segment", "x.safetensors", "--config", "segment_cpu", "segment.init=scratch"]) == 2  # after --config
+    assert "segment.init='scratch' is not allowed: pretrained or random" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -309,12 +311,15 @@ def test_segment_runs_from_a_pretraining_run_and_resumes_exactly(tiny_run, scene
     assert json.loads((b / "results.json").read_text())["mIoU"] == pytest.approx(result["mIoU"])
 
 
-def test_segment_linear_probe_moves_only_the_head(tiny_run, scenes_dir, tmp_path):
-    args = _segment_args(tiny_run, scenes_dir, tmp_path / "lin", "segment.head=linear", "segment.iters=3")
-    assert main(args) == 0
-    state = torch.load(tmp_path / "lin" / "segment" / "checkpoints" / "last.pt", weights_only=True)
+@pytest.mark.parametrize("init", ["pretrained", "random"])
+def test_segment_linear_probe_moves_only_the_head(tiny_run, scenes_dir, tmp_path, init):
     from conmim.export.encoders import load_pretrained
 
+    args = _segment_args(tiny_run, scenes_dir, tmp_path / "lin", "segment.head=linear", "segment.iters=3")
+    assert main([*args, f"segment.init={init}"]) == 0
+    state = torch.load(tmp_path / "lin" / "segment" / "checkpoints" / "last.pt", weights_only=True)["model"]
     weights, _ = load_pretrained(tiny_run)
-    assert torch.equal(state["model"]["backbone.encoder.blocks.0.attn.qkv.weight"], weights["blocks.0.attn.qkv.weight"])
-    assert set(state["model"]) >= {"head.classifier.weight", "head.norm.running_mean"}
+    kept = torch.equal(state["backbone.encoder.blocks.0.attn.qkv.weight"], weights["blocks.0.attn.qkv.weight"])
+    assert kept == (init == "pretrained")
+    assert set(state) >= {"head.classifier.weight", "head.norm.running_mean"}
+    assert json.loads((tmp_path / "lin" / "segment" / "results.json").read_text())["init"] == init

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -115,6 +116,8 @@ def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None)
     k = len(names)
     torch.manual_seed(cfg.train.seed)
     weights, spec = load_pretrained(encoder, cfg.eval.which)
+    if s.init == "random":  # the scratch baseline: the source only fixes the architecture
+        weights = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"]).state_dict()
     try:
         backbone = build_backbone(weights, spec, s.crop_size, s.scales, s.indices, s.drop_path)
     except ValueError as err:
@@ -193,6 +196,7 @@ def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None)
         "aAcc": final["aAcc"],
         "iters": s.iters,
         "head": s.head,
+        "init": s.init,
         "num_classes": k,
         "train_images": len(train_pairs),
         "val_images": len(val_pairs),
