@@ -1,6 +1,6 @@
-"""The ``conmim`` command line: ``conmim pretrain|export|knn|linprobe|finetune|segment|scenes|convert|...``.
+"""The ``conmim`` command line: ``conmim pretrain|export|knn|linprobe|finetune|segment|detect|scenes|...``.
 
-(also ``bench``, ``study`` and ``visualize``)."""
+(also ``convert``, ``bench``, ``study`` and ``visualize``)."""
 
 from __future__ import annotations
 
@@ -176,6 +176,14 @@ def cmd_segment(args: argparse.Namespace, cfg) -> int:
     return 0
 
 
+def cmd_detect(args: argparse.Namespace, cfg) -> int:
+    from .dense.detect import detect
+
+    result = detect(args.source, cfg)
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+    return 0
+
+
 def cmd_scenes(args: argparse.Namespace) -> int:
     from .dense.scenes import SceneParams, generate
 
@@ -278,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_segment,
         "semantic segmentation from a pre-trained encoder: UperNet or a linear probe head (docs/dense.md); "
         "without segment.data it trains on the built-in scenes",
+    )
+    _add_eval_command(
+        sub,
+        "detect",
+        cmd_detect,
+        "object detection and instance segmentation from a pre-trained encoder: torchvision's Mask R-CNN on "
+        "its feature pyramid, COCO data, box and mask AP (docs/dense.md); without detect.* data the built-in scenes",
     )
     p = sub.add_parser(
         "scenes",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,15 +71,24 @@ def test_pyramid_shapes_and_strides(encoder, depth, size, patch, new_size, strid
         bb(torch.randn(1, 3, side + patch, side))
 
 
-def test_pyramid_blocks_are_the_encoders_own():
-    """Level 2 (scale 1) is block 3 of 6's token map exactly, as timm's encoder computes it."""
+def test_pyramid_levels_are_the_encoders_blocks():
+    """Levels 2 and 3 of a 6-block BEiT are block 3's token map and block 5's max-pooled by 2, as the
+    pre-trained encoder (one shared relative position table) computes them block by block."""
+    from conmim.export.encoders import build_encoder
+
     weights, spec = _encoder("beit", 6, 32, 4)
     bb = build_backbone(weights, spec, drop_path=0.0).eval()
-    ref = build_backbone(weights, spec, drop_path=0.0, indices=[3, 3, 3, 3], scales=[1, 1, 1, 1]).eval()
+    enc = build_encoder(weights, spec).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(bb(x)["2"], ref(x)["0"], atol=1e-5)
-        assert not torch.allclose(bb(x)["3"], torch.nn.functional.max_pool2d(ref(x)["1"], 2) * 0 + 1)
+        tokens = torch.cat([enc.cls_token, enc.patch_embed(x)], 1)
+        maps = []
+        for blk in enc.blocks:
+            tokens = blk(tokens, shared_rel_pos_bias=enc.rel_pos_bias())
+            maps.append(tokens[:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2))
+        out = bb(x)
+    assert torch.allclose(out["2"], maps[3], atol=1e-5)
+    assert torch.allclose(out["3"], torch.nn.functional.max_pool2d(maps[5], 2), atol=1e-5)
 
 
 def test_layer_decay_matches_beit_rule():
@@ -277,9 +287,36 @@ def _segment_args(run, scenes, out, *extra):
     ]
 
 
-def test_segment_runs_from_a_pretraining_run_and_resumes_exactly(tiny_run, scenes_dir, tmp_path, monkeypatch):
-    import conmim.dense.segment as seg
+def _crash_then_resume(monkeypatch, args: list[str], crash_step: int):
+    """Run ``args`` killed at the start of iteration ``crash_step`` (after a checkpoint), then run it
+    again; returns its output_dir."""
+    import conmim.dense.loop as loop
 
+    real_poly = loop.warmup_poly
+
+    def crash(step, *rest):
+        if step == crash_step:
+            raise KeyboardInterrupt
+        return real_poly(step, *rest)
+
+    monkeypatch.setattr(loop, "warmup_poly", crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    monkeypatch.setattr(loop, "warmup_poly", real_poly)
+    assert main(args) == 0
+    return Path(next(a for a in args if a.startswith("output_dir="))[len("output_dir=") :])
+
+
+def _assert_same_end(a: Path, b: Path) -> None:
+    """The same final weights and the same metrics, line by line, as the uninterrupted run."""
+    state_a = torch.load(a / "checkpoints" / "last.pt", weights_only=True)["model"]
+    state_b = torch.load(b / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.allclose(state_a[k].float(), state_b[k].float(), atol=1e-6) for k in state_a)
+    assert (b / "metrics.jsonl").read_text() == (a / "metrics.jsonl").read_text()
+
+
+def test_segment_runs_from_a_pretraining_run_and_resumes_exactly(tiny_run, scenes_dir, tmp_path, monkeypatch):
     assert main(_segment_args(tiny_run, scenes_dir, tmp_path / "a")) == 0
     a = tmp_path / "a" / "segment"
     result = json.loads((a / "results.json").read_text())
@@ -291,23 +328,8 @@ def test_segment_runs_from_a_pretraining_run_and_resumes_exactly(tiny_run, scene
     assert records[-1]["val_mIoU"] == pytest.approx(result["mIoU"])
     assert (a / "tensorboard").is_dir() and (a / "config.yaml").is_file()
 
-    real_poly = seg.warmup_poly
-
-    def crash_at_step_5(step, *args):
-        if step == 5:
-            raise KeyboardInterrupt  # killed after the checkpoint of step 4
-        return real_poly(step, *args)
-
-    monkeypatch.setattr(seg, "warmup_poly", crash_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        main(_segment_args(tiny_run, scenes_dir, tmp_path / "b"))
-    monkeypatch.setattr(seg, "warmup_poly", real_poly)
-    assert main(_segment_args(tiny_run, scenes_dir, tmp_path / "b")) == 0
-    b = tmp_path / "b" / "segment"
-    state_a = torch.load(a / "checkpoints" / "last.pt", weights_only=True)["model"]
-    state_b = torch.load(b / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert all(torch.allclose(state_a[k].float(), state_b[k].float(), atol=1e-6) for k in state_a)
-    assert (b / "metrics.jsonl").read_text() == (a / "metrics.jsonl").read_text()
+    b = _crash_then_resume(monkeypatch, _segment_args(tiny_run, scenes_dir, tmp_path / "b"), 5) / "segment"
+    _assert_same_end(a, b)
     assert json.loads((b / "results.json").read_text())["mIoU"] == pytest.approx(result["mIoU"])
 
 
@@ -323,3 +345,69 @@ def test_segment_linear_probe_moves_only_the_head(tiny_run, scenes_dir, tmp_path
     assert kept == (init == "pretrained")
     assert set(state) >= {"head.classifier.weight", "head.norm.running_mean"}
     assert json.loads((tmp_path / "lin" / "segment" / "results.json").read_text())["init"] == init
+
+
+def _detect_args(run, scenes, out, *extra):
+    return [
+        "detect",
+        str(run),
+        f"output_dir={out}",
+        f"scenes.dir={scenes}",
+        "scenes.train=24",
+        "scenes.val=6",
+        "scenes.size=32",
+        "scenes.seed=3",
+        "detect.img_size=32",
+        "detect.out_channels=16",
+        "detect.batch_size=2",
+        "detect.iters=4",
+        "detect.warmup_iters=1",
+        "detect.log_every=1",
+        "detect.checkpoint_every=2",
+        *extra,
+    ]
+
+
+def test_detect_runs_from_a_pretraining_run_and_resumes(tiny_run, scenes_dir, tmp_path, monkeypatch):
+    """Mask R-CNN on the pyramid: 4 real iterations on the built-in scenes' COCO files, pycocotools AP;
+    interrupted after the checkpoint of iteration 2 and run again, it ends where an uninterrupted run does."""
+    assert main(_detect_args(tiny_run, scenes_dir, tmp_path / "a")) == 0
+    a = tmp_path / "a" / "detect"
+    result = json.loads((a / "results.json").read_text())
+    assert result["model"] == "mask_rcnn" and result["num_classes"] == 10 and result["images"] == 6
+    assert all(0.0 <= result[k] <= 100.0 for k in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"))
+    records = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["train_loss"]) for r in records if "train_loss" in r)
+    assert "val_segm_AP" in records[-1]
+
+    _assert_same_end(
+        a, _crash_then_resume(monkeypatch, _detect_args(tiny_run, scenes_dir, tmp_path / "b"), 3) / "detect"
+    )
+
+
+def test_bad_coco_input_names_the_file(tmp_path, scenes_dir, capsys):
+    from conmim.dense.coco import CocoInstances
+
+    ann = json.loads((scenes_dir / "coco" / "instances_validation.json").read_text())
+    images = scenes_dir / "images"
+    cases = {
+        "box": lambda a: a["annotations"][0].update(bbox=[20, 20, 30, 5]),
+        "category": lambda a: a["annotations"][0].update(category_id=42),
+        "image": lambda a: a["images"][0].update(file_name="validation/missing.png"),
+    }
+    messages = {
+        "box": r"annotation 1 \(validation/scene_00000.png\): bbox \[20, 20, 30, 5\] is empty or outside the 32x32",
+        "category": r"annotation 1 .*category_id 42 is not among the categories",
+        "image": r"image 1 is .*validation/missing.png, which does not exist",
+    }
+    for name, change in cases.items():
+        bad = json.loads(json.dumps(ann))
+        change(bad)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=f"{path}: {messages[name]}"):
+            CocoInstances(images, path, masks=True)
+    args = [f"detect.images={images}", f"detect.train_ann={tmp_path / 'box.json'}", f"detect.val_ann={tmp_path}/x.json"]
+    assert main(["detect", "x.safetensors", *args]) == 2
+    assert "box.json: annotation 1" in capsys.readouterr().err

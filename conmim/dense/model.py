@@ -50,15 +50,37 @@ def build_segmenter(backbone: ViTPyramid, head: str, num_classes: int, channels:
     )
 
 
-def optimizer_groups(model: Segmenter, weight_decay: float, layer_decay: float) -> list[dict]:
-    """Encoder: timm's layer-decay groups (``lr_scale`` = decay ** (L + 1 - layer), BEiT's
-    ``LayerDecayOptimizerConstructor`` rule); pyramid necks and head: full lr, no decay on 1-D
-    parameters (pre-training's grouping). A frozen encoder contributes nothing."""
-    groups = [] if model.frozen else layer_decay_groups(model.backbone.encoder, weight_decay, layer_decay)
-    for g in groups:  # timm counts the top block as the top layer of a headless encoder; BEiT's head sits above it
-        g["lr_scale"] *= layer_decay
-    rest = nn.ModuleList([model.head] if model.frozen else [model.backbone.rescale, model.backbone.project, model.head])
-    for g in param_groups(rest, weight_decay):
+def _outside(model: nn.Module, inner: nn.Module) -> list[nn.Module]:
+    """The largest sub-modules of ``model`` that do not contain ``inner``."""
+    found = []
+    for child in model.children():
+        if child is inner:
+            continue
+        if any(m is inner for m in child.modules()):
+            found += _outside(child, inner)
+        else:
+            found.append(child)
+    return found
+
+
+def layer_decay_groups_around(
+    model: nn.Module, encoder: nn.Module, weight_decay: float, layer_decay: float
+) -> list[dict]:
+    """AdamW groups of a dense model around its encoder. Encoder: timm's layer-decay groups with
+    BEiT's ``LayerDecayOptimizerConstructor`` scales (block i of L: decay ** (L - i), patch embedding
+    decay ** (L + 1)); everything else (pyramid necks, heads): full lr, no decay on 1-D parameters
+    (pre-training's grouping). Parameters that do not train are left out."""
+    groups = []
+    if any(p.requires_grad for p in encoder.parameters()):
+        groups = layer_decay_groups(encoder, weight_decay, layer_decay)
+        for g in groups:  # timm counts the top block as the top layer of a headless encoder; BEiT's head sits above it
+            g["lr_scale"] *= layer_decay
+    for g in param_groups(nn.ModuleList(_outside(model, encoder)), weight_decay):
         g.pop("wd_scale")
         groups.append({**g, "lr_scale": 1.0})
     return [g for g in groups if g["params"]]
+
+
+def optimizer_groups(model: Segmenter, weight_decay: float, layer_decay: float) -> list[dict]:
+    """The segmentation model's groups (:func:`layer_decay_groups_around`); a frozen encoder adds none."""
+    return layer_decay_groups_around(model, model.backbone.encoder, weight_decay, layer_decay)

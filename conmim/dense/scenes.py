@@ -180,12 +180,12 @@ def ensure(out: str | os.PathLike, params: SceneParams, fashion_mnist_dir: str |
     if not out.exists():
         return generate(out, params, fashion_mnist_dir)
     if not meta.is_file():
-        raise DataError(f"{out}: exists but holds no scenes.json; choose another segment.scenes_dir")
+        raise DataError(f"{out}: exists but holds no scenes.json; choose another scenes.dir")
     stored = json.loads(meta.read_text())["params"]
     if stored != asdict(params):
         diff = {k: (stored.get(k), v) for k, v in asdict(params).items() if stored.get(k) != v}
         raise DataError(
             f"{out} holds scenes made with other parameters (stored, asked): {diff}; "
-            "choose another segment.scenes_dir or delete that folder"
+            "choose another scenes.dir or delete that folder"
         )
     return out

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -25,16 +24,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import Config, to_yaml
-from ..data.sources import FASHION_MNIST_DIR, DataError
-from ..export.encoders import load_pretrained
-from ..runtime import checkpoint as ckpt
+from ..data.sources import DataError
 from ..runtime.device import resolve_device, resolve_precision
-from ..runtime.metrics import MetricsWriter
-from ..runtime.seeding import rng_state, set_rng_state
-from ..train.schedules import warmup_poly
-from . import scenes
-from .backbone import build_backbone
-from .data import IGNORE, EvalSegDataset, StepSampler, TrainSegDataset, ade20k_pairs, check_sizes, pairs_in, windows
+from .common import builtin_scenes, pyramid_of, step_loader
+from .data import IGNORE, EvalSegDataset, TrainSegDataset, ade20k_pairs, check_sizes, pairs_in, windows
+from .loop import Schedule, train_iterations
 from .metrics import confusion, scores
 from .model import Segmenter, build_segmenter, optimizer_groups
 
@@ -43,13 +37,13 @@ log = logging.getLogger(__name__)
 
 def segmentation_data(cfg: Config) -> tuple[list, list, list[str]]:
     """(training pairs, validation pairs, class names) from ``segment.*``: an ADE20K-layout root, a
-    pair of folders, or the built-in scenes (generated into ``segment.scenes_dir`` on first use)."""
+    pair of folders, or the built-in scenes (generated into ``scenes.dir`` on first use)."""
     s = cfg.segment
     if s.images:
         train, val = pairs_in(s.images, s.masks), pairs_in(s.val_images, s.val_masks)
         names = [str(i + 1) for i in range(s.num_classes)]
     else:
-        root = Path(s.data) if s.data else _scenes(cfg)
+        root = Path(s.data) if s.data else builtin_scenes(cfg)
         train, val = ade20k_pairs(root, s.train_split), ade20k_pairs(root, s.val_split)
         meta = root / "scenes.json"
         names = json.loads(meta.read_text())["classes"] if meta.is_file() else []
@@ -60,17 +54,6 @@ def segmentation_data(cfg: Config) -> tuple[list, list, list[str]]:
         val = val[: s.val_limit]
     check_sizes(train + val)
     return train, val, names
-
-
-def _scenes(cfg: Config) -> Path:
-    s = cfg.segment
-    params = scenes.SceneParams(s.scenes_train, s.scenes_val, s.scenes_size, s.scenes_seed)
-    fm = cfg.data.path if cfg.data.source == "fashion_mnist" else FASHION_MNIST_DIR
-    if not Path(s.scenes_dir).exists():
-        log.info(
-            "writing the built-in scenes to %s (%d training, %d validation)", s.scenes_dir, params.train, params.val
-        )
-    return scenes.ensure(s.scenes_dir, params, fm)
 
 
 @torch.no_grad()
@@ -115,27 +98,9 @@ def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None)
     train_pairs, val_pairs, names = segmentation_data(cfg)
     k = len(names)
     torch.manual_seed(cfg.train.seed)
-    weights, spec = load_pretrained(encoder, cfg.eval.which)
-    if s.init == "random":  # the scratch baseline: the source only fixes the architecture
-        weights = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"]).state_dict()
-    try:
-        backbone = build_backbone(weights, spec, s.crop_size, s.scales, s.indices, s.drop_path)
-    except ValueError as err:
-        raise DataError(f"segment: {err}") from None
+    backbone = pyramid_of(encoder, cfg, s.crop_size, s.scales, s.indices, s.drop_path, s.init)
     model = build_segmenter(backbone, s.head, k, s.channels, s.dropout).to(device)
     optimizer = torch.optim.AdamW(optimizer_groups(model, s.weight_decay, s.layer_decay), lr=s.lr, betas=tuple(s.betas))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step, history, last = 0, [], out / "checkpoints" / "last.pt"
-    if last.is_file():
-        state = ckpt.safe_load(last)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, history = state["step"], state["history"]
-        set_rng_state(state["rng"], device)  # drop path and dropout draw on as they would have
-        log.info("resumed segmentation from %s at iteration %d", last, step)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
     log.info(
         "segmentation: %s head, %d classes, %d training / %d validation images, crop %d, strides %s (blocks %s)",
         s.head,
@@ -149,47 +114,26 @@ def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None)
     m = cfg.data
     train_set = TrainSegDataset(train_pairs, k, s.crop_size, s.base_size, s.ratio_range, s.flip, m.mean, m.std)
     val_set = EvalSegDataset(val_pairs, k, s.base_size, m.mean, m.std)
-    loader = DataLoader(
-        train_set,
-        batch_sampler=StepSampler(len(train_set), s.batch_size, s.iters, cfg.train.seed, step),
-        num_workers=m.num_workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator(),  # its base seed would otherwise come from the global RNG that resume restores
-    )
-    writer = MetricsWriter(out, step, tag="segment")
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)
-    model.train()
-    loss_sum, since = torch.zeros((), device=device), 0
-    bar = tqdm(loader, desc="segment", initial=step, total=s.iters, dynamic_ncols=True)
-    for images, targets in bar:
-        lr = warmup_poly(step, s.iters, s.lr, s.warmup_iters, s.warmup_ratio, s.power, s.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = criterion(model(images).float(), targets)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step, since = step + 1, since + 1
-        loss_sum += loss.detach()
-        if step % s.log_every == 0 or step == s.iters:
-            writer.write({"step": step, "train_loss": (loss_sum / since).item(), "lr": lr})
-            bar.set_postfix(loss=f"{(loss_sum / since).item():.3f}")
-            loss_sum.zero_()
-            since = 0
-        if s.eval_every and step % s.eval_every == 0 and step < s.iters:
-            history.append(_record(writer, step, evaluate(model, val_set, cfg, k, names, device, amp_dtype)))
-        if step % s.checkpoint_every == 0 or step == s.iters:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
-            extra = {"step": step, "history": history, "rng": rng_state(device), "config": to_yaml(cfg)}
-            ckpt.atomic_save({**state, **extra}, last)
-    bar.close()
-    final = evaluate(model, val_set, cfg, k, names, device, amp_dtype)
-    if not history or history[-1]["step"] != step:
-        _record(writer, step, final)
-    writer.close()
+
+    def loss_of(batch) -> torch.Tensor:
+        images, targets = (t.to(device, non_blocking=True) for t in batch)
+        return criterion(model(images).float(), targets)
+
+    final, history = train_iterations(
+        model,
+        optimizer,
+        lambda start: step_loader(train_set, s.batch_size, s.iters, cfg, start, device),
+        loss_of,
+        lambda: evaluate(model, val_set, cfg, k, names, device, amp_dtype),
+        ("mIoU", "mAcc", "aAcc"),
+        Schedule.of(s),
+        out,
+        to_yaml(cfg),
+        device,
+        amp_dtype,
+        "segment",
+    )
     result = {
         "mIoU": final["mIoU"],
         "mAcc": final["mAcc"],
@@ -212,10 +156,3 @@ def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "confusion.json").write_text(json.dumps(final["confusion"]) + "\n")
     return result
-
-
-def _record(writer: MetricsWriter, step: int, metrics: dict) -> dict:
-    record = {"step": step, "val_mIoU": metrics["mIoU"], "val_mAcc": metrics["mAcc"], "val_aAcc": metrics["aAcc"]}
-    writer.write(record)
-    log.info("iteration %d: mIoU %.2f%%, mAcc %.2f%%, pixel accuracy %.2f%%", step, *list(record.values())[1:])
-    return record
