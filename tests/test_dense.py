@@ -215,6 +215,10 @@ def test_scenes_masks_boxes_and_both_layouts(scenes_dir):
             instances += 1
         assert np.array_equal(union, semantic)  # the class mask is exactly the union of the instances
     assert instances >= 24 * 2 * 0.7
+    from torchvision.datasets import CocoDetection
+
+    image, anns = CocoDetection(str(scenes_dir / "images"), str(scenes_dir / "coco" / "instances_validation.json"))[0]
+    assert image.size == (32, 32) and anns and all(a["category_id"] in range(1, 11) for a in anns)
     items = __import__("conmim.data.sources", fromlist=["fashion_mnist"]).fashion_mnist(FASHION_MNIST, "train")
     again = scene(SceneParams(24, 6, 32, seed=3), "training", 5, items)
     assert np.array_equal(again.image, np.asarray(Image.open(pairs[5][0])))  # deterministic by seed
@@ -411,3 +415,25 @@ def test_bad_coco_input_names_the_file(tmp_path, scenes_dir, capsys):
     args = [f"detect.images={images}", f"detect.train_ann={tmp_path / 'box.json'}", f"detect.val_ann={tmp_path}/x.json"]
     assert main(["detect", "x.safetensors", *args]) == 2
     assert "box.json: annotation 1" in capsys.readouterr().err
+
+
+def test_segment_reads_a_generic_image_and_mask_folder_pair(tiny_run, scenes_dir, tmp_path):
+    import shutil
+
+    folders = {}
+    for split, short in (("training", "train"), ("validation", "val")):
+        for kind, src in (("images", "images"), ("masks", "annotations")):
+            folders[f"{short}_{kind}"] = dst = tmp_path / f"{short}_{kind}"
+            dst.mkdir()
+            for f in sorted((scenes_dir / src / split).iterdir())[:6]:
+                shutil.copy(f, dst / f.name)
+    pair = [
+        f"segment.images={folders['train_images']}",
+        f"segment.masks={folders['train_masks']}",
+        f"segment.val_images={folders['val_images']}",
+        f"segment.val_masks={folders['val_masks']}",
+    ]
+    args = [a for a in _segment_args(tiny_run, scenes_dir, tmp_path / "pair") if not a.startswith("segment.data=")]
+    assert main([*args, *pair, "segment.iters=2", "segment.head=linear"]) == 0
+    result = json.loads((tmp_path / "pair" / "segment" / "results.json").read_text())
+    assert result["train_images"] == 6 and result["val_images"] == 6 and result["num_classes"] == 10

@@ -108,7 +108,8 @@ class ViTPyramid(nn.Module):
         )
         self.out_channels = out_channels or dim
 
-    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``x`` zero-padded at the bottom and right to the backbone's resolution, and its own (h, w)."""
         h, w = x.shape[-2:]
         H, W = self.img_size
         if h > H or w > W:
@@ -122,7 +123,7 @@ class ViTPyramid(nn.Module):
         return [by_block[i] for i in self.indices]
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        x, (h, w) = self._pad(x)
+        x, (h, w) = self.pad(x)
         out = OrderedDict()
         for i, (feat, rescale, project, stride) in enumerate(
             zip(self.features(x), self.rescale, self.project, self.strides, strict=True)

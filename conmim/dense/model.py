@@ -32,7 +32,7 @@ class Segmenter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frozen:
             with torch.no_grad():
-                x_pad, (h, w) = self.backbone._pad(x)
+                x_pad, (h, w) = self.backbone.pad(x)
                 feat = self.backbone.features(x_pad)[-1]
                 p = self.backbone.patch
                 feat = feat[..., : -(-h // p), : -(-w // p)]
