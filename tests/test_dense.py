@@ -437,3 +437,14 @@ def test_segment_reads_a_generic_image_and_mask_folder_pair(tiny_run, scenes_dir
     assert main([*args, *pair, "segment.iters=2", "segment.head=linear"]) == 0
     result = json.loads((tmp_path / "pair" / "segment" / "results.json").read_text())
     assert result["train_images"] == 6 and result["val_images"] == 6 and result["num_classes"] == 10
+
+
+def test_warmup_poly_is_mmcvs_poly_with_linear_warmup():
+    from conmim.train.schedules import warmup_poly
+
+    # poly: (peak - final) * (1 - t / T) ** power + final; warm-up scales it by 1 - (1 - t / W) * (1 - ratio)
+    assert warmup_poly(0, 100, 1.0, 10, 1e-6) == pytest.approx(1e-6)
+    assert warmup_poly(5, 100, 1.0, 10, 0.0) == pytest.approx(0.95 * 0.5)
+    assert warmup_poly(10, 100, 1.0, 10) == pytest.approx(0.9)
+    assert warmup_poly(50, 100, 2.0, 10, power=2.0, final=0.5) == pytest.approx(1.5 * 0.25 + 0.5)
+    assert warmup_poly(100, 100, 1.0, 10) == 0.0
