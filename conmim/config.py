@@ -263,10 +263,12 @@ class DetectConfig(DenseTrainConfig):
     """``conmim detect`` (docs/dense.md): torchvision's Mask R-CNN (or Faster R-CNN) on the pyramid,
     COCO data. Defaults: a CPU-sized run on the built-in scenes; not a published recipe."""
 
-    # Data: COCO instances files and the folder their file_name entries are relative to; all empty:
-    # the built-in scenes (the scenes section).
-    images: str = ""
+    # Data: each split's COCO instances file and the folder its file_name entries are relative to
+    # (COCO 2017: train2017/ + instances_train2017.json, val2017/ + instances_val2017.json); all
+    # empty: the built-in scenes (the scenes section).
+    train_images: str = ""
     train_ann: str = ""
+    val_images: str = ""
     val_ann: str = ""
     masks: bool = True  # Mask R-CNN (box and mask AP); false: Faster R-CNN (box AP)
     img_size: int = 64  # backbone resolution: images are resized so their longer side is this
@@ -649,12 +651,12 @@ def _validate_segment(s: SegmentConfig) -> None:
 
 def _validate_detect(d: DetectConfig) -> None:
     _validate_dense("detect", d)
-    files = (d.images, d.train_ann, d.val_ann)
+    files = (d.train_images, d.train_ann, d.val_images, d.val_ann)
     _require(
         all(files) or not any(files),
-        "detect.images/train_ann/val_ann",
+        "detect.train_images/train_ann/val_images/val_ann",
         files,
-        "all three (an image folder and two COCO instances files) or none (the built-in scenes)",
+        "all four (each split's image folder and COCO instances file) or none (the built-in scenes)",
     )
     _require(
         d.img_size > 0 and d.out_channels > 0 and d.anchor_scale > 0,

@@ -412,7 +412,8 @@ def test_bad_coco_input_names_the_file(tmp_path, scenes_dir, capsys):
         path.write_text(json.dumps(bad))
         with pytest.raises(DataError, match=f"{path}: {messages[name]}"):
             CocoInstances(images, path, masks=True)
-    args = [f"detect.images={images}", f"detect.train_ann={tmp_path / 'box.json'}", f"detect.val_ann={tmp_path}/x.json"]
+    args = [f"detect.train_images={images}", f"detect.train_ann={tmp_path / 'box.json'}"]
+    args += [f"detect.val_images={images}", f"detect.val_ann={tmp_path}/x.json"]
     assert main(["detect", "x.safetensors", *args]) == 2
     assert "box.json: annotation 1" in capsys.readouterr().err
 

@@ -56,16 +56,14 @@ def build_detector(backbone: ViTPyramid, num_classes: int, masks: bool, anchor_s
 
 def detection_data(cfg: Config) -> tuple[CocoInstances, CocoInstances]:
     d = cfg.detect
-    if d.images:
-        images, train_ann, val_ann = Path(d.images), Path(d.train_ann), Path(d.val_ann)
-    else:
+    if d.train_images:
+        train = (d.train_images, d.train_ann)
+        val = (d.val_images, d.val_ann)
+    else:  # the scenes' file_name entries are relative to images/ and name the split folder
         root = builtin_scenes(cfg)
-        images, train_ann, val_ann = (
-            root / "images",
-            root / "coco" / "instances_training.json",
-            root / "coco" / "instances_validation.json",
-        )
-    return CocoInstances(images, train_ann, d.masks, d.flip), CocoInstances(images, val_ann, d.masks)
+        train = (root / "images", root / "coco" / "instances_training.json")
+        val = (root / "images", root / "coco" / "instances_validation.json")
+    return CocoInstances(*train, d.masks, d.flip), CocoInstances(*val, d.masks)
 
 
 @torch.no_grad()
