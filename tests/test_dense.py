@@ -245,7 +245,7 @@ def test_bad_segmentation_input_names_the_file(tmp_path, scenes_dir):
     assert main(args) == 2  # before any weights are read
 
 
-def test_bad_input_errors_from_the_command(tmp_path, capsys, scenes_dir):
+def test_bad_input_errors_from_the_command(tmp_path, capsys, scenes_dir, tiny_run):
     images, masks = tmp_path / "im", tmp_path / "ma"
     images.mkdir(), masks.mkdir()
     img, mask = ade20k_pairs(scenes_dir, "validation")[0]
@@ -257,6 +257,11 @@ def test_bad_input_errors_from_the_command(tmp_path, capsys, scenes_dir):
     assert f"{images / 'b.jpg'}: no mask for this image (expected {masks / 'b.png'})" in capsys.readouterr().err
     assert main(["segment", "x.safetensors", f"segment.data={scenes_dir}"]) == 2
     assert "segment.num_classes=0 is not allowed" in capsys.readouterr().err
+    assert (
+        main(["segment", str(tiny_run), f"segment.data={scenes_dir}", "segment.num_classes=10", "segment.crop_size=30"])
+        == 2
+    )
+    assert "resolution 30 is not a multiple of the encoder's patch size 4" in capsys.readouterr().err
     assert main(["segment", "x.safetensors", "segment.head=fcn"]) == 2
     assert "segment.head='fcn' is not allowed: one of upernet, linear" in capsys.readouterr().err
     assert main(["segment", "x.safetensors", "--config", "segment_cpu", "segment.init=scratch"]) == 2  # after --config
@@ -434,7 +439,9 @@ def test_segment_reads_a_generic_image_and_mask_folder_pair(tiny_run, scenes_dir
         f"segment.val_images={folders['val_images']}",
         f"segment.val_masks={folders['val_masks']}",
     ]
-    args = [a for a in _segment_args(tiny_run, scenes_dir, tmp_path / "pair") if not a.startswith("segment.data=")]
+    export = tmp_path / "enc.safetensors"
+    assert main(["export", str(tiny_run), "--out", str(export)]) == 0  # an export is a source too
+    args = [a for a in _segment_args(export, scenes_dir, tmp_path / "pair") if not a.startswith("segment.data=")]
     assert main([*args, *pair, "segment.iters=2", "segment.head=linear"]) == 0
     result = json.loads((tmp_path / "pair" / "segment" / "results.json").read_text())
     assert result["train_images"] == 6 and result["val_images"] == 6 and result["num_classes"] == 10

@@ -146,6 +146,9 @@ def build_backbone(
     ``img_size`` 0 keeps the pre-training resolution; another one resizes the relative position
     tables and absolute embeddings as fine-tuning does. ``indices`` empty: :func:`block_indices`.
     """
+    patch = spec["kwargs"].get("patch_size", 16)
+    if img_size and img_size % patch:
+        raise ValueError(f"resolution {img_size} is not a multiple of the encoder's patch size {patch}")
     encoder, _spec = build_classifier(weights, spec, 0, img_size, drop_path, fc_norm=False)
     depth = len(encoder.blocks)
     indices = list(indices) or block_indices(depth, len(scales))
