@@ -1,5 +1,6 @@
-"""The ``conmim`` command line: ``conmim pretrain|export|knn|linprobe|finetune|convert|shards|bench|study|visualize``
-(one sub-command each)."""
+"""The ``conmim`` command line: ``conmim pretrain|export|knn|linprobe|finetune|segment|detect|scenes|...``.
+
+(also ``convert``, ``shards``, ``bench``, ``study`` and ``visualize``; one sub-command each)."""
 
 from __future__ import annotations
 
@@ -182,6 +183,30 @@ def cmd_finetune(args: argparse.Namespace, cfg) -> int:
     return 0
 
 
+def cmd_segment(args: argparse.Namespace, cfg) -> int:
+    from .dense.segment import segment
+
+    result = segment(args.source, cfg)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("history", "per_class")}, indent=2))
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace, cfg) -> int:
+    from .dense.detect import detect
+
+    result = detect(args.source, cfg)
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+    return 0
+
+
+def cmd_scenes(args: argparse.Namespace) -> int:
+    from .dense.scenes import SceneParams, generate
+
+    params = SceneParams(args.train, args.val, args.size, args.seed)
+    print(f"wrote {generate(args.out, params, args.fashion_mnist)}")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .export.convert import convert
 
@@ -298,6 +323,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_command(
         sub, "finetune", cmd_finetune, "fine-tune a pre-trained encoder (paper recipe, docs/method.md §11.1)"
     )
+    _add_eval_command(
+        sub,
+        "segment",
+        cmd_segment,
+        "semantic segmentation from a pre-trained encoder: UperNet or a linear probe head (docs/dense.md); "
+        "without segment.data it trains on the built-in scenes",
+    )
+    _add_eval_command(
+        sub,
+        "detect",
+        cmd_detect,
+        "object detection and instance segmentation from a pre-trained encoder: torchvision's Mask R-CNN on "
+        "its feature pyramid, COCO data, box and mask AP (docs/dense.md); without detect.* data the built-in scenes",
+    )
+    p = sub.add_parser(
+        "scenes",
+        help="write the built-in Fashion-MNIST scenes in the ADE20K and COCO layouts",
+        description="Scenes of 2-5 real Fashion-MNIST garments over non-blank backgrounds, with class masks "
+        "(0 = background/ignore, 1-10), instance masks and boxes; deterministic by seed (docs/dense.md).",
+    )
+    p.add_argument("--out", required=True, help="new output folder")
+    p.add_argument("--train", type=int, default=2000, help="training scenes (default 2000)")
+    p.add_argument("--val", type=int, default=200, help="validation scenes (default 200)")
+    p.add_argument("--size", type=int, default=64, help="scene side in pixels (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fashion-mnist", default="/usr/share/datasets/fashion-mnist", help="folder of the IDX files")
+    p.set_defaults(func=cmd_scenes)
     p = sub.add_parser("convert", help="convert an official ConMIM/BEiT checkpoint to timm-loadable safetensors")
     p.add_argument("source", help="the authors' .pth (pre-training or fine-tuned)")
     p.add_argument("--out", required=True, help="output .safetensors file (the .json goes beside it)")
@@ -348,9 +400,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """argparse, plus ``key=value`` overrides after an option (``conmim segment RUN --config X a=b``):
+    argparse ends a positional list at the first option, so they would be rejected as unknown."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.func(args)
     except (ConfigError, DataError, OSError, CheckpointError, NonFiniteError, ExportError) as err:

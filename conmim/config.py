@@ -9,6 +9,7 @@ the field, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -193,6 +194,99 @@ class FinetuneConfig:
     log_every: int = 20
 
 
+SEGMENT_HEADS = ("upernet", "linear")
+
+
+@dataclass
+class ScenesConfig:
+    """The built-in dense data (``conmim/dense/scenes.py``), used by ``conmim segment`` and ``conmim
+    detect`` when they are given no data: generated into ``dir`` on first use from ``data.path``'s
+    Fashion-MNIST files, reused after."""
+
+    dir: str = "data/scenes"
+    train: int = 2000
+    val: int = 200
+    size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DenseTrainConfig:
+    """What ``segment`` and ``detect`` share: the encoder as a pyramid and the iteration schedule."""
+
+    # The encoder's blocks `indices` ([]: spread as 3/5/7/11 of 12) rescaled by `scales` relative to
+    # the token grid (strides patch/scale); pretrained | random (timm's initialisation: the scratch baseline).
+    init: str = "pretrained"
+    indices: list[int] = field(default_factory=list)
+    scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
+    drop_path: float = 0.1
+    flip: bool = True  # horizontal flips in training
+    # Iterations of AdamW with layer-wise lr decay, linear warm-up from lr * warmup_ratio, then poly.
+    iters: int = 300
+    batch_size: int = 8
+    lr: float = 2.0e-4  # peak, absolute (BEiT's configs give it at their total batch of 16)
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_iters: int = 30
+    warmup_ratio: float = 1.0e-6
+    power: float = 1.0
+    min_lr: float = 0.0
+    val_limit: int = 0  # evaluate on the first N validation images (0: all)
+    eval_every: int = 0  # iterations between evaluations (0: only at the end)
+    log_every: int = 20
+    checkpoint_every: int = 100
+
+
+@dataclass
+class SegmentConfig(DenseTrainConfig):
+    """``conmim segment`` (docs/dense.md). Defaults: a CPU-sized run on the built-in scenes; the
+    ``segment_ade20k`` preset holds BEiT's ADE20K recipe."""
+
+    # Data: an ADE20K-layout root (images/<split>, annotations/<split>), or a pair of folders
+    # (images, masks and val_images, val_masks), or neither: the built-in scenes (the scenes section).
+    data: str = ""
+    train_split: str = "training"
+    val_split: str = "validation"
+    images: str = ""
+    masks: str = ""
+    val_images: str = ""
+    val_masks: str = ""
+    num_classes: int = 0  # 0: from the scenes' scenes.json (required for other data)
+    head: str = "upernet"  # upernet (fine-tunes everything) | linear (frozen encoder, BN + 1x1 conv: the probe)
+    channels: int = 128  # UperNet width (BEiT: 768)
+    dropout: float = 0.1
+    crop_size: int = 64  # training crops and evaluation windows; the backbone's resolution
+    base_size: int = 64  # short side before the random scale (ADE20K: 512); 0 = images as they are
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    # Evaluation: windows of crop_size every eval_stride px (0: 2/3 of the crop), logits averaged and
+    # resized to the original image before the argmax.
+    eval_stride: int = 0
+
+
+@dataclass
+class DetectConfig(DenseTrainConfig):
+    """``conmim detect`` (docs/dense.md): torchvision's Mask R-CNN (or Faster R-CNN) on the pyramid,
+    COCO data. Defaults: a CPU-sized run on the built-in scenes; not a published recipe."""
+
+    # Data: each split's COCO instances file and the folder its file_name entries are relative to
+    # (COCO 2017: train2017/ + instances_train2017.json, val2017/ + instances_val2017.json); all
+    # empty: the built-in scenes (the scenes section).
+    train_images: str = ""
+    train_ann: str = ""
+    val_images: str = ""
+    val_ann: str = ""
+    masks: bool = True  # Mask R-CNN (box and mask AP); false: Faster R-CNN (box AP)
+    img_size: int = 64  # backbone resolution: images are resized so their longer side is this
+    scales: list[float] = field(default_factory=lambda: [2.0, 1.0, 0.5, 0.25])
+    out_channels: int = 64  # per level, ViTDet's 1x1 + 3x3 neck (ViTDet: 256)
+    anchor_scale: float = 8.0  # anchor side = anchor_scale * stride per level (torchvision's FPN: 32 at stride 4)
+    batch_size: int = 4
+    weight_decay: float = 0.1  # ViTDet's
+    layer_decay: float = 0.75
+    warmup_ratio: float = 1.0e-3
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -202,6 +296,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     linprobe: LinProbeConfig = field(default_factory=LinProbeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    scenes: ScenesConfig = field(default_factory=ScenesConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
     output_dir: str = "runs/default"
     resume: str = ""
     device: str = "auto"
@@ -427,6 +524,15 @@ def validate(cfg: Config) -> None:
         "positive numbers",
     )
     _validate_eval(cfg)
+    _validate_segment(cfg.segment)
+    _validate_detect(cfg.detect)
+    sc = cfg.scenes
+    _require(
+        sc.train > 0 and sc.val > 0 and sc.size >= 16,
+        "scenes.train/val/size",
+        (sc.train, sc.val, sc.size),
+        "positive counts and a size of 16 px or more",
+    )
     if isinstance(cfg, BenchRunConfig):
         b = cfg.bench
         _require(
@@ -494,4 +600,79 @@ def _validate_eval(cfg: Config) -> None:
         "finetune.batch_size",
         ft.batch_size,
         "an even number when mixup/cutmix is on (timm mixes a batch with its reverse)",
+    )
+
+
+def _validate_dense(name: str, s: DenseTrainConfig) -> None:
+    """The shared fields of ``segment`` or ``detect`` (``name``)."""
+    _require(s.init in ("pretrained", "random"), f"{name}.init", s.init, "pretrained or random")
+    _require(
+        len(s.scales) >= 2 and all(x > 0 and math.log2(x).is_integer() for x in s.scales),
+        f"{name}.scales",
+        s.scales,
+        "two or more powers of 2 relative to the token grid, e.g. [4, 2, 1, 0.5]",
+    )
+    _require(not s.indices or len(s.indices) == len(s.scales), f"{name}.indices", s.indices, "[] or one per scale")
+    _require(0 <= s.drop_path < 1, f"{name}.drop_path", s.drop_path, "in [0, 1)")
+    for key in ("iters", "batch_size", "log_every", "checkpoint_every"):
+        _require(getattr(s, key) > 0, f"{name}.{key}", getattr(s, key), "a positive integer")
+    _require(s.lr > 0 and s.min_lr >= 0, f"{name}.lr/min_lr", (s.lr, s.min_lr), "lr positive, min_lr 0 or more")
+    _require(0 < s.layer_decay <= 1, f"{name}.layer_decay", s.layer_decay, "a number in (0, 1]")
+    _require(len(s.betas) == 2 and all(0 <= b < 1 for b in s.betas), f"{name}.betas", s.betas, "two numbers in [0, 1)")
+    _require(
+        s.warmup_iters >= 0 and 0 < s.warmup_ratio <= 1,
+        f"{name}.warmup_iters/warmup_ratio",
+        (s.warmup_iters, s.warmup_ratio),
+        "warm-up iterations 0 or more, ratio in (0, 1]",
+    )
+    _require(
+        s.eval_every >= 0 and s.val_limit >= 0, f"{name}.eval_every/val_limit", (s.eval_every, s.val_limit), "0 or more"
+    )
+
+
+def _validate_segment(s: SegmentConfig) -> None:
+    _validate_dense("segment", s)
+    _require(s.head in SEGMENT_HEADS, "segment.head", s.head, f"one of {', '.join(SEGMENT_HEADS)}")
+    pair = (s.images, s.masks, s.val_images, s.val_masks)
+    _require(
+        all(pair) or not any(pair),
+        "segment.images/masks/val_images/val_masks",
+        pair,
+        "all four folders (a generic image + mask pair for training and validation) or none",
+    )
+    _require(not (s.data and any(pair)), "segment.data", s.data, "empty when segment.images/masks/... name the folders")
+    _require(
+        s.num_classes > 0 or not (s.data or any(pair)),
+        "segment.num_classes",
+        s.num_classes,
+        "the number of classes of your masks (ids 1..N, 0 = ignore; ADE20K: 150)",
+    )
+    _require(0 <= s.num_classes < 255, "segment.num_classes", s.num_classes, "0..254")
+    _require(s.channels > 0, "segment.channels", s.channels, "a positive integer")
+    _require(0 <= s.dropout < 1, "segment.dropout", s.dropout, "in [0, 1)")
+    _require(s.crop_size > 0, "segment.crop_size", s.crop_size, "a positive size, a multiple of the patch size")
+    _require(s.base_size >= 0, "segment.base_size", s.base_size, "0 (as they are) or a positive size")
+    _require(
+        len(s.ratio_range) == 2 and 0 < s.ratio_range[0] <= s.ratio_range[1],
+        "segment.ratio_range",
+        s.ratio_range,
+        "[low, high] with 0 < low <= high",
+    )
+    _require(s.eval_stride >= 0, "segment.eval_stride", s.eval_stride, "0 (2/3 of the crop) or a positive stride")
+
+
+def _validate_detect(d: DetectConfig) -> None:
+    _validate_dense("detect", d)
+    files = (d.train_images, d.train_ann, d.val_images, d.val_ann)
+    _require(
+        all(files) or not any(files),
+        "detect.train_images/train_ann/val_images/val_ann",
+        files,
+        "all four (each split's image folder and COCO instances file) or none (the built-in scenes)",
+    )
+    _require(
+        d.img_size > 0 and d.out_channels > 0 and d.anchor_scale > 0,
+        "detect.img_size/out_channels/anchor_scale",
+        (d.img_size, d.out_channels, d.anchor_scale),
+        "positive numbers",
     )

@@ -1,4 +1,4 @@
-"""The package layout: sub-packages import only downwards (cli -> tools -> eval -> train -> export ->
+"""The package layout: sub-packages import only downwards (cli -> tools -> dense -> eval -> train -> export ->
 models, data -> config, runtime), and the public names of ``conmim`` stay importable."""
 
 from __future__ import annotations
@@ -9,7 +9,18 @@ from pathlib import Path
 import conmim
 
 PACKAGE = Path(conmim.__file__).parent
-LEVEL = {"config": 0, "runtime": 0, "models": 1, "data": 1, "export": 2, "train": 3, "eval": 4, "tools": 5, "cli": 6}
+LEVEL = {
+    "config": 0,
+    "runtime": 0,
+    "models": 1,
+    "data": 1,
+    "export": 2,
+    "train": 3,
+    "eval": 4,
+    "dense": 5,
+    "tools": 6,
+    "cli": 7,
+}
 
 
 def _part_of(module: str) -> str | None:
@@ -56,7 +67,7 @@ def test_public_names_and_sub_packages():
         assert getattr(conmim, name) is not None
     spec = conmim.timm_spec("vit_tiny", 16, 4, depth=1)
     assert spec["model_name"] and callable(conmim.load_encoder)
-    for sub in ("runtime", "models", "data", "train", "eval", "export", "tools"):
+    for sub in ("runtime", "models", "data", "train", "eval", "export", "dense", "tools"):
         assert (PACKAGE / sub / "__init__.py").is_file()
 
 

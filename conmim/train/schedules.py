@@ -24,3 +24,21 @@ def teacher_momentum(step: int, total: int, start: float = 0.996, end: float = 1
         return start
     progress = min(step / (total - 1), 1.0)
     return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_poly(
+    step: int,
+    total: int,
+    peak: float,
+    warmup: int = 0,
+    warmup_ratio: float = 1e-6,
+    power: float = 1.0,
+    final: float = 0.0,
+) -> float:
+    """mmcv's ``poly`` policy with linear warm-up, as BEiT's segmentation configs use it: the poly
+    value ``(peak - final) * (1 - step / total) ** power + final``, scaled during the first ``warmup``
+    steps by a factor rising linearly from ``warmup_ratio`` to 1."""
+    value = (peak - final) * (1.0 - min(step, total) / max(total, 1)) ** power + final
+    if step < warmup:
+        value *= 1.0 - (1.0 - step / warmup) * (1.0 - warmup_ratio)
+    return value

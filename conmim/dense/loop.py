@@ -1,0 +1,123 @@
+"""The iteration loop the dense commands share: lr schedule, mixed precision, logging, evaluation,
+checkpoints and exact resume.
+
+BEiT's dense recipes count iterations, not epochs. Each iteration sets every group's lr to the
+warm-up + poly value times its ``lr_scale`` (layer decay), runs one batch under autocast, steps the
+optimizer. ``checkpoints/last.pt`` (model, optimizer, scaler, iteration, evaluation history, RNG
+state) is written every ``checkpoint_every`` iterations and at the end; when it exists the loop
+continues from it, and with batches that are a function of the iteration (``StepSampler``) the
+resumed run trains exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..runtime import checkpoint as ckpt
+from ..runtime.metrics import MetricsWriter
+from ..runtime.seeding import rng_state, set_rng_state
+from ..train.schedules import warmup_poly
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Schedule:
+    """Iterations, the warm-up + poly lr and how often to log, evaluate and save."""
+
+    iters: int
+    lr: float
+    warmup_iters: int
+    warmup_ratio: float
+    power: float
+    min_lr: float
+    log_every: int
+    checkpoint_every: int
+    eval_every: int = 0  # 0: at the end only
+
+    @classmethod
+    def of(cls, c) -> Schedule:
+        """The schedule of a ``segment`` or ``detect`` configuration section."""
+        fields = ("iters", "lr", "warmup_iters", "warmup_ratio", "power", "min_lr", "log_every", "checkpoint_every")
+        return cls(*(getattr(c, f) for f in fields), c.eval_every)
+
+
+def train_iterations(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Callable[[int], Iterable],
+    loss_of: Callable[[Any], torch.Tensor],
+    evaluate: Callable[[], dict[str, Any]],
+    record_keys: tuple[str, ...],
+    s: Schedule,
+    out: Path,
+    config_yaml: str,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    tag: str,
+) -> tuple[dict[str, Any], list[dict]]:
+    """Train to ``s.iters`` (resuming from ``out/checkpoints/last.pt``); returns the final
+    evaluation and the history of evaluation records. ``batches(start)`` yields the batches of
+    iterations ``start..iters-1``; ``loss_of(batch)`` runs the model (under autocast) and returns the
+    loss; ``evaluate()`` returns metrics, of which ``record_keys`` go to ``metrics.jsonl`` as ``val_*``."""
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    step, history, last = 0, [], out / "checkpoints" / "last.pt"
+    if last.is_file():
+        state = ckpt.safe_load(last)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, history = state["step"], state["history"]
+        set_rng_state(state["rng"], device)  # drop path and dropout draw on as they would have
+        log.info("resumed %s from %s at iteration %d", tag, last, step)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(config_yaml)
+    writer = MetricsWriter(out, step, tag=tag)
+
+    def record(metrics: dict[str, Any]) -> dict:
+        rec = {"step": step, **{f"val_{k}": metrics[k] for k in record_keys}}
+        writer.write(rec)
+        log.info("iteration %d: %s", step, ", ".join(f"{k} {metrics[k]:.2f}" for k in record_keys))
+        return rec
+
+    model.train()
+    loss_sum, since = torch.zeros((), device=device), 0
+    bar = tqdm(batches(step), desc=tag, initial=step, total=s.iters, dynamic_ncols=True)
+    for batch in bar:
+        lr = warmup_poly(step, s.iters, s.lr, s.warmup_iters, s.warmup_ratio, s.power, s.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = loss_of(batch)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step, since = step + 1, since + 1
+        loss_sum += loss.detach().float()
+        if step % s.log_every == 0 or step == s.iters:
+            writer.write({"step": step, "train_loss": (loss_sum / since).item(), "lr": lr})
+            bar.set_postfix(loss=f"{(loss_sum / since).item():.3f}")
+            loss_sum.zero_()
+            since = 0
+        if s.eval_every and step % s.eval_every == 0 and step < s.iters:
+            history.append(record(evaluate()))
+            model.train()
+        if step % s.checkpoint_every == 0 or step == s.iters:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
+            extra = {"step": step, "history": history, "rng": rng_state(device), "config": config_yaml}
+            ckpt.atomic_save({**state, **extra}, last)
+    bar.close()
+    final = evaluate()
+    if not history or history[-1]["step"] != step:
+        record(final)
+    writer.close()
+    return final, history

@@ -1,0 +1,158 @@
+"""``conmim segment``: semantic segmentation from a pre-trained encoder (docs/dense.md).
+
+Iteration-based fine-tuning as BEiT's ADE20K runs: random scale / crop / flip, cross-entropy with
+ignore index 255, AdamW with layer-wise lr decay, linear warm-up then poly decay; sliding-window
+evaluation at the original resolution (windows of the crop size, logits averaged, resized to the
+image's size before the argmax); mIoU, mAcc and pixel accuracy (aAcc) per class and overall.
+``checkpoints/last.pt`` is written every ``checkpoint_every`` iterations and resumed from when the
+command runs again; batches and augmentations are functions of the seed and the iteration, so a
+resumed run sees the data an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..config import Config, to_yaml
+from ..data.sources import DataError
+from ..runtime.device import resolve_device, resolve_precision
+from .common import builtin_scenes, pyramid_of, step_loader
+from .data import IGNORE, EvalSegDataset, TrainSegDataset, ade20k_pairs, check_sizes, pairs_in, windows
+from .loop import Schedule, train_iterations
+from .metrics import confusion, scores
+from .model import Segmenter, build_segmenter, optimizer_groups
+
+log = logging.getLogger(__name__)
+
+
+def segmentation_data(cfg: Config) -> tuple[list, list, list[str]]:
+    """(training pairs, validation pairs, class names) from ``segment.*``: an ADE20K-layout root, a
+    pair of folders, or the built-in scenes (generated into ``scenes.dir`` on first use)."""
+    s = cfg.segment
+    if s.images:
+        train, val = pairs_in(s.images, s.masks), pairs_in(s.val_images, s.val_masks)
+        names = [str(i + 1) for i in range(s.num_classes)]
+    else:
+        root = Path(s.data) if s.data else builtin_scenes(cfg)
+        train, val = ade20k_pairs(root, s.train_split), ade20k_pairs(root, s.val_split)
+        meta = root / "scenes.json"
+        names = json.loads(meta.read_text())["classes"] if meta.is_file() else []
+        if s.num_classes and names and s.num_classes != len(names):
+            raise DataError(f"segment.num_classes={s.num_classes}, but {meta} names {len(names)} classes")
+        names = names or [str(i + 1) for i in range(s.num_classes)]
+    if s.val_limit:
+        val = val[: s.val_limit]
+    check_sizes(train + val)
+    return train, val, names
+
+
+@torch.no_grad()
+def sliding_logits(model: nn.Module, image: torch.Tensor, crop: int, stride: int, num_classes: int) -> torch.Tensor:
+    """(K, H, W) logits of one (3, H, W) image: windows of ``crop`` every ``stride`` px, averaged."""
+    _, h, w = image.shape
+    out = image.new_zeros(num_classes, h, w)
+    count = image.new_zeros(1, h, w)
+    for top in windows(h, crop, stride):
+        for left in windows(w, crop, stride):
+            patch = image[:, top : top + crop, left : left + crop]
+            out[:, top : top + patch.shape[1], left : left + patch.shape[2]] += model(patch[None])[0].float()
+            count[:, top : top + patch.shape[1], left : left + patch.shape[2]] += 1
+    return out / count
+
+
+@torch.no_grad()
+def evaluate(model: Segmenter, dataset, cfg: Config, num_classes: int, names: list[str], device, amp_dtype) -> dict:
+    """Sliding-window predictions, resized to each mask's size, scored by :func:`metrics.scores`."""
+    s, was_training = cfg.segment, model.training
+    model.eval()
+    matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    stride = s.eval_stride or max(s.crop_size * 2 // 3, 1)
+    for image, target in tqdm(
+        DataLoader(dataset, batch_size=None), desc="segment eval", leave=False, dynamic_ncols=True
+    ):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = sliding_logits(model, image.to(device), s.crop_size, stride, num_classes)
+        logits = F.interpolate(logits[None], size=target.shape, mode="bilinear", align_corners=False)[0]
+        matrix += confusion(logits.argmax(0).cpu(), target, num_classes, IGNORE)
+    model.train(was_training)
+    return {**scores(matrix, names), "confusion": matrix.tolist()}
+
+
+def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train ``cfg.segment``'s model from the encoder of a run directory, checkpoint or ``.safetensors``
+    (``cfg.eval.which`` picks teacher or student); writes ``<output_dir>/segment`` (or ``out_dir``)."""
+    s, start_time = cfg.segment, time.perf_counter()
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_precision(cfg.train.precision, device)
+    out = Path(out_dir or Path(cfg.output_dir) / "segment")
+    train_pairs, val_pairs, names = segmentation_data(cfg)
+    k = len(names)
+    torch.manual_seed(cfg.train.seed)
+    backbone = pyramid_of(encoder, cfg, s.crop_size, s.scales, s.indices, s.drop_path, s.init)
+    model = build_segmenter(backbone, s.head, k, s.channels, s.dropout).to(device)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, s.weight_decay, s.layer_decay), lr=s.lr, betas=tuple(s.betas))
+    log.info(
+        "segmentation: %s head, %d classes, %d training / %d validation images, crop %d, strides %s (blocks %s)",
+        s.head,
+        k,
+        len(train_pairs),
+        len(val_pairs),
+        s.crop_size,
+        backbone.strides,
+        backbone.indices,
+    )
+    m = cfg.data
+    train_set = TrainSegDataset(train_pairs, k, s.crop_size, s.base_size, s.ratio_range, s.flip, m.mean, m.std)
+    val_set = EvalSegDataset(val_pairs, k, s.base_size, m.mean, m.std)
+    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)
+
+    def loss_of(batch) -> torch.Tensor:
+        images, targets = (t.to(device, non_blocking=True) for t in batch)
+        return criterion(model(images).float(), targets)
+
+    final, history = train_iterations(
+        model,
+        optimizer,
+        lambda start: step_loader(train_set, s.batch_size, s.iters, cfg, start, device),
+        loss_of,
+        lambda: evaluate(model, val_set, cfg, k, names, device, amp_dtype),
+        ("mIoU", "mAcc", "aAcc"),
+        Schedule.of(s),
+        out,
+        to_yaml(cfg),
+        device,
+        amp_dtype,
+        "segment",
+    )
+    result = {
+        "mIoU": final["mIoU"],
+        "mAcc": final["mAcc"],
+        "aAcc": final["aAcc"],
+        "iters": s.iters,
+        "head": s.head,
+        "init": s.init,
+        "num_classes": k,
+        "train_images": len(train_pairs),
+        "val_images": len(val_pairs),
+        "val_pixels": final["pixels"],
+        "strides": backbone.strides,
+        "blocks": backbone.indices,
+        "per_class": final["per_class"],
+        "history": history,
+        "seconds": round(time.perf_counter() - start_time, 1),
+        "source": str(encoder),
+        "output_dir": str(out),
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "confusion.json").write_text(json.dumps(final["confusion"]) + "\n")
+    return result

@@ -1,0 +1,458 @@
+"""Dense transfer: the ViT feature pyramid (alone and inside torchvision's detectors), the built-in
+scenes (masks against boxes, the ADE20K and COCO layouts read back by their loaders), the
+segmentation metric against a hand-computed confusion matrix, bad segmentation input, and short
+real ``conmim segment`` runs from a tiny pre-training checkpoint, with exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import FASHION_MNIST, TINY
+from PIL import Image
+
+from conmim.cli import main
+from conmim.data.sources import DataError
+from conmim.dense.backbone import block_indices, build_backbone
+from conmim.dense.data import ade20k_pairs, check_sizes, read_target
+from conmim.dense.metrics import confusion, scores
+from conmim.dense.model import build_segmenter, optimizer_groups
+from conmim.dense.scenes import SceneParams, generate, scene
+from conmim.models.conmim import timm_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _encoder(encoder: str, depth: int, size: int, patch: int):
+    spec = timm_spec("vit_tiny", size, patch, depth=depth, encoder=encoder)
+    torch.manual_seed(0)
+    return timm.create_model(spec["model_name"], **spec["kwargs"]).state_dict(), spec
+
+
+@pytest.fixture(scope="module")
+def scenes_dir(tmp_path_factory):
+    """Small built-in scenes: 24 training and 6 validation scenes of 32 px."""
+    return generate(tmp_path_factory.mktemp("dense") / "scenes", SceneParams(24, 6, 32, seed=3), FASHION_MNIST)
+
+
+def test_block_indices_spread_as_beit():
+    assert block_indices(12) == [3, 5, 7, 11]
+    assert block_indices(24) == [7, 11, 15, 23]
+    assert block_indices(6) == [1, 2, 3, 5]
+    assert block_indices(2) == [0, 0, 0, 1]
+
+
+@pytest.mark.parametrize(
+    ("encoder", "depth", "size", "patch", "new_size", "strides"),
+    [
+        ("beit", 12, 32, 16, 64, [4, 8, 16, 32]),  # BEiT's pyramid, position tables resized 2x2 -> 4x4
+        ("beit", 2, 16, 4, 32, [1, 2, 4, 8]),  # the small-patch encoders: strides relative to the patch
+        ("vit", 6, 32, 8, 0, [2, 4, 8, 16]),  # absolute position embedding, pre-training size kept
+    ],
+)
+def test_pyramid_shapes_and_strides(encoder, depth, size, patch, new_size, strides):
+    bb = build_backbone(*_encoder(encoder, depth, size, patch), img_size=new_size)
+    side = new_size or size
+    assert bb.strides == strides and bb.indices == block_indices(depth) and bb.out_channels == 192
+    out = bb(torch.randn(2, 3, side, side))
+    assert list(out) == ["0", "1", "2", "3"]
+    assert [tuple(v.shape) for v in out.values()] == [(2, 192, side // s, side // s) for s in strides]
+    # smaller inputs (a detection batch padded to a multiple of 32, a border window) are padded, maps cropped
+    small = bb(torch.randn(1, 3, side - patch, side // 2))
+    assert [tuple(v.shape[-2:]) for v in small.values()] == [
+        (math.ceil((side - patch) / s), math.ceil(side // 2 / s)) for s in strides
+    ]
+    with pytest.raises(ValueError, match="larger than the backbone's resolution"):
+        bb(torch.randn(1, 3, side + patch, side))
+
+
+def test_pyramid_levels_are_the_encoders_blocks():
+    """Levels 2 and 3 of a 6-block BEiT are block 3's token map and block 5's max-pooled by 2, as the
+    pre-trained encoder (one shared relative position table) computes them block by block."""
+    from conmim.export.encoders import build_encoder
+
+    weights, spec = _encoder("beit", 6, 32, 4)
+    bb = build_backbone(weights, spec, drop_path=0.0).eval()
+    enc = build_encoder(weights, spec).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        tokens = torch.cat([enc.cls_token, enc.patch_embed(x)], 1)
+        maps = []
+        for blk in enc.blocks:
+            tokens = blk(tokens, shared_rel_pos_bias=enc.rel_pos_bias())
+            maps.append(tokens[:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2))
+        out = bb(x)
+    assert torch.allclose(out["2"], maps[3], atol=1e-5)
+    assert torch.allclose(out["3"], torch.nn.functional.max_pool2d(maps[5], 2), atol=1e-5)
+
+
+def test_layer_decay_matches_beit_rule():
+    """Block i of L gets decay ** (L - i), the patch embedding decay ** (L + 1), neck and head 1."""
+    seg = build_segmenter(build_backbone(*_encoder("beit", 6, 32, 4)), "upernet", 10, 32, 0.1)
+    scale_of = {id(p): g["lr_scale"] for g in optimizer_groups(seg, 0.05, 0.5) for p in g["params"]}
+    named = dict(seg.named_parameters())
+    assert scale_of[id(named["backbone.encoder.blocks.5.attn.qkv.weight"])] == pytest.approx(0.5)
+    assert scale_of[id(named["backbone.encoder.blocks.0.attn.qkv.weight"])] == pytest.approx(0.5**6)
+    assert scale_of[id(named["backbone.encoder.patch_embed.proj.weight"])] == pytest.approx(0.5**7)
+    assert scale_of[id(named["head.classifier.weight"])] == 1.0
+    assert len(scale_of) == len(named)
+
+
+def _detection_targets(params: SceneParams, count: int):
+    from conmim.data.sources import fashion_mnist
+
+    items = fashion_mnist(FASHION_MNIST, "test")
+    images, targets = [], []
+    for i in range(count):
+        sc = scene(params, "validation", i, items)
+        images.append(torch.from_numpy(sc.image).permute(2, 0, 1).float() / 255)
+        targets.append(
+            {
+                "boxes": torch.tensor(sc.boxes, dtype=torch.float32),
+                "labels": torch.tensor(sc.labels),
+                "masks": torch.from_numpy(np.stack(sc.masks)).to(torch.uint8),
+            }
+        )
+    return images, targets
+
+
+@pytest.mark.parametrize("kind", ["faster", "mask"])
+def test_pyramid_in_torchvision_detectors(kind):
+    """The pyramid as torchvision expects a backbone: one training step (all losses finite, weights
+    move) and one evaluation (boxes inside the image) of Faster / Mask R-CNN on real scenes."""
+    from torchvision.models.detection import FasterRCNN, MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    bb = build_backbone(*_encoder("beit", 2, 16, 4), img_size=64, out_channels=32)
+    names = list(bb(torch.zeros(1, 3, 64, 64)))
+    common = dict(
+        num_classes=11,
+        min_size=64,
+        max_size=64,
+        rpn_anchor_generator=AnchorGenerator(((4,), (8,), (16,), (32,)), ((0.5, 1.0, 2.0),) * 4),
+        box_roi_pool=MultiScaleRoIAlign(names, 7, 2),
+        rpn_batch_size_per_image=32,
+        box_batch_size_per_image=32,
+    )
+    model = (
+        MaskRCNN(bb, mask_roi_pool=MultiScaleRoIAlign(names, 14, 2), **common)
+        if kind == "mask"
+        else FasterRCNN(bb, **common)
+    )
+    images, targets = _detection_targets(SceneParams(size=64), 2)
+    if kind == "faster":
+        for t in targets:
+            t.pop("masks")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = bb.encoder.blocks[0].attn.qkv.weight.detach().clone()
+    model.train()
+    losses = model(images, targets)
+    assert ("loss_mask" in losses) == (kind == "mask")
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    opt.step()
+    assert not torch.equal(before, bb.encoder.blocks[0].attn.qkv.weight)
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2 and out[0]["boxes"].shape[1] == 4
+    assert (out[0]["boxes"] >= 0).all() and (out[0]["boxes"] <= 64).all()
+    if kind == "mask":
+        assert out[0]["masks"].shape[1:] == (1, 64, 64)
+
+
+def test_metric_against_hand_computed_confusion():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 3]])
+    # rows = truth, columns = prediction, the ignored pixel left out; class 3 never in the truth
+    expected = torch.tensor([[1, 1, 0, 0], [0, 2, 0, 1], [1, 0, 1, 0], [0, 0, 0, 0]])
+    m = confusion(pred, target, 4)
+    assert torch.equal(m, expected)
+    s = scores(m, ["a", "b", "c", "d"])
+    # IoU: a 1/(2+2-1), b 2/(3+3-2), c 1/(2+1-1), d 0/(0+1-0); accuracy: a 1/2, b 2/3, c 1/2, d none
+    assert s["per_class"]["a"]["IoU"] == pytest.approx(100 / 3)
+    assert s["per_class"]["b"]["IoU"] == pytest.approx(50.0)
+    assert s["per_class"]["c"]["IoU"] == pytest.approx(50.0)
+    assert s["per_class"]["d"] == {"IoU": 0.0, "Acc": None}
+    assert s["mIoU"] == pytest.approx((100 / 3 + 50 + 50 + 0) / 4)
+    assert s["mAcc"] == pytest.approx((50 + 200 / 3 + 50) / 3)
+    assert s["aAcc"] == pytest.approx(100 * 4 / 7) and s["pixels"] == 7
+    assert math.isnan(scores(torch.zeros(2, 2, dtype=torch.long))["mIoU"])
+
+
+def test_scenes_masks_boxes_and_both_layouts(scenes_dir):
+    from pycocotools.coco import COCO
+
+    meta = json.loads((scenes_dir / "scenes.json").read_text())
+    assert meta["num_classes"] == 10 and meta["params"]["seed"] == 3
+    pairs = ade20k_pairs(scenes_dir, "training")
+    assert len(pairs) == 24 and len(ade20k_pairs(scenes_dir, "validation")) == 6
+    check_sizes(pairs)
+    coco = COCO(str(scenes_dir / "coco" / "instances_training.json"))
+    assert sorted(coco.getCatIds()) == list(range(1, 11))
+    instances = 0
+    for info in coco.loadImgs(coco.getImgIds()):
+        image = np.asarray(Image.open(scenes_dir / "images" / info["file_name"]))
+        semantic = np.asarray(Image.open(scenes_dir / "annotations" / info["file_name"]))
+        assert image.shape == (32, 32, 3) and image.std() > 5  # a background that is not blank
+        union = np.zeros_like(semantic)
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[info["id"]])):
+            mask = coco.annToMask(ann).astype(bool)
+            x, y, w, h = ann["bbox"]
+            ys, xs = np.nonzero(mask)
+            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x, y, x + w, y + h)  # tight box
+            assert mask.sum() == ann["area"] >= 16
+            assert (semantic[mask] == ann["category_id"]).all()
+            assert not (union[mask]).any()  # visible parts do not overlap
+            union[mask] = ann["category_id"]
+            instances += 1
+        assert np.array_equal(union, semantic)  # the class mask is exactly the union of the instances
+    assert instances >= 24 * 2 * 0.7
+    from torchvision.datasets import CocoDetection
+
+    image, anns = CocoDetection(str(scenes_dir / "images"), str(scenes_dir / "coco" / "instances_validation.json"))[0]
+    assert image.size == (32, 32) and anns and all(a["category_id"] in range(1, 11) for a in anns)
+    items = __import__("conmim.data.sources", fromlist=["fashion_mnist"]).fashion_mnist(FASHION_MNIST, "train")
+    again = scene(SceneParams(24, 6, 32, seed=3), "training", 5, items)
+    assert np.array_equal(again.image, np.asarray(Image.open(pairs[5][0])))  # deterministic by seed
+    other = scene(SceneParams(24, 6, 32, seed=4), "training", 5, items)
+    assert not np.array_equal(other.image, again.image)
+
+
+def test_bad_segmentation_input_names_the_file(tmp_path, scenes_dir):
+    img, mask = ade20k_pairs(scenes_dir, "validation")[0]
+    target = read_target(mask, 10)
+    raw = np.asarray(Image.open(mask))
+    assert (target[raw == 0] == 255).all() and (target[raw > 0] == raw[raw > 0] - 1).all()
+    with pytest.raises(DataError, match=rf"{mask}: class id \d+ beyond the 3 classes"):
+        read_target(mask, 3)
+    images, masks = tmp_path / "im", tmp_path / "ma"
+    images.mkdir(), masks.mkdir()
+    Image.open(img).save(images / "a.png")
+    Image.open(mask).resize((16, 16)).save(masks / "a.png")
+    with pytest.raises(DataError, match=r"a\.png: mask is 16x16 but its image .*a\.png is 32x32"):
+        check_sizes([(images / "a.png", masks / "a.png")])
+    Image.open(img).save(images / "b.jpg")
+    folders = [f"segment.images={images}", f"segment.masks={masks}", f"segment.val_images={images}"]
+    args = ["segment", "unused.safetensors", *folders, f"segment.val_masks={masks}", "segment.num_classes=10"]
+    assert main(args) == 2  # before any weights are read
+
+
+def test_bad_input_errors_from_the_command(tmp_path, capsys, scenes_dir, tiny_run):
+    images, masks = tmp_path / "im", tmp_path / "ma"
+    images.mkdir(), masks.mkdir()
+    img, mask = ade20k_pairs(scenes_dir, "validation")[0]
+    Image.open(img).save(images / "a.png")
+    Image.open(img).save(images / "b.jpg")
+    Image.open(mask).save(masks / "a.png")
+    folders = [f"segment.images={images}", f"segment.masks={masks}", f"segment.val_images={images}"]
+    assert main(["segment", "x.safetensors", *folders, f"segment.val_masks={masks}", "segment.num_classes=10"]) == 2
+    assert f"{images / 'b.jpg'}: no mask for this image (expected {masks / 'b.png'})" in capsys.readouterr().err
+    assert main(["segment", "x.safetensors", f"segment.data={scenes_dir}"]) == 2
+    assert "segment.num_classes=0 is not allowed" in capsys.readouterr().err
+    assert (
+        main(["segment", str(tiny_run), f"segment.data={scenes_dir}", "segment.num_classes=10", "segment.crop_size=30"])
+        == 2
+    )
+    assert "resolution 30 is not a multiple of the encoder's patch size 4" in capsys.readouterr().err
+    assert main(["segment", "x.safetensors", "segment.head=fcn"]) == 2
+    assert "segment.head='fcn' is not allowed: one of upernet, linear" in capsys.readouterr().err
+    assert main(["segment", "x.safetensors", "--config", "segment_cpu", "segment.init=scratch"]) == 2  # after --config
+    assert "segment.init='scratch' is not allowed: pretrained or random" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A real tiny pre-training run (4 ConMIM steps on Fashion-MNIST, 16 px, patch 4, 2 blocks)."""
+    run = tmp_path_factory.mktemp("dense") / "run"
+    assert main(["pretrain", *TINY, "train.max_steps=4", f"output_dir={run}"]) == 0
+    return run
+
+
+def _segment_args(run, scenes, out, *extra):
+    return [
+        "segment",
+        str(run),
+        f"output_dir={out}",
+        f"segment.data={scenes}",
+        "segment.num_classes=10",
+        "segment.crop_size=32",
+        "segment.base_size=32",
+        "segment.channels=16",
+        "segment.batch_size=4",
+        "segment.iters=6",
+        "segment.warmup_iters=2",
+        "segment.log_every=1",
+        "segment.checkpoint_every=2",
+        "segment.lr=1e-3",
+        *extra,
+    ]
+
+
+def _crash_then_resume(monkeypatch, args: list[str], crash_step: int):
+    """Run ``args`` killed at the start of iteration ``crash_step`` (after a checkpoint), then run it
+    again; returns its output_dir."""
+    import conmim.dense.loop as loop
+
+    real_poly = loop.warmup_poly
+
+    def crash(step, *rest):
+        if step == crash_step:
+            raise KeyboardInterrupt
+        return real_poly(step, *rest)
+
+    monkeypatch.setattr(loop, "warmup_poly", crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    monkeypatch.setattr(loop, "warmup_poly", real_poly)
+    assert main(args) == 0
+    return Path(next(a for a in args if a.startswith("output_dir="))[len("output_dir=") :])
+
+
+def _assert_same_end(a: Path, b: Path) -> None:
+    """The same final weights and the same metrics, line by line, as the uninterrupted run."""
+    state_a = torch.load(a / "checkpoints" / "last.pt", weights_only=True)["model"]
+    state_b = torch.load(b / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.allclose(state_a[k].float(), state_b[k].float(), atol=1e-6) for k in state_a)
+    assert (b / "metrics.jsonl").read_text() == (a / "metrics.jsonl").read_text()
+
+
+def test_segment_runs_from_a_pretraining_run_and_resumes_exactly(tiny_run, scenes_dir, tmp_path, monkeypatch):
+    assert main(_segment_args(tiny_run, scenes_dir, tmp_path / "a")) == 0
+    a = tmp_path / "a" / "segment"
+    result = json.loads((a / "results.json").read_text())
+    assert result["iters"] == 6 and result["strides"] == [1, 2, 4, 8] and result["val_images"] == 6
+    assert 0 <= result["mIoU"] <= 100 and result["val_pixels"] > 0
+    assert set(result["per_class"]) == set(json.loads((scenes_dir / "scenes.json").read_text())["classes"])
+    records = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert records[-1]["val_mIoU"] == pytest.approx(result["mIoU"])
+    assert (a / "tensorboard").is_dir() and (a / "config.yaml").is_file()
+
+    b = _crash_then_resume(monkeypatch, _segment_args(tiny_run, scenes_dir, tmp_path / "b"), 5) / "segment"
+    _assert_same_end(a, b)
+    assert json.loads((b / "results.json").read_text())["mIoU"] == pytest.approx(result["mIoU"])
+
+
+@pytest.mark.parametrize("init", ["pretrained", "random"])
+def test_segment_linear_probe_moves_only_the_head(tiny_run, scenes_dir, tmp_path, init):
+    from conmim.export.encoders import load_pretrained
+
+    args = _segment_args(tiny_run, scenes_dir, tmp_path / "lin", "segment.head=linear", "segment.iters=3")
+    assert main([*args, f"segment.init={init}"]) == 0
+    state = torch.load(tmp_path / "lin" / "segment" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    weights, _ = load_pretrained(tiny_run)
+    kept = torch.equal(state["backbone.encoder.blocks.0.attn.qkv.weight"], weights["blocks.0.attn.qkv.weight"])
+    assert kept == (init == "pretrained")
+    assert set(state) >= {"head.classifier.weight", "head.norm.running_mean"}
+    assert json.loads((tmp_path / "lin" / "segment" / "results.json").read_text())["init"] == init
+
+
+def _detect_args(run, scenes, out, *extra):
+    return [
+        "detect",
+        str(run),
+        f"output_dir={out}",
+        f"scenes.dir={scenes}",
+        "scenes.train=24",
+        "scenes.val=6",
+        "scenes.size=32",
+        "scenes.seed=3",
+        "detect.img_size=32",
+        "detect.out_channels=16",
+        "detect.batch_size=2",
+        "detect.iters=4",
+        "detect.warmup_iters=1",
+        "detect.log_every=1",
+        "detect.checkpoint_every=2",
+        *extra,
+    ]
+
+
+def test_detect_runs_from_a_pretraining_run_and_resumes(tiny_run, scenes_dir, tmp_path, monkeypatch):
+    """Mask R-CNN on the pyramid: 4 real iterations on the built-in scenes' COCO files, pycocotools AP;
+    interrupted after the checkpoint of iteration 2 and run again, it ends where an uninterrupted run does."""
+    assert main(_detect_args(tiny_run, scenes_dir, tmp_path / "a")) == 0
+    a = tmp_path / "a" / "detect"
+    result = json.loads((a / "results.json").read_text())
+    assert result["model"] == "mask_rcnn" and result["num_classes"] == 10 and result["images"] == 6
+    assert all(0.0 <= result[k] <= 100.0 for k in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"))
+    records = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["train_loss"]) for r in records if "train_loss" in r)
+    assert "val_segm_AP" in records[-1]
+
+    _assert_same_end(
+        a, _crash_then_resume(monkeypatch, _detect_args(tiny_run, scenes_dir, tmp_path / "b"), 3) / "detect"
+    )
+
+
+def test_bad_coco_input_names_the_file(tmp_path, scenes_dir, capsys):
+    from conmim.dense.coco import CocoInstances
+
+    ann = json.loads((scenes_dir / "coco" / "instances_validation.json").read_text())
+    images = scenes_dir / "images"
+    cases = {
+        "box": lambda a: a["annotations"][0].update(bbox=[20, 20, 30, 5]),
+        "category": lambda a: a["annotations"][0].update(category_id=42),
+        "image": lambda a: a["images"][0].update(file_name="validation/missing.png"),
+    }
+    messages = {
+        "box": r"annotation 1 \(validation/scene_00000.png\): bbox \[20, 20, 30, 5\] is empty or outside the 32x32",
+        "category": r"annotation 1 .*category_id 42 is not among the categories",
+        "image": r"image 1 is .*validation/missing.png, which does not exist",
+    }
+    for name, change in cases.items():
+        bad = json.loads(json.dumps(ann))
+        change(bad)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=f"{path}: {messages[name]}"):
+            CocoInstances(images, path, masks=True)
+    args = [f"detect.train_images={images}", f"detect.train_ann={tmp_path / 'box.json'}"]
+    args += [f"detect.val_images={images}", f"detect.val_ann={tmp_path}/x.json"]
+    assert main(["detect", "x.safetensors", *args]) == 2
+    assert "box.json: annotation 1" in capsys.readouterr().err
+
+
+def test_segment_reads_a_generic_image_and_mask_folder_pair(tiny_run, scenes_dir, tmp_path):
+    import shutil
+
+    folders = {}
+    for split, short in (("training", "train"), ("validation", "val")):
+        for kind, src in (("images", "images"), ("masks", "annotations")):
+            folders[f"{short}_{kind}"] = dst = tmp_path / f"{short}_{kind}"
+            dst.mkdir()
+            for f in sorted((scenes_dir / src / split).iterdir())[:6]:
+                shutil.copy(f, dst / f.name)
+    pair = [
+        f"segment.images={folders['train_images']}",
+        f"segment.masks={folders['train_masks']}",
+        f"segment.val_images={folders['val_images']}",
+        f"segment.val_masks={folders['val_masks']}",
+    ]
+    export = tmp_path / "enc.safetensors"
+    assert main(["export", str(tiny_run), "--out", str(export)]) == 0  # an export is a source too
+    args = [a for a in _segment_args(export, scenes_dir, tmp_path / "pair") if not a.startswith("segment.data=")]
+    assert main([*args, *pair, "segment.iters=2", "segment.head=linear"]) == 0
+    result = json.loads((tmp_path / "pair" / "segment" / "results.json").read_text())
+    assert result["train_images"] == 6 and result["val_images"] == 6 and result["num_classes"] == 10
+
+
+def test_warmup_poly_is_mmcvs_poly_with_linear_warmup():
+    from conmim.train.schedules import warmup_poly
+
+    # poly: (peak - final) * (1 - t / T) ** power + final; warm-up scales it by 1 - (1 - t / W) * (1 - ratio)
+    assert warmup_poly(0, 100, 1.0, 10, 1e-6) == pytest.approx(1e-6)
+    assert warmup_poly(5, 100, 1.0, 10, 0.0) == pytest.approx(0.95 * 0.5)
+    assert warmup_poly(10, 100, 1.0, 10) == pytest.approx(0.9)
+    assert warmup_poly(50, 100, 2.0, 10, power=2.0, final=0.5) == pytest.approx(1.5 * 0.25 + 0.5)
+    assert warmup_poly(100, 100, 1.0, 10) == 0.0
