@@ -1,14 +1,16 @@
 """``model.init=PATH``: continued pre-training, student and teacher starting from existing weights.
 
-Sources: a conmim run directory or checkpoint (its teacher branch: encoder, mask token and
-projector), an export (``.safetensors`` + JSON, or a ``--format hub`` folder), a converted
-official checkpoint, any timm state dict of the same encoder (``.safetensors``, ``.pth``, ``.bin``,
-bare or under ``model`` / ``state_dict``), or the authors' own ``.pth`` files. The weights may come
+Sources: a conmim run directory or checkpoint (each branch from its own weights: the student from
+the student, the teacher from the teacher, so the run continues exactly where the source stopped),
+an export (``.safetensors`` + JSON, or a ``--format hub`` folder), a converted official checkpoint,
+any timm state dict of the same encoder (``.safetensors``, ``.pth``, ``.bin``, bare or under
+``model`` / ``state_dict``), or the authors' own ``.pth`` files. The weights may come
 from another image or patch size: relative position tables, an absolute position embedding and
 the patch kernel are resized with timm's helpers (``conmim.models.resize``). The mask token and
 the projector are taken when the source has them in the right shape and start fresh otherwise (an
 encoder-only file has neither); every other parameter must fit, or the error names those that do
-not. The teacher then starts as an exact copy of the student, as in a fresh run.
+not. From any source other than a conmim checkpoint the teacher starts as an exact copy of the
+student, as in a fresh run.
 """
 
 from __future__ import annotations
@@ -44,12 +46,19 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return read_state_dict(path)  # .pt / .pth / .bin: unwraps model / state_dict, allows argparse args
 
 
+def conmim_branches(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A conmim checkpoint's ``student`` and ``teacher`` branches in :class:`Branch` names; empty for other sources."""
+    branches = {
+        name: {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
+        for name in ("student", "teacher")
+    }
+    return branches if all(branches.values()) else {}
+
+
 def branch_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors in a :class:`Branch`'s names: a conmim checkpoint's teacher branch as it is,
-    an encoder's weights under ``encoder.`` (its mask token, if any, kept; heads and official
-    projectors, which never fit ours, and index buffers, which timm rebuilds, dropped)."""
-    if any(k.startswith("teacher.") for k in tensors):
-        return {k.removeprefix("teacher."): v for k, v in tensors.items() if k.startswith("teacher.")}
+    """An encoder's tensors in a :class:`Branch`'s names: under ``encoder.`` (its mask token, if any,
+    kept; heads and official projectors, which never fit ours, and index buffers, which timm rebuilds,
+    dropped)."""
     if any(k.startswith("encoder.") for k in tensors):
         return dict(tensors)
     out = {}
@@ -112,7 +121,7 @@ def fit(state: dict[str, torch.Tensor], branch: Branch) -> tuple[dict[str, torch
 
 @torch.no_grad()
 def init_from(model: ConMIM, path: str | Path) -> list[str]:
-    """Load ``path`` into the student, copy the student to the teacher; returns the fresh keys."""
+    """Load ``path`` into student and teacher (see the module docstring); returns the keys that start fresh."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"model.init={str(path)!r} is not allowed: no such file or folder")
@@ -120,13 +129,16 @@ def init_from(model: ConMIM, path: str | Path) -> list[str]:
         tensors = read_tensors(path)
     except Exception as err:  # torch, safetensors and our own readers each raise their own kinds
         raise ConfigError(f"model.init={str(path)!r}: cannot read weights: {type(err).__name__}: {err}") from None
+    branches = conmim_branches(tensors) or {"student": branch_tensors(tensors)}
     try:
-        state, fresh = fit(branch_tensors(tensors), model.student)
+        fitted = {name: fit(source, getattr(model, name)) for name, source in branches.items()}
     except (ConfigError, ValueError) as err:  # ValueError: a position table that names no square grid
         raise ConfigError(f"model.init={str(path)!r}: {err}") from None
-    model.student.load_state_dict(state, strict=False)
-    model.teacher.load_state_dict(model.student.state_dict())
-    return fresh
+    for name, (state, _fresh) in fitted.items():
+        getattr(model, name).load_state_dict(state, strict=False)
+    if "teacher" not in fitted:
+        model.teacher.load_state_dict(model.student.state_dict())
+    return fitted["student"][1]
 
 
 def describe(path: str | Path, fresh: list[str]) -> str:
