@@ -108,7 +108,7 @@ def preflight(cfg: Config, dist: distributed.DistInfo, device: torch.device):
         raise ConfigError(f"resume={cfg.resume!r} is not allowed: no such checkpoint file")
     if cfg.model.init and not Path(cfg.model.init).exists():
         raise ConfigError(f"model.init={cfg.model.init!r} is not allowed: no such file or folder")
-    source = build_source(cfg.data, cfg.model.img_size)
+    source = build_source(cfg.data, cfg.model.img_size, in_chans=cfg.model.in_chans)
     b, w = cfg.train.batch_size, dist.world_size
     if len(source) // w < b:
         raise ConfigError(
@@ -126,7 +126,7 @@ def build_loader(
     """The pre-training loader. Its own generator keeps the main process's torch RNG untouched when
     an iterator starts (a resumed run must draw drop-path masks from exactly the saved RNG state)."""
     m, d = cfg.model, cfg.data
-    source = source if source is not None else build_source(d, m.img_size)
+    source = source if source is not None else build_source(d, m.img_size, in_chans=m.in_chans)
     views = PairedViews(
         m.img_size, (d.crop_scale_min, 1.0), tuple(d.mean), tuple(d.std), d.strong_aug, d.weak_aug_strong
     )
