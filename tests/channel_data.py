@@ -6,7 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import tifffile
+
+try:
+    import tifffile
+except ImportError as err:  # scripts/setup.sh installs the extra; without it these tests cannot run
+    raise ImportError("tifffile missing: pip install -e '.[arrays]' (scripts/setup.sh does)") from err
 
 
 def write_channel_dataset(root: Path, in_chans: int, per_class: int = 12, test_per_class: int = 4, size: int = 20):

@@ -4,6 +4,7 @@ channel, per-channel photometric ops, clear errors naming the file, and ``conmim
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -62,6 +63,13 @@ def test_multiband_tiff_and_unsupported_tiff_dtype(tmp_path):
     tifffile.imwrite(tmp_path / "int32.tif", x.astype(np.int32))
     with pytest.raises(ChannelError, match=r"int32\.tif: dtype int32 is not supported"):
         read_array_file(tmp_path / "int32.tif", 5)
+
+
+def test_tiff_arrays_without_tifffile_say_what_to_install(tmp_path, monkeypatch):
+    tifffile.imwrite(tmp_path / "x.tif", np.zeros((5, 4, 4), np.uint8))
+    monkeypatch.setitem(sys.modules, "tifffile", None)  # import tifffile now raises ImportError
+    with pytest.raises(ChannelError, match=r"x\.tif: TIFF arrays need tifffile: pip install 'conmim\[arrays\]'"):
+        read_array_file(tmp_path / "x.tif", 5)
 
 
 def test_gray_photos_keep_one_channel_and_photos_cannot_feed_five(tmp_path):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import timm
 import torch
 from channel_data import channel_overrides, write_channel_dataset
+from PIL import Image
 from tiny import TINY
 
 from conmim.cli import main
@@ -82,3 +84,13 @@ def test_an_encoder_and_a_configuration_of_other_channels_are_refused(channel_ru
     assert main(["knn", str(tmp_path / "enc.safetensors"), *data]) == 2
     err = capsys.readouterr().err
     assert f"the encoder takes {in_chans} input channel(s) but data.mean/data.std have 3 values" in err
+
+
+def test_visualize_draws_gray_runs_and_refuses_other_channel_counts(channel_run, tmp_path, capsys):
+    run, in_chans, _ = channel_run
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 20), dtype=np.uint8), "L").save(tmp_path / "g.png")
+    code = main(["visualize", str(run), str(tmp_path / "g.png"), "--out", str(tmp_path / "vis")])
+    if in_chans == 1:
+        assert code == 0 and Image.open(tmp_path / "vis" / "g_retrieval.png").mode == "RGB"
+    else:
+        assert code == 2 and "a 5-channel encoder is not supported (1 or 3)" in capsys.readouterr().err
