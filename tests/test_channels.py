@@ -19,7 +19,7 @@ from conmim.config import ConfigError, MaskConfig, load_config
 from conmim.data.channels import ChannelError, as_channels, read_array_file
 from conmim.data.masking import MaskGenerator
 from conmim.data.pretrain import PretrainDataset
-from conmim.data.sources import FileSource, image_folder
+from conmim.data.sources import FileSource, image_folder, list_file
 from conmim.data.views import PairedViews, apply_photometric, sample_view_params
 from conmim.eval.common import EvalTransform, LabeledDataset
 from conmim.tools.stats import channel_stats
@@ -205,3 +205,27 @@ def test_stats_command_prints_overrides_and_lists_skipped_files(tmp_path, capsys
 def test_channel_overrides_are_a_valid_configuration(tmp_path):
     cfg = load_config(None, channel_overrides(tmp_path, 5))
     assert cfg.model.in_chans == 5 and cfg.data.mean == [0.5] * 5
+
+
+def test_list_source_reads_arrays_with_labels(tmp_path):
+    root = write_channel_dataset(tmp_path / "d", 5, per_class=2, test_per_class=1)
+    files = sorted((root / "train").rglob("img_*"))
+    lines = [f"{f.relative_to(root)} {i % 2}\n" for i, f in enumerate(files)]
+    (root / "files.txt").write_text("".join(lines))
+    source = list_file(root / "files.txt", in_chans=5)
+    assert [source[i][1] for i in range(len(source))] == [0, 1, 0, 1]
+    assert all(source[i][0].shape == (5, 20, 20) for i in range(len(source)))
+
+
+@pytest.mark.parametrize("in_chans", [1, 5])
+def test_finetuning_transform_for_other_channel_counts(in_chans):
+    from conmim.eval.finetune import train_transform
+
+    cfg = load_config(None, ["finetune.reprob=1.0"] + _norm(in_chans) + [f"model.in_chans={in_chans}"])
+    gray = Image.fromarray(np.random.default_rng(2).integers(0, 256, (24, 24), dtype=np.uint8), "L")
+    image = gray if in_chans == 1 else torch.randint(0, 256, (5, 24, 24), dtype=torch.uint8)
+    torch.manual_seed(0)
+    out = train_transform(16, cfg)(image)
+    assert out.shape == (in_chans, 16, 16) and out.dtype == torch.float32
+    erased = train_transform(16, cfg).ops.transforms[-1]
+    assert type(erased).__name__ == "RandomErasing"  # timm's erasing kept; RandAugment replaced
