@@ -12,6 +12,7 @@ import tifffile
 import torch
 from channel_data import channel_overrides, write_channel_dataset
 from PIL import Image
+from tiny import TINY
 from torchvision.transforms.v2 import functional as TF
 
 from conmim.cli import main
@@ -229,3 +230,11 @@ def test_finetuning_transform_for_other_channel_counts(in_chans):
     assert out.shape == (in_chans, 16, 16) and out.dtype == torch.float32
     erased = train_transform(16, cfg).ops.transforms[-1]
     assert type(erased).__name__ == "RandomErasing"  # timm's erasing kept; RandAugment replaced
+
+
+def test_pretraining_stops_at_once_when_in_chans_does_not_fit_the_data(tmp_path, capsys):
+    norm = ["model.in_chans=5", "data.mean=[0.5,0.5,0.5,0.5,0.5]", "data.std=[0.3,0.3,0.3,0.3,0.3]"]
+    assert main(["pretrain", *TINY, *norm, f"output_dir={tmp_path / 'run'}"]) == 2  # Fashion-MNIST: gray photos
+    err = capsys.readouterr().err
+    assert "model.in_chans=5 does not fit the data: the first 8 image(s) all fail, e.g. #0: a L photo" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -121,6 +121,29 @@ def as_channels(img: Image.Image | torch.Tensor, in_chans: int) -> Image.Image |
     return img
 
 
+def check_first_images(source, in_chans: int, probe: int = 8) -> None:
+    """Stop early when ``model.in_chans`` does not fit the data at all: if each of the first ``probe``
+    images of ``source`` fails :func:`as_channels` with a :class:`ChannelError` (gray photos for 5
+    channels, RGB arrays for 1, ...), raise one naming ``model.in_chans`` and the first error. Without
+    this, ``data.on_error=skip`` would try every file of the data set for each sample before giving
+    up. One good image passes; unreadable files say nothing about the channels and are left to
+    ``data.on_error``."""
+    errors: list[str] = []
+    for i in range(min(probe, len(source))):
+        try:
+            as_channels(source[i][0], in_chans)
+            return
+        except ChannelError as err:
+            errors.append(str(err) if source.name(i) in str(err) else f"{source.name(i)}: {err}")
+        except Exception:  # noqa: BLE001 - unreadable: left to data.on_error
+            continue
+    if errors:
+        raise ChannelError(
+            f"model.in_chans={in_chans} does not fit the data: the first {len(errors)} image(s) all fail, "
+            f"e.g. {errors[0]}"
+        )
+
+
 def image_size(img: Image.Image | torch.Tensor) -> tuple[int, int]:
     """(height, width) of a photo or a ``(C, H, W)`` array."""
     if isinstance(img, Image.Image):

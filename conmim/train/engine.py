@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, to_yaml
+from ..data.channels import check_first_images
 from ..data.gpu_views import EncodedPretrainDataset, collate_encoded, device_batches, device_views
 from ..data.masking import MaskGenerator
 from ..data.pretrain import EpochSampler, PretrainDataset, read_skipped
@@ -109,6 +110,7 @@ def preflight(cfg: Config, dist: distributed.DistInfo, device: torch.device):
     if cfg.model.init and not Path(cfg.model.init).exists():
         raise ConfigError(f"model.init={cfg.model.init!r} is not allowed: no such file or folder")
     source = build_source(cfg.data, cfg.model.img_size, in_chans=cfg.model.in_chans)
+    check_first_images(source, cfg.model.in_chans)
     b, w = cfg.train.batch_size, dist.world_size
     if len(source) // w < b:
         raise ConfigError(
