@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from .errors import DataError, require_regular_file
+
+if TYPE_CHECKING:  # sources.py imports this module
+    from .sources import Source
 
 ARRAY_EXTENSIONS = (".npy",)
 TIFF_EXTENSIONS = (".tif", ".tiff")
@@ -121,7 +125,7 @@ def as_channels(img: Image.Image | torch.Tensor, in_chans: int) -> Image.Image |
     return img
 
 
-def check_first_images(source, in_chans: int, probe: int = 8) -> None:
+def check_first_images(source: Source, in_chans: int, probe: int = 8) -> None:
     """Stop early when ``model.in_chans`` does not fit the data at all: if each of the first ``probe``
     images of ``source`` fails :func:`as_channels` with a :class:`ChannelError` (gray photos for 5
     channels, RGB arrays for 1, ...), raise one naming ``model.in_chans`` and the first error. Without
