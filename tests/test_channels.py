@@ -31,8 +31,9 @@ def test_npy_layouts_and_dtypes_become_uint8_channels_first(tmp_path):
     np.save(tmp_path / "chw.npy", x)
     np.save(tmp_path / "hwc.npy", x.transpose(1, 2, 0))
     np.save(tmp_path / "u16.npy", x.astype(np.uint16) * 257)
+    np.save(tmp_path / "u16be.npy", (x.astype(np.uint16) * 257).astype(">u2"))  # big-endian on disk
     np.save(tmp_path / "f32.npy", x.astype(np.float32) / 255)
-    for name in ("chw", "hwc", "u16", "f32"):
+    for name in ("chw", "hwc", "u16", "u16be", "f32"):
         out = read_array_file(tmp_path / f"{name}.npy", 5)
         assert out.dtype == torch.uint8 and torch.equal(out, torch.from_numpy(x)), name
     np.save(tmp_path / "gray.npy", x[0])

@@ -88,11 +88,12 @@ def channels_first(arr: np.ndarray, in_chans: int, name: str) -> np.ndarray:
 
 def to_uint8(arr: np.ndarray, name: str) -> np.ndarray:
     """``arr`` as uint8 by :data:`DTYPE_RULE`, or :class:`ChannelError` naming ``name`` and the dtype."""
-    if arr.dtype == np.uint8:
+    kind, size = arr.dtype.kind, arr.dtype.itemsize  # not ``== np.uint16``: big-endian files count too
+    if kind == "u" and size == 1:
         return arr
-    if arr.dtype == np.uint16:
+    if kind == "u" and size == 2:
         return np.rint(arr.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
-    if arr.dtype.kind == "f":
+    if kind == "f":
         values = arr.astype(np.float64)
         low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
         if not (np.isfinite(low) and np.isfinite(high) and 0.0 <= low and high <= 1.0):
