@@ -94,3 +94,11 @@ def test_visualize_draws_gray_runs_and_refuses_other_channel_counts(channel_run,
         assert code == 0 and Image.open(tmp_path / "vis" / "g_retrieval.png").mode == "RGB"
     else:
         assert code == 2 and "a 5-channel encoder is not supported (1 or 3)" in capsys.readouterr().err
+
+
+def test_continued_pretraining_from_weights_of_other_channels_says_so(channel_run, tmp_path, capsys):
+    run, in_chans, _ = channel_run
+    assert main(["pretrain", *TINY, f"model.init={run}", f"output_dir={tmp_path / 'rgb'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"encoder.patch_embed.proj.weight (192, {in_chans}, 4, 4) vs (192, 3, 4, 4)" in err
+    assert "model.in_chans as the source was trained" in err
