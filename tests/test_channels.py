@@ -202,6 +202,8 @@ def test_stats_command_prints_overrides_and_lists_skipped_files(tmp_path, capsys
     assert load_config(None, folder + line.split()).data.mean == [round(v, 4) for v in stats["mean"]]
     assert main(["stats", *folder, "data.on_error=raise"]) == 2
     assert "wrong.npy" in capsys.readouterr().err
+    assert main(["stats", *folder, "--split", "test", "--limit", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["images"] == 1 and json.loads(out.read_text())["split"] == "test"
 
 
 def test_channel_overrides_are_a_valid_configuration(tmp_path):
