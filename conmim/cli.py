@@ -1,6 +1,6 @@
 """The ``conmim`` command line: ``conmim pretrain|export|knn|linprobe|finetune|segment|detect|scenes|...``.
 
-(also ``convert``, ``shards``, ``bench``, ``study`` and ``visualize``; one sub-command each)."""
+(also ``convert``, ``shards``, ``stats``, ``bench``, ``study`` and ``visualize``; one sub-command each)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import BenchRunConfig, ConfigError, load_config, to_yaml
+from .config import BenchRunConfig, ConfigError, load_config, to_yaml, validate
 from .data.sources import DataError
 from .export.onnx import ExportError
 from .runtime.checkpoint import CheckpointError
@@ -118,13 +118,14 @@ def _report(cfg, name: str, result: dict) -> None:
 
 
 def cmd_knn(args: argparse.Namespace, cfg) -> int:
-    from .eval.common import EvalTransform, eval_sources, img_size_of
+    from .eval.common import EvalTransform, check_channels, eval_sources, img_size_of
     from .eval.knn import knn_top1
     from .export.encoders import load_encoder
     from .runtime.device import resolve_device, resolve_precision
 
     e, d, device = cfg.eval, cfg.data, resolve_device(cfg.device)
     encoder = load_encoder(args.source, e.which).to(device)
+    check_channels(encoder, d.mean)
     size = img_size_of(encoder)
     train, test = eval_sources(cfg, size)
     top1 = knn_top1(
@@ -257,6 +258,34 @@ def _add_eval_command(sub, name: str, func, help_text: str) -> None:
     p.set_defaults(func=_run_eval(func))
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .eval.common import limit_source
+    from .tools.stats import channel_stats, override_line, write_stats
+
+    cfg = load_config(args.config, args.overrides, default_preset=DEFAULT_PRESET, check=False)
+    c, d = cfg.model.in_chans, cfg.data
+    if len(d.mean) != c or len(d.std) != c:  # what this command computes: stand-ins until then
+        d.mean, d.std = [0.5] * c, [0.25] * c
+    validate(cfg)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from .data.sources import build_source
+
+    split = d.split if args.split is None else args.split
+    source = limit_source(build_source(d, cfg.model.img_size, split, c), args.limit, cfg.train.seed)
+    stats = channel_stats(source, c, d.num_workers, d.on_error)
+    stats = {**stats, "in_chans": c, "data": d.source, "path": d.path, "split": split}
+    if args.out:
+        logging.getLogger(__name__).info("wrote %s", write_stats(stats, args.out))
+    shown = {**stats, "skipped": len(stats["skipped"])}
+    print(json.dumps(shown, indent=2))
+    for name, reason in stats["skipped"].items():
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    print(override_line(stats))
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from .tools.study import run_study
 
@@ -368,6 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
     bad_file = "a file that is not an image: stop (raise, default) or leave it out and list it (skip)"
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help=bad_file)
     p.set_defaults(func=cmd_shards)
+    p = sub.add_parser(
+        "stats",
+        help="per-channel mean and std of a data set, printed as data.mean=[...] data.std=[...]",
+        description="Per-channel mean and standard deviation (in [0, 1] units) of the images of a split at "
+        "model.in_chans channels, over every pixel at the images' own sizes; data.mean/data.std need not be set. "
+        "Takes pretrain's --config and key=value overrides (data.*, model.in_chans).",
+    )
+    _add_config_args(p)
+    p.add_argument("--split", help="the split to read (default: data.split)")
+    p.add_argument("--limit", type=int, default=0, help="use this many images drawn with train.seed (0: all)")
+    p.add_argument("--out", help="also write the statistics as JSON to this file")
+    p.set_defaults(func=cmd_stats)
     p = sub.add_parser(
         "study",
         help="run (or continue) a study on Fashion-MNIST and write its report",

@@ -360,10 +360,13 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     default_preset: str | None = None,
     schema_cls: type[Config] = Config,
+    check: bool = True,
 ) -> Config:
     """Merge defaults, then a YAML file (or a packaged preset), then ``key=value`` overrides.
 
     ``schema_cls`` is :class:`Config` or a subclass with extra sections (``conmim bench``).
+    ``check=False`` leaves :func:`validate` to the caller (``conmim stats`` computes ``data.mean`` /
+    ``data.std``, so it cannot ask for them to match ``model.in_chans`` first).
     """
     schema = OmegaConf.structured(schema_cls)
     layers: list[Any] = [schema]
@@ -378,7 +381,8 @@ def load_config(
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, f"{source or 'defaults'} + overrides")) from None
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -475,6 +479,12 @@ def validate(cfg: Config) -> None:
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
     reads_files = d.source in ("folder", "list", "webdataset")
     reads_files = reads_files or (isinstance(cfg, BenchRunConfig) and cfg.bench.data != "synthetic")
+    _require(
+        not d.gpu_aug or m.in_chans == 3,
+        "data.gpu_aug",
+        d.gpu_aug,
+        f"false with model.in_chans={m.in_chans}; the device data path decodes RGB photos only",
+    )
     _require(
         not d.gpu_aug or reads_files,
         "data.gpu_aug",

@@ -164,3 +164,18 @@ def test_pretrain_runs_on_the_device_data_path(image_dir, tmp_path):
     assert summary["steps"] == 2
     records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_three_channel_arrays_take_the_device_path_decoded(tmp_path):
+    yy, xx = np.mgrid[0:40, 0:48] / 8.0  # smooth, like photos: noise would only test resampling kernels
+    arr = np.stack([127 + 100 * np.sin(xx + c) * np.cos(yy - c) for c in range(3)]).round().astype(np.uint8)
+    np.save(tmp_path / "a.npy", arr)
+    Image.fromarray(arr.transpose(1, 2, 0)).save(tmp_path / "b.png")
+    cpu, encoded, _views, device_views = both_paths(tmp_path)
+    payload, *_rest, name = encoded[(0, 0)]
+    assert name.endswith("a.npy") and torch.equal(payload, torch.from_numpy(arr))
+    weak, strong, _ = device_views(collate_encoded([encoded[(0, 0)]]))
+    ref_weak, ref_strong, _ = cpu[(0, 0)]
+    for got, ref in ((weak[0], ref_weak), (strong[0], ref_strong)):
+        levels = (got - ref).abs() * 0.229 * 255
+        assert levels.mean() < 0.6 and levels.max() < 16

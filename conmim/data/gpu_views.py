@@ -26,6 +26,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from ..config import Config
+from .channels import is_array_file, read_array_file
 from .pretrain import PretrainDataset, sample_generator
 from .sources import DataError, load_image
 from .views import ViewParams
@@ -61,7 +62,8 @@ def pack_params(p: ViewParams) -> list[float]:
 class EncodedPretrainDataset(PretrainDataset):
     """``(epoch, index) -> (payload, params (2, 17), mask, name)`` for a source of encoded images (``raw(i)``).
 
-    ``payload`` is the file's bytes (1-D uint8) for RGB JPEGs, else the decoded (3, H, W) uint8 image.
+    ``payload`` is the file's bytes (1-D uint8) for RGB JPEGs, else the decoded (3, H, W) uint8 image
+    (``.npy`` arrays of 3 channels included, read by :func:`conmim.data.channels.read_array_file`).
     Row 0 of ``params`` is the crop/flip/strong-ops draw, row 1 the weak view's own ops (ablation
     ``weak_strong``; a copy of row 0 otherwise, unused).
     """
@@ -73,6 +75,9 @@ class EncodedPretrainDataset(PretrainDataset):
 
     def load(self, i: int) -> tuple[torch.Tensor, int, int, str]:
         name = self.source.name(i)
+        if is_array_file(name, 3):  # folder and list sources: arrays are read from their files
+            img = read_array_file(name, 3)
+            return img, img.shape[1], img.shape[2], name
         raw = self.source.raw(i)
         with Image.open(io.BytesIO(raw)) as im:  # header only: no pixel is decoded here
             fmt, mode, (width, height) = im.format, im.mode, im.size

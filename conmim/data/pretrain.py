@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from .channels import as_channels
 from .masking import MaskGenerator
 from .sources import DataError, Source
 from .views import PairedViews
@@ -85,9 +86,10 @@ class PretrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def load(self, i: int) -> Image.Image:
-        """Item ``i`` of the source as a PIL image; subclasses read other forms (file bytes)."""
-        return self.source[i][0]
+    def load(self, i: int) -> Image.Image | torch.Tensor:
+        """Item ``i`` of the source at the model's channels (a photo or a uint8 array); subclasses read
+        other forms (file bytes). A channel mismatch is an error of this item, so ``on_error`` applies."""
+        return as_channels(self.source[i][0], self.views.in_chans)
 
     def read(self, index: int):
         """``load`` of ``index``, or per ``on_error`` of the next readable item."""

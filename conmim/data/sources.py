@@ -1,8 +1,9 @@
 """Image sources.
 
-A *source* (:class:`Source`) is an indexable collection of ``(PIL image, label)`` with ``label = -1``
+A *source* (:class:`Source`) is an indexable collection of ``(image, label)`` with ``label = -1``
 when unknown: an image folder, a list file, tar shards (:mod:`conmim.data.shards`), Fashion-MNIST's
-IDX files, or synthetic images.
+IDX files, or synthetic images. An image is a PIL photo or, for array files (``.npy``; TIFF when
+``model.in_chans != 3``), a uint8 ``(C, H, W)`` tensor (:mod:`conmim.data.channels`).
 Pre-training (:mod:`conmim.data.pretrain`) and evaluation (:mod:`conmim.eval.common`) both read them.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-import stat
 import struct
 import warnings
 from collections.abc import Sequence
@@ -19,17 +19,18 @@ from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 from PIL import Image
+
+from .channels import ARRAY_EXTENSIONS, is_array_file, read_array_file
+from .errors import DataError, require_regular_file
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+FILE_EXTENSIONS = IMAGE_EXTENSIONS + ARRAY_EXTENSIONS  # what a folder source lists
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_HINT = "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or set data.path"
-
-
-class DataError(ValueError):
-    """A data source that cannot be used; the message names the path and the reason."""
 
 
 @runtime_checkable
@@ -40,8 +41,9 @@ class Source(Protocol):
 
     def __len__(self) -> int: ...
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        """Image ``index`` (any PIL mode; readers convert) and its label, -1 when unknown."""
+    def __getitem__(self, index: int) -> tuple[Image.Image | torch.Tensor, int]:
+        """Image ``index`` (a photo in any PIL mode, or a uint8 (C, H, W) array; readers bring both to
+        the model's channels with :func:`conmim.data.channels.as_channels`) and its label, -1 when unknown."""
         ...
 
     def name(self, index: int) -> str:
@@ -57,9 +59,8 @@ def load_image(path: str | os.PathLike | IO[bytes]) -> Image.Image:
     ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (PIL's default 89,478,485; PIL itself only warns up to
     twice that); PIL's own errors (truncated, not an image, ...) propagate.
     """
-    if isinstance(path, (str, os.PathLike)) and not stat.S_ISREG(os.stat(path).st_mode):
-        # os.stat follows links: a symlink loop raises ELOOP here
-        raise DataError(f"{path}: not a regular file")
+    if isinstance(path, (str, os.PathLike)):
+        require_regular_file(path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: a bad file
         im = Image.open(path)
@@ -80,10 +81,10 @@ def load_image(path: str | os.PathLike | IO[bytes]) -> Image.Image:
 
 
 class FileSource:
-    """Image files with optional integer labels."""
+    """Image files with optional integer labels; ``in_chans`` decides which files are read as arrays."""
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int], classes: Sequence[str] = ()):
-        self.paths, self.labels, self.classes = list(paths), list(labels), list(classes)
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], classes: Sequence[str] = (), in_chans: int = 3):
+        self.paths, self.labels, self.classes, self.in_chans = list(paths), list(labels), list(classes), in_chans
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -91,25 +92,29 @@ class FileSource:
     def name(self, index: int) -> str:
         return self.paths[index]
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return load_image(self.paths[index]), self.labels[index]
+    def __getitem__(self, index: int) -> tuple[Image.Image | torch.Tensor, int]:
+        path = self.paths[index]
+        if is_array_file(path, self.in_chans):
+            return read_array_file(path, self.in_chans), self.labels[index]
+        return load_image(path), self.labels[index]
 
     def raw(self, index: int) -> bytes:
         """The file's encoded bytes (the device data path decodes them itself)."""
         return Path(self.paths[index]).read_bytes()
 
 
-def image_folder(root: str | os.PathLike) -> FileSource:
-    """All images under ``root``, recursively; the first-level sub-folder names are the classes."""
+def image_folder(root: str | os.PathLike, in_chans: int = 3) -> FileSource:
+    """All images and ``.npy`` arrays under ``root``, recursively; the first-level sub-folder names are
+    the classes."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data.path={str(root)!r}: no such folder")
     files: list[Path] = []
     for dirpath, _dirs, names in os.walk(root, followlinks=False):
-        files += [Path(dirpath) / n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+        files += [Path(dirpath) / n for n in names if n.lower().endswith(FILE_EXTENSIONS)]
     files.sort()
     if not files:
-        raise DataError(f"data.path={str(root)!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+        raise DataError(f"data.path={str(root)!r}: no image files ({', '.join(FILE_EXTENSIONS)}) found")
     tops = [f.relative_to(root).parts for f in files]
     if all(len(parts) > 1 for parts in tops):
         classes = sorted({parts[0] for parts in tops})
@@ -117,10 +122,10 @@ def image_folder(root: str | os.PathLike) -> FileSource:
         labels = [index[parts[0]] for parts in tops]
     else:
         classes, labels = [], [-1] * len(files)
-    return FileSource([str(f) for f in files], labels, classes)
+    return FileSource([str(f) for f in files], labels, classes, in_chans)
 
 
-def list_file(path: str | os.PathLike) -> FileSource:
+def list_file(path: str | os.PathLike, in_chans: int = 3) -> FileSource:
     """A text file with one ``path [label]`` per line; relative paths are relative to the file."""
     path = Path(path)
     if not path.is_file():
@@ -141,7 +146,7 @@ def list_file(path: str | os.PathLike) -> FileSource:
             raise DataError(f"{path}:{lineno}: empty path")
     if not paths:
         raise DataError(f"data.path={str(path)!r}: the list file names no images")
-    return FileSource(paths, labels)
+    return FileSource(paths, labels, in_chans=in_chans)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -203,10 +208,12 @@ def fashion_mnist(root: str | os.PathLike = FASHION_MNIST_DIR, split: str = "tra
 
 
 class SyntheticSource:
-    """Deterministic random RGB images, for benchmarks and smoke tests."""
+    """Deterministic random images, for benchmarks and smoke tests: RGB photos, or uint8 arrays of
+    ``in_chans`` channels when that is not 3."""
 
-    def __init__(self, size: int, img_size: int, num_classes: int = 10):
+    def __init__(self, size: int, img_size: int, num_classes: int = 10, in_chans: int = 3):
         self.size, self.img_size, self.classes = size, img_size, [str(i) for i in range(num_classes)]
+        self.in_chans = in_chans
 
     def __len__(self) -> int:
         return self.size
@@ -214,8 +221,11 @@ class SyntheticSource:
     def name(self, index: int) -> str:
         return f"synthetic#{index}"
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+    def __getitem__(self, index: int) -> tuple[Image.Image | torch.Tensor, int]:
         g = np.random.default_rng(index)
+        if self.in_chans != 3:
+            arr = g.integers(0, 256, (self.in_chans, self.img_size, self.img_size), dtype=np.uint8)
+            return torch.from_numpy(arr), index % len(self.classes)
         arr = g.integers(0, 256, (self.img_size, self.img_size, 3), dtype=np.uint8)
         return Image.fromarray(arr), index % len(self.classes)
 
@@ -278,21 +288,22 @@ def _shard_pattern(pattern: str, split: str, train_split: str) -> str:
     return pattern
 
 
-def build_source(data_cfg, img_size: int, split: str | None = None) -> Source:
+def build_source(data_cfg, img_size: int, split: str | None = None, in_chans: int = 3) -> Source:
     """The source named by a :class:`conmim.config.DataConfig`, for ``split`` (default: ``data.split``,
-    the training images); folders and list files are found by :func:`split_location`."""
+    the training images); folders and list files are found by :func:`split_location`. ``in_chans``
+    (``model.in_chans``) decides which files are arrays (:func:`conmim.data.channels.is_array_file`)."""
     src = data_cfg.source
     split = data_cfg.split if split is None else split
     if src == "fashion_mnist":
         return fashion_mnist(data_cfg.path, split)
     if src == "folder":
-        return image_folder(split_location(data_cfg, split))
+        return image_folder(split_location(data_cfg, split), in_chans)
     if src == "list":
-        return list_file(split_location(data_cfg, split))
+        return list_file(split_location(data_cfg, split), in_chans)
     if src == "webdataset":
         from .shards import open_shards  # the optional webdataset package, only when asked for
 
         return open_shards(split_location(data_cfg, split), data_cfg.on_error)
     if src == "synthetic":
-        return SyntheticSource(data_cfg.synthetic_size, img_size)
+        return SyntheticSource(data_cfg.synthetic_size, img_size, in_chans=in_chans)
     raise DataError(f"data.source={src!r}: choose fashion_mnist, folder, list, webdataset or synthetic")

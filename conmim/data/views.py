@@ -15,6 +15,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from .channels import as_channels, image_size, to_uint8_tensor
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -95,7 +97,13 @@ def sample_view_params(
 
 
 def apply_photometric(img: torch.Tensor, p: ViewParams) -> torch.Tensor:
-    """The strong view's ops on a uint8 (3, H, W) or (B, 3, H, W) tensor, in the official order."""
+    """The strong view's ops on a uint8 (C, H, W) or (B, C, H, W) tensor, in the official order.
+
+    RGB (C = 3), the official ops: colour jitter (brightness, contrast, saturation, hue in a random
+    order), random grayscale, blur, solarize. Any other C runs :func:`_per_channel_photometric`.
+    """
+    if img.shape[-3] != 3:
+        return _per_channel_photometric(img, p)
     if p.jitter:
         ops = (
             lambda x: TF.adjust_brightness(x, p.brightness),
@@ -115,8 +123,41 @@ def apply_photometric(img: torch.Tensor, p: ViewParams) -> torch.Tensor:
     return img
 
 
+def _per_channel_photometric(img: torch.Tensor, p: ViewParams) -> torch.Tensor:
+    """The strong view's ops for C != 3 channels, with the RGB path's draws: brightness and contrast
+    (in their drawn order, with p 0.8), blur, solarize, each channel on its own (contrast blends a
+    channel with its own mean). Saturation, hue and grayscale need RGB and are skipped; their draws
+    are still made, so every image consumes the generator the same way. For C = 1 each op is
+    torchvision's gray-image op."""
+    img = img.unsqueeze(-3)  # (..., C, 1, H, W): every channel a gray image of its own
+    if p.jitter:
+        for i in p.jitter_order:
+            if i == 0:
+                img = TF.adjust_brightness(img, p.brightness)
+            elif i == 1:
+                img = TF.adjust_contrast(img, p.contrast)
+    if p.blur_sigma > 0:
+        k = 2 * math.ceil(3 * p.blur_sigma) + 1
+        img = TF.gaussian_blur(img, [k, k], [p.blur_sigma, p.blur_sigma])
+    if p.solarize:
+        img = TF.solarize(img, 128)
+    return img.squeeze(-3)
+
+
+class RandomPhotometric:
+    """The strong view's photometric ops as a random transform of one uint8 (C, H, W) tensor, drawn
+    from the global torch generator: fine-tuning's augmentation for inputs RandAugment cannot take."""
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return apply_photometric(img, sample_view_params(None, *img.shape[-2:]))
+
+
 class PairedViews:
-    """PIL image -> (weak, strong) normalised float tensors of one shared crop.
+    """Image -> (weak, strong) normalised float tensors of one shared crop.
+
+    The image is a photo or a uint8 (C, H, W) array (:mod:`conmim.data.channels`); the model's channel
+    count is ``len(mean)`` (``data.mean`` has ``model.in_chans`` values). Photos are converted to RGB
+    (3 channels) or L (1); arrays must have that many channels.
 
     ``strong=False`` turns off the photometric ops on the teacher's view (then both views are the
     same pixels); ``weak_strong=True`` applies independently drawn strong ops to the student's view
@@ -134,9 +175,10 @@ class PairedViews:
     ):
         self.img_size, self.crop_scale = img_size, tuple(crop_scale)
         self.mean, self.std = list(mean), list(std)
+        self.in_chans = len(self.mean)
         self.strong, self.weak_strong = strong, weak_strong
 
-    def crop(self, img: Image.Image, p: ViewParams) -> torch.Tensor:
+    def crop(self, img: Image.Image | torch.Tensor, p: ViewParams) -> torch.Tensor:
         out = TF.resized_crop(
             img,
             p.top,
@@ -149,7 +191,7 @@ class PairedViews:
         )
         if p.flip:
             out = TF.horizontal_flip(out)
-        return TF.pil_to_tensor(out)
+        return to_uint8_tensor(out)
 
     def normalize(self, img: torch.Tensor) -> torch.Tensor:
         return TF.normalize(img.float().div_(255), self.mean, self.std)
@@ -161,9 +203,11 @@ class PairedViews:
         q = sample_view_params(gen, height, width, self.crop_scale) if self.weak_strong else None
         return p, q
 
-    def __call__(self, img: Image.Image, gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        img = img.convert("RGB")
-        p, q = self.sample(gen, img.height, img.width)
+    def __call__(
+        self, img: Image.Image | torch.Tensor, gen: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        img = as_channels(img, self.in_chans)
+        p, q = self.sample(gen, *image_size(img))
         base = self.crop(img, p)
         strong = apply_photometric(base, p) if self.strong else base
         weak = apply_photometric(base, q) if q is not None else base

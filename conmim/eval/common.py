@@ -9,20 +9,27 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from ..config import ConfigError
+from ..data.channels import ChannelError, as_channels, to_uint8_tensor
 from ..data.sources import DataError, Source, build_source
 
 
 class EvalTransform:
-    """Resize the shorter side to ``img_size / crop_pct`` (bicubic), centre-crop, normalise."""
+    """Resize the shorter side to ``img_size / crop_pct`` (bicubic), centre-crop, normalise.
+
+    Takes photos and uint8 (C, H, W) arrays; the channel count is ``len(mean)`` (``data.mean`` has
+    ``model.in_chans`` values), see :func:`conmim.data.channels.as_channels`.
+    """
 
     def __init__(self, img_size: int, mean, std, crop_pct: float = 1.0):
         self.img_size, self.resize = img_size, int(round(img_size / crop_pct))
         self.mean, self.std = list(mean), list(std)
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = TF.resize(img.convert("RGB"), [self.resize], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
+        img = as_channels(img, len(self.mean))
+        img = TF.resize(img, [self.resize], interpolation=InterpolationMode.BICUBIC, antialias=True)
         img = TF.center_crop(img, [self.img_size, self.img_size])
-        return TF.normalize(TF.pil_to_tensor(img).float().div_(255), self.mean, self.std)
+        return TF.normalize(to_uint8_tensor(img).float().div_(255), self.mean, self.std)
 
 
 class LabeledDataset(Dataset):
@@ -37,17 +44,21 @@ class LabeledDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img, label = self.source[self.indices[i]]
-        return self.transform(img), label
+        try:
+            return self.transform(img), label
+        except ChannelError as err:  # a photo that cannot give model.in_chans channels: name it
+            raise ChannelError(f"{self.source.name(self.indices[i])}: {err}") from None
 
 
-class RGBTransform:
-    """Any image transform, applied after converting to RGB (Fashion-MNIST images are grayscale)."""
+class ChannelTransform:
+    """Any image transform, applied after bringing the image to ``in_chans`` channels (photos to RGB
+    or L, arrays checked; Fashion-MNIST's photos are gray, so RGB models need the conversion)."""
 
-    def __init__(self, ops):
-        self.ops = ops
+    def __init__(self, ops, in_chans: int = 3):
+        self.ops, self.in_chans = ops, in_chans
 
     def __call__(self, img):
-        return self.ops(img.convert("RGB"))
+        return self.ops(as_channels(img, self.in_chans))
 
 
 class UnlabelledError(DataError):
@@ -69,7 +80,7 @@ class SourceSubset:
     def name(self, index: int) -> str:
         return self.source.name(self.indices[index])
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+    def __getitem__(self, index: int) -> tuple[Image.Image | torch.Tensor, int]:
         return self.source[self.indices[index]]
 
 
@@ -93,6 +104,18 @@ def num_classes_of(*sources: Source) -> int:
     return found
 
 
+def check_channels(encoder: nn.Module, mean) -> None:
+    """Stop with a :class:`ConfigError` when the encoder's input channels and ``data.mean`` disagree,
+    before any image is read (else the first batch fails inside the patch embedding)."""
+    channels = int(encoder.patch_embed.proj.in_channels)
+    if len(mean) != channels:
+        raise ConfigError(
+            f"the encoder takes {channels} input channel(s) but data.mean/data.std have {len(mean)} values: "
+            f"set model.in_chans={channels} and {channels} values each for data.mean and data.std "
+            "(or --config the pre-training run's config.yaml)"
+        )
+
+
 def img_size_of(encoder: nn.Module) -> int:
     size = encoder.patch_embed.img_size
     return int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -100,8 +123,8 @@ def img_size_of(encoder: nn.Module) -> int:
 
 def eval_sources(cfg, img_size: int):
     """The labelled (train, test) sources of knn / linprobe / finetune, cut to eval.train_limit / test_limit."""
-    e, seed = cfg.eval, cfg.train.seed
+    e, seed, chans = cfg.eval, cfg.train.seed, cfg.model.in_chans
     return (
-        limit_source(build_source(cfg.data, img_size, cfg.data.split), e.train_limit, seed),
-        limit_source(build_source(cfg.data, img_size, cfg.data.eval_split), e.test_limit, seed),
+        limit_source(build_source(cfg.data, img_size, cfg.data.split, chans), e.train_limit, seed),
+        limit_source(build_source(cfg.data, img_size, cfg.data.eval_split, chans), e.test_limit, seed),
     )

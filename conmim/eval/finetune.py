@@ -22,22 +22,25 @@ import torch
 from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
 from timm.data.auto_augment import RandAugment
+from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from ..config import Config, to_yaml
 from ..data.sources import DataError
+from ..data.views import RandomPhotometric
 from ..export.encoders import load_pretrained, write_encoder
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed
 from ..runtime.device import resolve_device, resolve_precision
 from ..runtime.metrics import MetricsWriter
 from ..train.schedules import warmup_cosine
-from .common import EvalTransform, LabeledDataset, RGBTransform, img_size_of, num_classes_of
+from .common import ChannelTransform, EvalTransform, LabeledDataset, check_channels, img_size_of, num_classes_of
 from .linprobe import cached_batches, train_head
 from .transfer import build_classifier, grid_of, spec_from_module
 
@@ -113,13 +116,16 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_kwargs) -> Image.Image:
     return img.point([0] * 256 * len(img.getbands()))
 
 
-def train_transform(img_size: int, cfg: Config) -> RGBTransform:
+def train_transform(img_size: int, cfg: Config) -> ChannelTransform:
     """timm's training transform: RandomResizedCrop (bicubic) + flip, RandAugment, random erasing.
 
     With ``mstd0.5`` the RandAugment magnitude reaches 10 in about 2 % of draws, where timm's
     increasing posterize keeps 0 bits and Pillow 13 raises; those ops get :func:`_posterize`.
+    RandAugment works on PIL RGB images only: other channel counts get :func:`tensor_train_transform`.
     """
     f, d = cfg.finetune, cfg.data
+    if len(d.mean) != 3:
+        return tensor_train_transform(img_size, cfg)
     ops = create_transform(
         img_size,
         is_training=True,
@@ -136,7 +142,27 @@ def train_transform(img_size: int, cfg: Config) -> RGBTransform:
         for op in getattr(t, "ops", []) if isinstance(t, RandAugment) else []:
             if op.name.startswith("Posterize"):
                 op.aug_fn = _posterize
-    return RGBTransform(ops)
+    return ChannelTransform(ops)
+
+
+def tensor_train_transform(img_size: int, cfg: Config) -> ChannelTransform:
+    """Fine-tuning's training transform for ``model.in_chans != 3``, on uint8 (C, H, W) tensors:
+    RandomResizedCrop (bicubic, ``finetune.crop_scale_min``) + flip; when ``finetune.auto_augment`` is
+    set, instead of RandAugment the pre-training strong view's per-channel photometric ops
+    (:class:`conmim.data.views.RandomPhotometric`: brightness, contrast, blur, solarize); then
+    normalisation and random erasing (``finetune.reprob``, per-pixel noise), as in timm's transform."""
+    f, d = cfg.finetune, cfg.data
+    ops: list = [
+        T.RandomResizedCrop(img_size, (f.crop_scale_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.PILToTensor(),  # a gray photo (in_chans=1) becomes a tensor; arrays pass through
+    ]
+    if f.auto_augment:
+        ops.append(RandomPhotometric())
+    ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(list(d.mean), list(d.std))]
+    if f.reprob > 0:
+        ops.append(RandomErasing(f.reprob, mode="pixel", device="cpu"))
+    return ChannelTransform(T.Compose(ops), len(d.mean))
 
 
 @torch.no_grad()
@@ -273,6 +299,7 @@ def finetune(
     classes = f.num_classes or num_classes_of(train_source, test_source)
     model, model_spec = build_classifier(weights, spec, classes, f.img_size, f.drop_path, f.head_init_scale, f.fc_norm)
     model.to(device)
+    check_channels(model, cfg.data.mean)
     size = img_size_of(model)
     train_set = LabeledDataset(train_source, train_transform(size, cfg))
     test_set = LabeledDataset(test_source, EvalTransform(size, cfg.data.mean, cfg.data.std, f.crop_pct))

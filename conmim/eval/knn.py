@@ -185,7 +185,7 @@ class KnnMonitor:
         e = cfg.eval
         try:
             return cls(
-                build_source(cfg.data, cfg.model.img_size),
+                build_source(cfg.data, cfg.model.img_size, in_chans=cfg.model.in_chans),
                 cfg.model.img_size,
                 cfg.data.mean,
                 cfg.data.std,

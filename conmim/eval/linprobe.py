@@ -27,13 +27,14 @@ from tqdm import tqdm
 from ..config import Config
 from ..runtime.device import autocast, resolve_precision
 from ..train.schedules import warmup_cosine
-from .common import EvalTransform, LabeledDataset, RGBTransform, img_size_of, num_classes_of
+from .common import ChannelTransform, EvalTransform, LabeledDataset, check_channels, img_size_of, num_classes_of
 from .knn import encode, extract_features
 
 
-def probe_transform(img_size: int, mean, std, scale_min: float = 0.08) -> RGBTransform:
-    """RandomResizedCrop (bicubic) + flip + normalise, for probes without a feature cache."""
-    return RGBTransform(
+def probe_transform(img_size: int, mean, std, scale_min: float = 0.08) -> ChannelTransform:
+    """RandomResizedCrop (bicubic) + flip + normalise, for probes without a feature cache; photos and
+    uint8 arrays of ``len(mean)`` channels alike (``PILToTensor`` passes arrays through)."""
+    return ChannelTransform(
         T.Compose(
             [
                 T.RandomResizedCrop(img_size, (scale_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
@@ -42,7 +43,8 @@ def probe_transform(img_size: int, mean, std, scale_min: float = 0.08) -> RGBTra
                 T.ToDtype(torch.float32, scale=True),
                 T.Normalize(list(mean), list(std)),
             ]
-        )
+        ),
+        len(mean),
     )
 
 
@@ -82,6 +84,7 @@ def linear_probe(
     amp_dtype = resolve_precision(cfg.train.precision, device)  # encoder forward only; the head trains in fp32
     torch.manual_seed(cfg.train.seed)
     encoder = resolve_encoder(encoder, cfg.eval.which).to(device)
+    check_channels(encoder, d.mean)
     was_training = encoder.training
     encoder.eval()  # frozen: eval mode, and features only ever computed under no_grad
     size, classes = img_size_of(encoder), num_classes_of(train_source, test_source)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from ..config import to_yaml
 from .encoders import ExportSource
+from .onnx import ExportError
 
 # The run's own measurements, read when present (written by conmim pretrain / knn / linprobe / finetune).
 RESULT_FILES = ("final_eval.json", "knn/results.json", "linprobe/results.json", "finetune/results.json")
@@ -35,6 +36,11 @@ def hub_config(source: ExportSource) -> dict[str, Any]:
     size = kwargs["img_size"]
     height, width = (size, size) if isinstance(size, int) else size
     data = source.config.data if source.config is not None else None
+    if data is None and channels != 3:
+        raise ExportError(
+            f"a {channels}-channel encoder without its run configuration has no mean/std for config.json (the "
+            "default is ImageNet's 3 values): export from the pre-training run directory or checkpoint"
+        )
     return {
         "architecture": source.spec["model_name"],
         "num_classes": int(kwargs.get("num_classes", 0)),

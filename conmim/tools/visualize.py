@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from ..config import Config
-from ..eval.common import EvalTransform
+from ..config import Config, ConfigError
+from ..eval.common import EvalTransform, check_channels
 
 
 def _colormap(name: str = "inferno"):
@@ -204,6 +204,10 @@ def visualize(
 
     images = image_inputs(images)  # every input checked before the model is loaded or a file written
     encoder, model, cfg = load_for_visualization(source, which)
+    channels = int(encoder.patch_embed.proj.in_channels)
+    if channels not in (1, 3):
+        raise ConfigError(f"conmim visualize draws photos: a {channels}-channel encoder is not supported (1 or 3)")
+    check_channels(encoder, cfg.data.mean)
     size = encoder.patch_embed.img_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     transform = EvalTransform(size, cfg.data.mean, cfg.data.std)
@@ -214,7 +218,8 @@ def visualize(
     written = []
     for i, path in enumerate(images):
         x = transform(load_image(path))[None]
-        shown = Image.fromarray((((x[0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0)).numpy())
+        pixels = (((x[0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0)).numpy()
+        shown = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
         stem = Path(path).stem
         written.append(out / f"{stem}_attention.png")
         overlay(shown, cls_attention_map(encoder, x)[0]).save(written[-1])

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, to_yaml
+from ..data.channels import check_first_images
 from ..data.gpu_views import EncodedPretrainDataset, collate_encoded, device_batches, device_views
 from ..data.masking import MaskGenerator
 from ..data.pretrain import EpochSampler, PretrainDataset, read_skipped
@@ -108,7 +109,8 @@ def preflight(cfg: Config, dist: distributed.DistInfo, device: torch.device):
         raise ConfigError(f"resume={cfg.resume!r} is not allowed: no such checkpoint file")
     if cfg.model.init and not Path(cfg.model.init).exists():
         raise ConfigError(f"model.init={cfg.model.init!r} is not allowed: no such file or folder")
-    source = build_source(cfg.data, cfg.model.img_size)
+    source = build_source(cfg.data, cfg.model.img_size, in_chans=cfg.model.in_chans)
+    check_first_images(source, cfg.model.in_chans)
     b, w = cfg.train.batch_size, dist.world_size
     if len(source) // w < b:
         raise ConfigError(
@@ -126,7 +128,7 @@ def build_loader(
     """The pre-training loader. Its own generator keeps the main process's torch RNG untouched when
     an iterator starts (a resumed run must draw drop-path masks from exactly the saved RNG state)."""
     m, d = cfg.model, cfg.data
-    source = source if source is not None else build_source(d, m.img_size)
+    source = source if source is not None else build_source(d, m.img_size, in_chans=m.in_chans)
     views = PairedViews(
         m.img_size, (d.crop_scale_min, 1.0), tuple(d.mean), tuple(d.std), d.strong_aug, d.weak_aug_strong
     )

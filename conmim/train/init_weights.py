@@ -114,7 +114,7 @@ def fit(state: dict[str, torch.Tensor], branch: Branch) -> tuple[dict[str, torch
         )
         raise ConfigError(
             f"these weights do not fit the configured model ({listed}); set model.arch, model.depth, "
-            "model.encoder and model.pos_embed as the source was trained"
+            "model.encoder, model.pos_embed and model.in_chans as the source was trained"
         )
     return {k: v for k, v in state.items() if k not in fresh}, fresh
 
