@@ -134,7 +134,7 @@ def plot_label_efficiency(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.2))
+    fig, ax = plt.subplots(figsize=(11, 5.2))
     names = [n for n in labels if n != reference]
     colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
     styles = [(n, "finetune_top1", "fine-tune", {"color": colors[n], "ls": "-", "marker": "o"}) for n in names]
@@ -170,7 +170,7 @@ def plot_label_efficiency(
         title="Fashion-MNIST label efficiency: mean over seeds, bars = min-max",
     )
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no line hidden
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
