@@ -232,3 +232,18 @@ def test_fine_tuning_passes_split_into_evaluated_epochs(tmp_path):
     config.write_text(config.read_text().replace("finetune_evals: 2", "finetune_evals: 3"))
     with pytest.raises(ConfigError, match="finetune_evals"):
         load_study(config)
+
+
+def test_pretrained_runs_per_seed_are_checked_before_any_work(tmp_path):
+    """``pretrained: DIR{seed}`` names one finished run per seed; a missing one fails at load time."""
+    (tmp_path / "pre0").mkdir()
+    config = tmp_path / "study.yaml"
+    text = FRACTION_STUDY.format(out=tmp_path).replace(
+        "{name: conmim, label: ConMIM}", f"{{name: conmim, label: ConMIM, pretrained: '{tmp_path}/pre{{seed}}'}}"
+    )
+    config.write_text(text)
+    with pytest.raises(ConfigError, match="pre1"):
+        load_study(config)
+    (tmp_path / "pre1").mkdir()
+    study, _base = load_study(config)
+    assert [study.variants[0].pretrained_at(s) for s in (0, 1)] == [f"{tmp_path}/pre0", f"{tmp_path}/pre1"]

@@ -50,7 +50,12 @@ class Variant:
     pretrain: bool = True  # false: evaluate a randomly initialised encoder (scratch fine-tuning)
     finetune: bool = True  # false: k-NN and linear probe only for this variant
     label: str = ""  # legend text; empty: the name
-    pretrained: str = ""  # a `conmim pretrain` run directory: its teacher encoder instead of pre-training here
+    # a `conmim pretrain` run directory: its teacher encoder instead of pre-training here; "{seed}" in it
+    # names one run per seed (e.g. runs/fashion_mnist_seed{seed}), else every seed shares the one run
+    pretrained: str = ""
+
+    def pretrained_at(self, seed: int) -> str:
+        return self.pretrained.replace("{seed}", str(seed))
 
 
 @dataclass
@@ -97,8 +102,9 @@ def load_study(path: str | os.PathLike) -> tuple[StudySettings, Any]:
     base = raw.get("base", OmegaConf.create({}))
     check_fractions(study, path)
     for v in study.variants:  # fail on a bad override before hours of work, not in the middle
-        if v.pretrained and not os.path.exists(v.pretrained):
-            raise ConfigError(f"{path}: variant {v.name!r}: pretrained={v.pretrained!r} does not exist")
+        for seed in v.seeds or study.seeds:
+            if v.pretrained and not os.path.exists(v.pretrained_at(seed)):
+                raise ConfigError(f"{path}: variant {v.name!r}: pretrained={v.pretrained_at(seed)!r} does not exist")
         cfg = variant_config(base, v, (v.seeds or study.seeds)[0], Path(study.output_dir), Path(study.output_dir))
         for i in range(len(study.label_fractions)):
             fraction_config(cfg, study, i)
@@ -278,7 +284,7 @@ def study_encoder(variant: Variant, seed: int, cfg: Config, stages: Stages, run_
     from ..train.engine import pretrain
 
     if variant.pretrained:
-        return load_encoder(variant.pretrained, "teacher")
+        return load_encoder(variant.pretrained_at(seed), "teacher")
     if variant.pretrain:
         stages.run("pretrain", lambda: {"steps": pretrain(cfg, KnnMonitor.from_config)["steps"]})
         return load_encoder(run_dir / "pretrain", "teacher")
