@@ -25,6 +25,7 @@ NAN_POLICIES = ("restore", "stop")
 ENCODERS = ("beit", "vit")
 POS_EMBEDS = ("none", "mask_sincos", "sincos", "sincos_fixed")
 REL_POS_INITS = ("zero", "locality")
+ENCODER_INITS = ("pretrained", "random")  # random: timm's initialisation of the same architecture (scratch)
 OBJECTIVES = ("conmim", "pixel")
 MASK_TYPES = ("random_unit", "block", "random")
 SOURCES = ("fashion_mnist", "folder", "list", "webdataset", "synthetic")
@@ -163,6 +164,9 @@ class FinetuneConfig:
     """Full fine-tuning, docs/method.md §11.1 (official ViT-B ImageNet recipe) unless a preset says otherwise."""
 
     img_size: int = 0  # 0: the pre-training resolution; another size resizes the position tables
+    # pretrained: start from SOURCE's weights; random: the same architecture with timm's initialisation
+    # (seeded by train.seed), the from-scratch baseline under the same recipe
+    init: str = "pretrained"
     epochs: int = 100
     warmup_epochs: float = 20.0
     batch_size: int = 128  # per process
@@ -187,7 +191,8 @@ class FinetuneConfig:
     mixup_switch_prob: float = 0.5
     label_smoothing: float = 0.1
     crop_scale_min: float = 0.08  # RandomResizedCrop area scale (timm default, official)
-    auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; "" for none (then colour jitter 0.4)
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; "" for none (then color_jitter)
+    color_jitter: float = 0.4  # timm's colour jitter strength without RandAugment (RGB models); 0: none
     reprob: float = 0.25  # random erasing
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, centre-crop img_size (224/256)
     num_classes: int = 0  # 0: from the training split's labels
@@ -600,10 +605,12 @@ def _validate_eval(cfg: Config) -> None:
         (ft.epochs, ft.batch_size),
         "positive integers",
     )
+    _require(ft.init in ENCODER_INITS, "finetune.init", ft.init, " or ".join(ENCODER_INITS))
     _require(0.0 < ft.layer_decay <= 1.0, "finetune.layer_decay", ft.layer_decay, "a number in (0, 1]")
     _require(0.0 <= ft.drop_path < 1.0, "finetune.drop_path", ft.drop_path, "a number in [0, 1)")
     _require(0.0 <= ft.label_smoothing < 1.0, "finetune.label_smoothing", ft.label_smoothing, "in [0, 1)")
     _require(0.0 < ft.crop_scale_min <= 1.0, "finetune.crop_scale_min", ft.crop_scale_min, "in (0, 1]")
+    _require(ft.color_jitter >= 0.0, "finetune.color_jitter", ft.color_jitter, "0 (none) or a positive strength")
     _require(0.0 < ft.crop_pct <= 1.0, "finetune.crop_pct", ft.crop_pct, "in (0, 1]")
     _require(
         ft.mixup == 0 and ft.cutmix == 0 or ft.batch_size % 2 == 0,
@@ -615,7 +622,7 @@ def _validate_eval(cfg: Config) -> None:
 
 def _validate_dense(name: str, s: DenseTrainConfig) -> None:
     """The shared fields of ``segment`` or ``detect`` (``name``)."""
-    _require(s.init in ("pretrained", "random"), f"{name}.init", s.init, "pretrained or random")
+    _require(s.init in ENCODER_INITS, f"{name}.init", s.init, " or ".join(ENCODER_INITS))
     _require(
         len(s.scales) >= 2 and all(x > 0 and math.log2(x).is_integer() for x in s.scales),
         f"{name}.scales",

@@ -133,6 +133,43 @@ def test_finetune_two_epochs_improves_and_resumes(exported, fm, tmp_path):
     assert again["history"] == result["history"]
 
 
+def test_finetune_init_random_starts_from_timms_initialisation_not_the_source(exported, fm, tmp_path):
+    """``finetune.init=random``: the from-scratch baseline keeps SOURCE's architecture and recipe but
+    starts from timm's initialisation, seeded by ``train.seed`` (a negligible lr keeps the weights)."""
+    from conmim.export.encoders import load_pretrained, random_weights
+
+    train, test = fm
+    cfg = _cfg(finetune__init="random", finetune__epochs=1, finetune__batch_size=200, finetune__base_lr=1e-12)
+    cfg.finetune.min_lr = 0.0
+    finetune(exported, train, test, cfg, out_dir=tmp_path)
+    tuned = load_encoder(tmp_path / "best.safetensors").state_dict()
+    source, spec = load_pretrained(exported)
+    torch.manual_seed(cfg.train.seed)
+    scratch = random_weights(spec)
+    key = "blocks.1.mlp.fc1.weight"
+    assert torch.allclose(tuned[key], scratch[key], atol=1e-6)
+    assert not torch.allclose(tuned[key], source[key], atol=1e-3)
+    cfg.finetune.init = "imagenet"
+    with pytest.raises(ConfigError, match="finetune.init"):
+        from conmim.config import validate
+
+        validate(cfg)
+
+
+def test_finetune_color_jitter_is_a_setting_and_zero_turns_it_off():
+    from torchvision import transforms
+
+    from conmim.eval.finetune import train_transform
+
+    def jitters(**sections) -> list:
+        ops = train_transform(16, _cfg(finetune__auto_augment="", **sections)).ops.transforms
+        return [t for t in ops if isinstance(t, transforms.ColorJitter)]
+
+    assert jitters()[0].brightness == (0.6, 1.4)  # timm's default strength 0.4
+    assert jitters(finetune__color_jitter=0.2)[0].contrast == (0.8, 1.2)
+    assert jitters(finetune__color_jitter=0.0) == []
+
+
 def test_layer_decay_groups_have_expected_scales():
     spec = timm_spec("vit_tiny", 16, 4, depth=3)
     enc = timm.create_model(spec["model_name"], **spec["kwargs"])

@@ -6,13 +6,12 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import timm
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
 from ..data.sources import FASHION_MNIST_DIR, DataError
-from ..export.encoders import load_pretrained
+from ..export.encoders import load_pretrained, random_weights
 from . import scenes
 from .backbone import ViTPyramid, build_backbone
 from .data import StepSampler
@@ -34,7 +33,7 @@ def pyramid_of(
     or student); ``init="random"`` keeps the architecture with timm's initialisation (the scratch baseline)."""
     weights, spec = load_pretrained(encoder, cfg.eval.which)
     if init == "random":
-        weights = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"]).state_dict()
+        weights = random_weights(spec)
     try:
         return build_backbone(weights, spec, img_size, scales, indices, drop_path, out_channels)
     except ValueError as err:  # scales or indices that do not fit this encoder

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ..config import Config, to_yaml
 from ..data.sources import DataError
 from ..data.views import RandomPhotometric
-from ..export.encoders import load_pretrained, write_encoder
+from ..export.encoders import load_pretrained, random_weights, write_encoder
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed
 from ..runtime.device import resolve_device, resolve_precision
@@ -117,7 +117,8 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_kwargs) -> Image.Image:
 
 
 def train_transform(img_size: int, cfg: Config) -> ChannelTransform:
-    """timm's training transform: RandomResizedCrop (bicubic) + flip, RandAugment, random erasing.
+    """timm's training transform: RandomResizedCrop (bicubic) + flip, RandAugment (or, without it,
+    colour jitter of strength ``finetune.color_jitter``), random erasing.
 
     With ``mstd0.5`` the RandAugment magnitude reaches 10 in about 2 % of draws, where timm's
     increasing posterize keeps 0 bits and Pillow 13 raises; those ops get :func:`_posterize`.
@@ -131,6 +132,7 @@ def train_transform(img_size: int, cfg: Config) -> ChannelTransform:
         is_training=True,
         scale=(f.crop_scale_min, 1.0),
         auto_augment=f.auto_augment or None,
+        color_jitter=f.color_jitter or None,
         interpolation="bicubic",
         re_prob=f.reprob,
         re_mode="pixel",
@@ -296,6 +298,8 @@ def finetune(
     torch.manual_seed(cfg.train.seed + dist.rank)
 
     weights, spec = pretrained_of(encoder, cfg.eval.which)
+    if f.init == "random":
+        weights = random_weights(spec)
     classes = f.num_classes or num_classes_of(train_source, test_source)
     model, model_spec = build_classifier(weights, spec, classes, f.img_size, f.drop_path, f.head_init_scale, f.fc_norm)
     model.to(device)

@@ -118,6 +118,12 @@ def load_pretrained(path: str | Path, which: str = "teacher") -> tuple[dict[str,
     return source.weights, source.spec
 
 
+def random_weights(spec: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """timm's own random initialisation of ``spec``'s architecture (the from-scratch baseline), drawn
+    from torch's global generator: seed it first."""
+    return timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"]).state_dict()
+
+
 def build_encoder(weights: dict[str, torch.Tensor], spec: dict[str, Any], **overrides: Any) -> torch.nn.Module:
     """The timm model of ``spec`` with ``weights`` loaded strictly."""
     model = timm.create_model(spec["model_name"], pretrained=False, **{**spec["kwargs"], **overrides})
