@@ -256,6 +256,9 @@ class SegmentConfig(DenseTrainConfig):
     head: str = "upernet"  # upernet (fine-tunes everything) | linear (frozen encoder, BN + 1x1 conv: the probe)
     channels: int = 128  # UperNet width (BEiT: 768)
     dropout: float = 0.1
+    # Auxiliary FCN head on the second-coarsest level (training only; BEiT's ADE20K: 0.4); 0: none.
+    # UperNet only: the linear probe has no auxiliary head.
+    aux_weight: float = 0.0
     crop_size: int = 64  # training crops and evaluation windows; the backbone's resolution
     base_size: int = 64  # short side before the random scale (ADE20K: 512); 0 = images as they are
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
@@ -660,6 +663,7 @@ def _validate_segment(s: SegmentConfig) -> None:
     _require(0 <= s.num_classes < 255, "segment.num_classes", s.num_classes, "0..254")
     _require(s.channels > 0, "segment.channels", s.channels, "a positive integer")
     _require(0 <= s.dropout < 1, "segment.dropout", s.dropout, "in [0, 1)")
+    _require(s.aux_weight >= 0, "segment.aux_weight", s.aux_weight, "0 (no auxiliary head) or a positive loss weight")
     _require(s.crop_size > 0, "segment.crop_size", s.crop_size, "a positive size, a multiple of the patch size")
     _require(s.base_size >= 0, "segment.base_size", s.base_size, "0 (as they are) or a positive size")
     _require(

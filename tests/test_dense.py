@@ -536,3 +536,32 @@ def test_torchrun_detect_runs_two_ranks(tiny_run, scenes_dir, tmp_path):
     assert single["bbox_AP"] == pytest.approx(result["bbox_AP"]) and single["segm_AP"] == pytest.approx(
         result["segm_AP"]
     )
+
+
+def test_auxiliary_fcn_head_adds_its_weighted_loss_in_training_only(tiny_run, scenes_dir, tmp_path):
+    """aux_weight 0.4: training returns the auxiliary logits, the loss is main + 0.4 x auxiliary, and
+    gradients reach the FCN head; evaluation returns the logits alone. aux_weight 0: no FCN head."""
+    from torch import nn
+
+    from conmim.dense.model import segmentation_loss
+
+    backbone = build_backbone(*_encoder("beit", 6, 32, 4))
+    seg = build_segmenter(backbone, "upernet", 10, 24, 0.0, aux_weight=0.4)
+    assert seg.aux.conv[0].out_channels == 8  # a third of UperNet's width
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2, 32, 32))
+    criterion = nn.CrossEntropyLoss(ignore_index=255)
+    logits, aux = seg.train()(x)
+    loss = segmentation_loss((logits, aux), y, criterion, 0.4)
+    assert loss.item() == pytest.approx(criterion(logits, y).item() + 0.4 * criterion(aux, y).item(), rel=1e-6)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in seg.aux.parameters())
+    assert isinstance(seg.eval()(x), torch.Tensor)
+    no_aux = build_segmenter(backbone, "upernet", 10, 24, 0.0, aux_weight=0.0)
+    assert no_aux.aux is None and not any(n.startswith("aux.") for n, _ in no_aux.named_parameters())
+
+    args = _segment_args(tiny_run, scenes_dir, tmp_path / "aux", "segment.iters=2", "segment.aux_weight=0.4")
+    assert main(args) == 0
+    out = tmp_path / "aux" / "segment"
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert "aux.classifier.weight" in state and json.loads((out / "results.json").read_text())["aux_weight"] == 0.4
+    assert main(["segment", "x.safetensors", "segment.aux_weight=-1"]) == 2

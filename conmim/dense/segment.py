@@ -34,7 +34,7 @@ from .common import builtin_scenes, process_setup, pyramid_of, shard, step_loade
 from .data import IGNORE, EvalSegDataset, TrainSegDataset, ade20k_pairs, check_sizes, pairs_in, windows
 from .loop import Schedule, train_iterations
 from .metrics import confusion, scores
-from .model import Segmenter, build_segmenter, optimizer_groups
+from .model import Segmenter, build_segmenter, optimizer_groups, segmentation_loss
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +120,14 @@ def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None)
     k = len(names)
     torch.manual_seed(cfg.train.seed)
     backbone = pyramid_of(encoder, cfg, s.crop_size, s.scales, s.indices, s.drop_path, s.init)
-    model = build_segmenter(backbone, s.head, k, s.channels, s.dropout).to(device)
+    model = build_segmenter(backbone, s.head, k, s.channels, s.dropout, s.aux_weight).to(device)
     optimizer = torch.optim.AdamW(optimizer_groups(model, s.weight_decay, s.layer_decay), lr=s.lr, betas=tuple(s.betas))
     net = DistributedDataParallel(model) if info.enabled else model
     torch.manual_seed(cfg.train.seed + info.rank)  # the same initial weights, a drop path stream per rank
     log.info(
-        "segmentation: %s head, %d classes, %d training / %d validation images, crop %d, strides %s (blocks %s)",
+        "segmentation: %s head%s, %d classes, %d training / %d validation images, crop %d, strides %s (blocks %s)",
         s.head,
+        f" + auxiliary FCN head (loss weight {s.aux_weight})" if model.aux is not None else "",
         k,
         len(train_pairs),
         len(val_pairs),
@@ -141,7 +142,7 @@ def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None)
 
     def loss_of(batch) -> torch.Tensor:
         images, targets = (t.to(device, non_blocking=True) for t in batch)
-        return criterion(net(images).float(), targets)
+        return segmentation_loss(net(images), targets, criterion, s.aux_weight)
 
     final, history = train_iterations(
         model,
@@ -164,6 +165,7 @@ def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None)
         "aAcc": final["aAcc"],
         "iters": s.iters,
         "head": s.head,
+        "aux_weight": s.aux_weight if model.aux is not None else 0.0,
         "init": s.init,
         "num_classes": k,
         "train_images": len(train_pairs),
