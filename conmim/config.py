@@ -284,6 +284,9 @@ class DetectConfig(DenseTrainConfig):
     scales: list[float] = field(default_factory=lambda: [2.0, 1.0, 0.5, 0.25])
     out_channels: int = 64  # per level, ViTDet's 1x1 + 3x3 neck (ViTDet: 256)
     anchor_scale: float = 8.0  # anchor side = anchor_scale * stride per level (torchvision's FPN: 32 at stride 4)
+    # Large-scale jitter (ViTDet: [0.1, 2.0]): training images scaled to fit img_size x U(low, high),
+    # cropped at random to img_size x img_size and padded to it; []: resized to img_size only.
+    scale_range: list[float] = field(default_factory=list)
     batch_size: int = 4
     weight_decay: float = 0.1  # ViTDet's
     layer_decay: float = 0.75
@@ -689,4 +692,10 @@ def _validate_detect(d: DetectConfig) -> None:
         "detect.img_size/out_channels/anchor_scale",
         (d.img_size, d.out_channels, d.anchor_scale),
         "positive numbers",
+    )
+    _require(
+        not d.scale_range or (len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1]),
+        "detect.scale_range",
+        d.scale_range,
+        "[] (no jitter) or [low, high] with 0 < low <= high, e.g. ViTDet's [0.1, 2.0]",
     )

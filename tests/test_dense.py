@@ -378,9 +378,11 @@ def _detect_args(run, scenes, out, *extra):
 
 
 def test_detect_runs_from_a_pretraining_run_and_resumes(tiny_run, scenes_dir, tmp_path, monkeypatch):
-    """Mask R-CNN on the pyramid: 4 real iterations on the built-in scenes' COCO files, pycocotools AP;
+    """Mask R-CNN on the pyramid: 4 real iterations on the built-in scenes' COCO files with scale
+    jitter, pycocotools AP;
     interrupted after the checkpoint of iteration 2 and run again, it ends where an uninterrupted run does."""
-    assert main(_detect_args(tiny_run, scenes_dir, tmp_path / "a")) == 0
+    jitter = "detect.scale_range=[0.5,1.5]"  # large-scale jitter drawn by seed: resumed exactly too
+    assert main(_detect_args(tiny_run, scenes_dir, tmp_path / "a", jitter)) == 0
     a = tmp_path / "a" / "detect"
     result = json.loads((a / "results.json").read_text())
     assert result["model"] == "mask_rcnn" and result["num_classes"] == 10 and result["images"] == 6
@@ -391,7 +393,7 @@ def test_detect_runs_from_a_pretraining_run_and_resumes(tiny_run, scenes_dir, tm
     assert "val_segm_AP" in records[-1]
 
     _assert_same_end(
-        a, _crash_then_resume(monkeypatch, _detect_args(tiny_run, scenes_dir, tmp_path / "b"), 3) / "detect"
+        a, _crash_then_resume(monkeypatch, _detect_args(tiny_run, scenes_dir, tmp_path / "b", jitter), 3) / "detect"
     )
 
 
@@ -565,3 +567,44 @@ def test_auxiliary_fcn_head_adds_its_weighted_loss_in_training_only(tiny_run, sc
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert "aux.classifier.weight" in state and json.loads((out / "results.json").read_text())["aux_weight"] == 0.4
     assert main(["segment", "x.safetensors", "segment.aux_weight=-1"]) == 2
+
+
+def test_large_scale_jitter_keeps_boxes_and_masks_together(scenes_dir):
+    """ViTDet's jitter on the scenes (32 px, scale 0.1-2): every training image becomes 32 x 32 (cropped
+    or padded), each kept box lies inside it and tightly around its mask (nearest-neighbour resizing
+    moves an edge by at most a pixel), instances cut off entirely are dropped, draws repeat by seed."""
+    from conmim.dense.coco import CocoInstances
+
+    ann = scenes_dir / "coco" / "instances_training.json"
+    data = CocoInstances(scenes_dir / "images", ann, masks=True, jitter=(0.1, 2.0), size=32)
+    plain = CocoInstances(scenes_dir / "images", ann, masks=True)
+    sizes, dropped = set(), 0
+    for seed in range(40):
+        image, target = data[(seed % len(data), seed)]
+        assert image.shape == (3, 32, 32) and target["masks"].shape[1:] == (32, 32)
+        boxes = target["boxes"]
+        assert len(boxes) == len(target["labels"]) == len(target["masks"])
+        assert bool((boxes >= 0).all() and (boxes <= 32).all() and (boxes[:, 2:] > boxes[:, :2]).all())
+        for box, mask in zip(boxes, target["masks"], strict=True):
+            ys, xs = mask.nonzero(as_tuple=True)
+            if len(xs):
+                assert xs.min() >= box[0] - 1.5 and xs.max() + 1 <= box[2] + 1.5
+                assert ys.min() >= box[1] - 1.5 and ys.max() + 1 <= box[3] + 1.5
+        dropped += len(plain[(seed % len(data), seed)][1]["boxes"]) - len(boxes)
+        sizes.add(int((image.abs().sum(0) > 0).sum()))  # non-padding pixels: the drawn scale shows
+    assert dropped > 0 and len(sizes) > 10
+    again = data[(3, 3)]
+    assert torch.equal(again[0], data[(3, 3)][0]) and torch.equal(again[1]["boxes"], data[(3, 3)][1]["boxes"])
+
+
+def test_vitdet_preset_loads_and_validates(capsys):
+    """``--config detect_vitdet --print-config``: ViTDet's ViT-B Mask R-CNN values resolve and validate."""
+    import yaml
+
+    assert main(["detect", "x.safetensors", "--config", "detect_vitdet", "--print-config"]) == 0
+    d = yaml.safe_load(capsys.readouterr().out)["detect"]
+    assert (d["img_size"], d["scale_range"], d["out_channels"], d["batch_size"]) == (1024, [0.1, 2.0], 256, 64)
+    assert (d["lr"], d["layer_decay"], d["weight_decay"], d["drop_path"]) == (1e-4, 0.7, 0.1, 0.1)
+    assert (d["iters"], d["indices"], d["scales"], d["masks"]) == (184375, [11] * 4, [4.0, 2.0, 1.0, 0.5], True)
+    assert main(["detect", "x.safetensors", "--config", "detect_vitdet", "detect.scale_range=[2.0,0.1]"]) == 2
+    assert "detect.scale_range" in capsys.readouterr().err

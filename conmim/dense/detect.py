@@ -6,8 +6,9 @@ convolution with LayerNorm to ``out_channels`` per level), one anchor size per l
 (``anchor_scale`` x stride, aspect ratios 0.5, 1, 2) and RoIAlign over the four levels. Images are
 resized so their longer side is the backbone's resolution and padded to a multiple of the patch
 size. Training is the dense iteration loop (``conmim/dense/loop.py``): layer decay, warm-up + poly,
-horizontal flips, exact resume. Under torchrun each rank trains on its slice of every batch (DDP)
-and detects on every world_size-th validation image; rank 0 scores all detections and writes.
+horizontal flips, optionally ViTDet's large-scale jitter (``detect.scale_range``), exact resume.
+Under torchrun each rank trains on its slice of every batch (DDP) and detects on every
+world_size-th validation image; rank 0 scores all detections and writes.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def detection_data(cfg: Config) -> tuple[CocoInstances, CocoInstances]:
         root = builtin_scenes(cfg)
         train = (root / "images", root / "coco" / "instances_training.json")
         val = (root / "images", root / "coco" / "instances_validation.json")
-    return CocoInstances(*train, d.masks, d.flip), CocoInstances(*val, d.masks)
+    jitter = (d.scale_range[0], d.scale_range[1]) if d.scale_range else None
+    return CocoInstances(*train, d.masks, d.flip, jitter, d.img_size), CocoInstances(*val, d.masks)
 
 
 @torch.no_grad()
