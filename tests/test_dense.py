@@ -608,3 +608,29 @@ def test_vitdet_preset_loads_and_validates(capsys):
     assert (d["iters"], d["indices"], d["scales"], d["masks"]) == (184375, [11] * 4, [4.0, 2.0, 1.0, 0.5], True)
     assert main(["detect", "x.safetensors", "--config", "detect_vitdet", "detect.scale_range=[2.0,0.1]"]) == 2
     assert "detect.scale_range" in capsys.readouterr().err
+
+
+def test_segmentation_models_pytorch_dpt_takes_an_export(tmp_path):
+    """The docs/dense.md recipe: smp's DPT builds the export's timm encoder (``tu-`` + model name, the
+    spec's kwargs but depth and in_chans) and timm loads the export's weights, unchanged, from the file."""
+    smp = pytest.importorskip(
+        "segmentation_models_pytorch",
+        reason="segmentation-models-pytorch is not installed (pip install 'conmim[dense]')",
+    )
+    from conmim.export.encoders import read_spec, write_encoder
+
+    weights, spec = _encoder("beit", 12, 32, 8)  # smp's own `depth` argument leaves timm's default: 12 blocks
+    export, _ = write_encoder(weights, spec, tmp_path / "enc.safetensors")
+    spec = read_spec(export)
+    kwargs = {k: v for k, v in spec["kwargs"].items() if k not in ("depth", "in_chans")}
+    model = smp.DPT(
+        f"tu-{spec['model_name']}",
+        encoder_weights="imagenet",  # "load pretrained weights": from the file named below
+        encoder_depth=4,
+        classes=10,
+        pretrained_cfg_overlay=dict(file=str(export)),
+        **kwargs,
+    )
+    state = model.encoder.model.state_dict()
+    assert state.keys() == weights.keys() and all(torch.equal(state[k], v) for k, v in weights.items())
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10, 32, 32)
