@@ -188,7 +188,8 @@ def cmd_segment(args: argparse.Namespace, cfg) -> int:
     from .dense.segment import segment
 
     result = segment(args.source, cfg)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("history", "per_class")}, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("history", "per_class")}, indent=2))
     return 0
 
 
@@ -196,7 +197,8 @@ def cmd_detect(args: argparse.Namespace, cfg) -> int:
     from .dense.detect import detect
 
     result = detect(args.source, cfg)
-    print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
     return 0
 
 
@@ -239,7 +241,7 @@ def _run_eval(func):
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        if func is not cmd_finetune and int(os.environ.get("RANK", "0")) > 0:
+        if func not in (cmd_finetune, cmd_segment, cmd_detect) and int(os.environ.get("RANK", "0")) > 0:
             return 0  # k-NN and the linear probe run in one process; under torchrun rank 0 does the work
         return func(args, cfg)
 

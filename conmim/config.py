@@ -261,6 +261,9 @@ class SegmentConfig(DenseTrainConfig):
     head: str = "upernet"  # upernet (fine-tunes everything) | linear (frozen encoder, BN + 1x1 conv: the probe)
     channels: int = 128  # UperNet width (BEiT: 768)
     dropout: float = 0.1
+    # Auxiliary FCN head on the second-coarsest level (training only; BEiT's ADE20K: 0.4); 0: none.
+    # UperNet only: the linear probe has no auxiliary head.
+    aux_weight: float = 0.0
     crop_size: int = 64  # training crops and evaluation windows; the backbone's resolution
     base_size: int = 64  # short side before the random scale (ADE20K: 512); 0 = images as they are
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
@@ -286,6 +289,9 @@ class DetectConfig(DenseTrainConfig):
     scales: list[float] = field(default_factory=lambda: [2.0, 1.0, 0.5, 0.25])
     out_channels: int = 64  # per level, ViTDet's 1x1 + 3x3 neck (ViTDet: 256)
     anchor_scale: float = 8.0  # anchor side = anchor_scale * stride per level (torchvision's FPN: 32 at stride 4)
+    # Large-scale jitter (ViTDet: [0.1, 2.0]): training images scaled to fit img_size x U(low, high),
+    # cropped at random to img_size x img_size and padded to it; []: resized to img_size only.
+    scale_range: list[float] = field(default_factory=list)
     batch_size: int = 4
     weight_decay: float = 0.1  # ViTDet's
     layer_decay: float = 0.75
@@ -667,6 +673,7 @@ def _validate_segment(s: SegmentConfig) -> None:
     _require(0 <= s.num_classes < 255, "segment.num_classes", s.num_classes, "0..254")
     _require(s.channels > 0, "segment.channels", s.channels, "a positive integer")
     _require(0 <= s.dropout < 1, "segment.dropout", s.dropout, "in [0, 1)")
+    _require(s.aux_weight >= 0, "segment.aux_weight", s.aux_weight, "0 (no auxiliary head) or a positive loss weight")
     _require(s.crop_size > 0, "segment.crop_size", s.crop_size, "a positive size, a multiple of the patch size")
     _require(s.base_size >= 0, "segment.base_size", s.base_size, "0 (as they are) or a positive size")
     _require(
@@ -692,4 +699,10 @@ def _validate_detect(d: DetectConfig) -> None:
         "detect.img_size/out_channels/anchor_scale",
         (d.img_size, d.out_channels, d.anchor_scale),
         "positive numbers",
+    )
+    _require(
+        not d.scale_range or (len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1]),
+        "detect.scale_range",
+        d.scale_range,
+        "[] (no jitter) or [low, high] with 0 < low <= high, e.g. ViTDet's [0.1, 2.0]",
     )

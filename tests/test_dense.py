@@ -378,9 +378,11 @@ def _detect_args(run, scenes, out, *extra):
 
 
 def test_detect_runs_from_a_pretraining_run_and_resumes(tiny_run, scenes_dir, tmp_path, monkeypatch):
-    """Mask R-CNN on the pyramid: 4 real iterations on the built-in scenes' COCO files, pycocotools AP;
+    """Mask R-CNN on the pyramid: 4 real iterations on the built-in scenes' COCO files with scale
+    jitter, pycocotools AP;
     interrupted after the checkpoint of iteration 2 and run again, it ends where an uninterrupted run does."""
-    assert main(_detect_args(tiny_run, scenes_dir, tmp_path / "a")) == 0
+    jitter = "detect.scale_range=[0.5,1.5]"  # large-scale jitter drawn by seed: resumed exactly too
+    assert main(_detect_args(tiny_run, scenes_dir, tmp_path / "a", jitter)) == 0
     a = tmp_path / "a" / "detect"
     result = json.loads((a / "results.json").read_text())
     assert result["model"] == "mask_rcnn" and result["num_classes"] == 10 and result["images"] == 6
@@ -391,7 +393,7 @@ def test_detect_runs_from_a_pretraining_run_and_resumes(tiny_run, scenes_dir, tm
     assert "val_segm_AP" in records[-1]
 
     _assert_same_end(
-        a, _crash_then_resume(monkeypatch, _detect_args(tiny_run, scenes_dir, tmp_path / "b"), 3) / "detect"
+        a, _crash_then_resume(monkeypatch, _detect_args(tiny_run, scenes_dir, tmp_path / "b", jitter), 3) / "detect"
     )
 
 
@@ -456,3 +458,179 @@ def test_warmup_poly_is_mmcvs_poly_with_linear_warmup():
     assert warmup_poly(10, 100, 1.0, 10) == pytest.approx(0.9)
     assert warmup_poly(50, 100, 2.0, 10, power=2.0, final=0.5) == pytest.approx(1.5 * 0.25 + 0.5)
     assert warmup_poly(100, 100, 1.0, 10) == 0.0
+
+
+def test_step_sampler_splits_each_batch_over_the_ranks():
+    """Rank r of 2 reads the r-th half of every batch one process reads: disjoint, together the same."""
+    from conmim.dense.data import StepSampler
+
+    one = list(StepSampler(10, 4, 7, seed=1, start=2))
+    halves = [list(StepSampler(10, 4, 7, seed=1, start=2, rank=r, world=2)) for r in range(2)]
+    assert [a + b for a, b in zip(*halves, strict=True)] == one
+    assert all(len(b) == 2 for h in halves for b in h)
+    with pytest.raises(DataError, match="a batch of 5 cannot be split evenly over 2 processes"):
+        StepSampler(10, 5, 7, seed=1, world=2)
+
+
+def _torchrun(tmp_path: Path, *args: str) -> list[list]:
+    """``conmim ARGS`` under ``torchrun --nproc_per_node 2`` (gloo, CPU); each rank's batches."""
+    import os
+    import subprocess
+    import sys
+
+    worker = Path(__file__).parent / "scripts" / "dense_worker.py"
+    record = tmp_path / "batches"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, str(record), *args], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(Path(f"{record}.rank{r}").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_torchrun_segment_splits_batches_and_reduces_the_evaluation(tiny_run, scenes_dir, tmp_path):
+    """Two gloo ranks, total batch 4: each trains on its half of every batch (disjoint, together the
+    one-process batch); rank 0 alone writes; the mIoU and confusion matrix of the sharded evaluation
+    are those of one process evaluating the saved weights over all validation images."""
+    import shutil
+
+    from conmim.dense.data import StepSampler
+
+    args = _segment_args(tiny_run, scenes_dir, tmp_path / "ddp", "segment.checkpoint_every=3")
+    ranks = _torchrun(tmp_path, *args)
+    expected = json.loads(json.dumps(list(StepSampler(24, 4, 6, seed=0))))  # pairs as json lists
+    assert [a + b for a, b in zip(*ranks, strict=True)] == expected
+    assert all({i for i, _ in a}.isdisjoint(i for i, _ in b) for a, b in zip(*ranks, strict=True))
+    out = tmp_path / "ddp" / "segment"
+    result = json.loads((out / "results.json").read_text())
+    assert result["processes"] == 2 and result["iters"] == 6
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4, 5, 6]  # one writer
+    assert len(torch.load(out / "checkpoints" / "last.pt", weights_only=True)["rng"]) == 2
+
+    # one process "resumes" the finished run: no training, its evaluation covers all 6 images itself
+    shutil.copytree(tmp_path / "ddp", tmp_path / "one")
+    assert main([a.replace(str(tmp_path / "ddp"), str(tmp_path / "one")) for a in args]) == 0
+    single = json.loads((tmp_path / "one" / "segment" / "results.json").read_text())
+    assert single["processes"] == 1 and single["val_pixels"] == result["val_pixels"]
+    assert single["mIoU"] == pytest.approx(result["mIoU"])
+    assert (tmp_path / "one" / "segment" / "confusion.json").read_text() == (out / "confusion.json").read_text()
+
+
+@pytest.mark.slow
+def test_torchrun_detect_runs_two_ranks(tiny_run, scenes_dir, tmp_path):
+    """Mask R-CNN under DDP: 2 iterations of total batch 2, one image per rank, sharded detection
+    scored on rank 0: the same AP as one process scoring the saved weights."""
+    import shutil
+
+    from conmim.dense.data import StepSampler
+
+    args = _detect_args(tiny_run, scenes_dir, tmp_path / "ddp", "detect.iters=2")
+    ranks = _torchrun(tmp_path, *args)
+    assert [len(b) for r in ranks for b in r] == [1, 1, 1, 1]
+    assert [a + b for a, b in zip(*ranks, strict=True)] == json.loads(json.dumps(list(StepSampler(24, 2, 2, seed=0))))
+    result = json.loads((tmp_path / "ddp" / "detect" / "results.json").read_text())
+    assert result["processes"] == 2 and result["images"] == 6
+    shutil.copytree(tmp_path / "ddp", tmp_path / "one")
+    assert main([a.replace(str(tmp_path / "ddp"), str(tmp_path / "one")) for a in args]) == 0
+    single = json.loads((tmp_path / "one" / "detect" / "results.json").read_text())
+    assert single["detections"] == result["detections"]
+    assert single["bbox_AP"] == pytest.approx(result["bbox_AP"]) and single["segm_AP"] == pytest.approx(
+        result["segm_AP"]
+    )
+
+
+def test_auxiliary_fcn_head_adds_its_weighted_loss_in_training_only(tiny_run, scenes_dir, tmp_path):
+    """aux_weight 0.4: training returns the auxiliary logits, the loss is main + 0.4 x auxiliary, and
+    gradients reach the FCN head; evaluation returns the logits alone. aux_weight 0: no FCN head."""
+    from torch import nn
+
+    from conmim.dense.model import segmentation_loss
+
+    backbone = build_backbone(*_encoder("beit", 6, 32, 4))
+    seg = build_segmenter(backbone, "upernet", 10, 24, 0.0, aux_weight=0.4)
+    assert seg.aux.conv[0].out_channels == 8  # a third of UperNet's width
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2, 32, 32))
+    criterion = nn.CrossEntropyLoss(ignore_index=255)
+    logits, aux = seg.train()(x)
+    loss = segmentation_loss((logits, aux), y, criterion, 0.4)
+    assert loss.item() == pytest.approx(criterion(logits, y).item() + 0.4 * criterion(aux, y).item(), rel=1e-6)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in seg.aux.parameters())
+    assert isinstance(seg.eval()(x), torch.Tensor)
+    no_aux = build_segmenter(backbone, "upernet", 10, 24, 0.0, aux_weight=0.0)
+    assert no_aux.aux is None and not any(n.startswith("aux.") for n, _ in no_aux.named_parameters())
+
+    args = _segment_args(tiny_run, scenes_dir, tmp_path / "aux", "segment.iters=2", "segment.aux_weight=0.4")
+    assert main(args) == 0
+    out = tmp_path / "aux" / "segment"
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert "aux.classifier.weight" in state and json.loads((out / "results.json").read_text())["aux_weight"] == 0.4
+    assert main(["segment", "x.safetensors", "segment.aux_weight=-1"]) == 2
+
+
+def test_large_scale_jitter_keeps_boxes_and_masks_together(scenes_dir):
+    """ViTDet's jitter on the scenes (32 px, scale 0.1-2): every training image becomes 32 x 32 (cropped
+    or padded), each kept box lies inside it and tightly around its mask (nearest-neighbour resizing
+    moves an edge by at most a pixel), instances cut off entirely are dropped, draws repeat by seed."""
+    from conmim.dense.coco import CocoInstances
+
+    ann = scenes_dir / "coco" / "instances_training.json"
+    data = CocoInstances(scenes_dir / "images", ann, masks=True, jitter=(0.1, 2.0), size=32)
+    plain = CocoInstances(scenes_dir / "images", ann, masks=True)
+    sizes, dropped = set(), 0
+    for seed in range(40):
+        image, target = data[(seed % len(data), seed)]
+        assert image.shape == (3, 32, 32) and target["masks"].shape[1:] == (32, 32)
+        boxes = target["boxes"]
+        assert len(boxes) == len(target["labels"]) == len(target["masks"])
+        assert bool((boxes >= 0).all() and (boxes <= 32).all() and (boxes[:, 2:] > boxes[:, :2]).all())
+        for box, mask in zip(boxes, target["masks"], strict=True):
+            ys, xs = mask.nonzero(as_tuple=True)
+            if len(xs):
+                assert xs.min() >= box[0] - 1.5 and xs.max() + 1 <= box[2] + 1.5
+                assert ys.min() >= box[1] - 1.5 and ys.max() + 1 <= box[3] + 1.5
+        dropped += len(plain[(seed % len(data), seed)][1]["boxes"]) - len(boxes)
+        sizes.add(int((image.abs().sum(0) > 0).sum()))  # non-padding pixels: the drawn scale shows
+    assert dropped > 0 and len(sizes) > 10
+    again = data[(3, 3)]
+    assert torch.equal(again[0], data[(3, 3)][0]) and torch.equal(again[1]["boxes"], data[(3, 3)][1]["boxes"])
+
+
+def test_vitdet_preset_loads_and_validates(capsys):
+    """``--config detect_vitdet --print-config``: ViTDet's ViT-B Mask R-CNN values resolve and validate."""
+    import yaml
+
+    assert main(["detect", "x.safetensors", "--config", "detect_vitdet", "--print-config"]) == 0
+    d = yaml.safe_load(capsys.readouterr().out)["detect"]
+    assert (d["img_size"], d["scale_range"], d["out_channels"], d["batch_size"]) == (1024, [0.1, 2.0], 256, 64)
+    assert (d["lr"], d["layer_decay"], d["weight_decay"], d["drop_path"]) == (1e-4, 0.7, 0.1, 0.1)
+    assert (d["iters"], d["indices"], d["scales"], d["masks"]) == (184375, [11] * 4, [4.0, 2.0, 1.0, 0.5], True)
+    assert main(["detect", "x.safetensors", "--config", "detect_vitdet", "detect.scale_range=[2.0,0.1]"]) == 2
+    assert "detect.scale_range" in capsys.readouterr().err
+
+
+def test_segmentation_models_pytorch_dpt_takes_an_export(tmp_path):
+    """The docs/dense.md recipe: smp's DPT builds the export's timm encoder (``tu-`` + model name, the
+    spec's kwargs but depth and in_chans) and timm loads the export's weights, unchanged, from the file."""
+    smp = pytest.importorskip(
+        "segmentation_models_pytorch",
+        reason="segmentation-models-pytorch is not installed (pip install 'conmim[dense]')",
+    )
+    from conmim.export.encoders import read_spec, write_encoder
+
+    weights, spec = _encoder("beit", 12, 32, 8)  # smp's own `depth` argument leaves timm's default: 12 blocks
+    export, _ = write_encoder(weights, spec, tmp_path / "enc.safetensors")
+    spec = read_spec(export)
+    kwargs = {k: v for k, v in spec["kwargs"].items() if k not in ("depth", "in_chans")}
+    model = smp.DPT(
+        f"tu-{spec['model_name']}",
+        encoder_weights="imagenet",  # "load pretrained weights": from the file named below
+        encoder_depth=4,
+        classes=10,
+        pretrained_cfg_overlay=dict(file=str(export)),
+        **kwargs,
+    )
+    state = model.encoder.model.state_dict()
+    assert state.keys() == weights.keys() and all(torch.equal(state[k], v) for k, v in weights.items())
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10, 32, 32)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from ..data.sources import DataError
@@ -35,12 +36,25 @@ def _coco(ann_file: str | os.PathLike):
 
 
 class CocoInstances(Dataset):
-    """(image (3, H, W) in [0, 1], target) pairs; training items are ``(index, seed)`` (flip drawn from
-    the seed), evaluation items plain indices. Bad input stops here, naming the file: a missing
-    image, a box outside its image or of no area, an unknown category."""
+    """(image (3, H, W) in [0, 1], target) pairs; training items are ``(index, seed)`` (flip and scale
+    jitter drawn from the seed), evaluation items plain indices. Bad input stops here, naming the
+    file: a missing image, a box outside its image or of no area, an unknown category.
 
-    def __init__(self, images: str | os.PathLike, ann_file: str | os.PathLike, masks: bool, flip: bool = False):
+    ``jitter=(low, high), size``: ViTDet's large-scale jitter for training items: the image is scaled
+    to fit ``size`` x U(low, high), cropped at random to at most ``size`` x ``size`` and padded to it
+    (the detector then sees it at scale 1); instances cut off by the crop are dropped."""
+
+    def __init__(
+        self,
+        images: str | os.PathLike,
+        ann_file: str | os.PathLike,
+        masks: bool,
+        flip: bool = False,
+        jitter: tuple[float, float] | None = None,
+        size: int = 0,
+    ):
         self.coco, self.images, self.masks, self.flip = _coco(ann_file), Path(images), masks, flip
+        self.jitter, self.size = jitter, size
         self.ids = sorted(self.coco.imgs)
         self.cat_ids = sorted(self.coco.cats)
         self.label_of = {c: i + 1 for i, c in enumerate(self.cat_ids)}
@@ -91,7 +105,28 @@ class CocoInstances(Dataset):
             target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
             if self.masks:
                 target["masks"] = target["masks"].flip(-1)
+        if self.jitter and seed is not None:
+            image, target = self._jitter(image, target, np.random.default_rng([seed, 1]))
         return image, target
+
+    def _jitter(self, image: torch.Tensor, target: dict, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        h, w = image.shape[-2:]
+        scale = self.size * rng.uniform(*self.jitter) / max(h, w)
+        nh, nw = max(round(h * scale), 1), max(round(w * scale), 1)
+        image = TF.resize(image, [nh, nw], antialias=True)
+        top, left = int(rng.integers(0, max(nh - self.size, 0) + 1)), int(rng.integers(0, max(nw - self.size, 0) + 1))
+        image = image[:, top : top + self.size, left : left + self.size]
+        ch, cw = image.shape[-2:]
+        boxes = target["boxes"] * torch.tensor([nw / w, nh / h] * 2) - torch.tensor([left, top] * 2)
+        boxes = torch.min(boxes.clamp(min=0), torch.tensor([cw, ch] * 2, dtype=boxes.dtype))
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        target = {**target, "boxes": boxes[keep], "labels": target["labels"][keep]}
+        if self.masks:
+            m = target["masks"][keep]
+            m = TF.resize(m, [nh, nw], InterpolationMode.NEAREST) if len(m) else m.new_zeros(0, nh, nw)
+            m = m[:, top : top + self.size, left : left + self.size]
+            target["masks"] = torch.nn.functional.pad(m, (0, self.size - cw, 0, self.size - ch))
+        return torch.nn.functional.pad(image, (0, self.size - cw, 0, self.size - ch)), target
 
 
 def collate(batch):

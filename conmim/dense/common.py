@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import Config
 from ..data.sources import FASHION_MNIST_DIR, DataError
 from ..export.encoders import load_pretrained, random_weights
+from ..runtime import distributed
+from ..runtime.device import resolve_device
 from . import scenes
 from .backbone import ViTPyramid, build_backbone
 from .data import StepSampler
@@ -41,22 +43,50 @@ def pyramid_of(
 
 
 def builtin_scenes(cfg: Config) -> Path:
-    """The folder of the built-in scenes of ``cfg.scenes``, generated on first use."""
+    """The folder of the built-in scenes of ``cfg.scenes``, generated on first use (under torchrun by
+    rank 0, while the others wait, so that no two processes write the same files)."""
     sc = cfg.scenes
     params = scenes.SceneParams(sc.train, sc.val, sc.size, sc.seed)
     fm = cfg.data.path if cfg.data.source == "fashion_mnist" else FASHION_MNIST_DIR
-    if not Path(sc.dir).exists():
-        log.info("writing the built-in scenes to %s (%d training, %d validation)", sc.dir, sc.train, sc.val)
-    return scenes.ensure(sc.dir, params, fm)
+    with distributed.main_first():
+        if not Path(sc.dir).exists():
+            log.info("writing the built-in scenes to %s (%d training, %d validation)", sc.dir, sc.train, sc.val)
+        return scenes.ensure(sc.dir, params, fm)
+
+
+def process_setup(cfg: Config) -> tuple[distributed.DistInfo, torch.device, bool]:
+    """This process's rank, its device (its own GPU under torchrun) and whether it created the process
+    group (and so tears it down at the end): the dense commands run alone or under torchrun."""
+    device = resolve_device(cfg.device)
+    owns_group = not torch.distributed.is_initialized()
+    info = distributed.setup(device.type, cfg.train.dist_timeout_s)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    return info, device, owns_group
+
+
+def shard(count: int, info: distributed.DistInfo) -> range:
+    """This rank's share of ``count`` evaluation items (every world_size-th one)."""
+    return range(info.rank, count, info.world_size)
 
 
 def step_loader(
-    dataset: Dataset, batch_size: int, iters: int, cfg: Config, start: int, device: torch.device, collate=None
+    dataset: Dataset,
+    batch_size: int,
+    iters: int,
+    cfg: Config,
+    start: int,
+    device: torch.device,
+    collate=None,
+    info: distributed.DistInfo | None = None,
 ) -> DataLoader:
-    """Batches of iterations ``start..iters-1``, each a function of ``train.seed`` and the iteration."""
+    """This rank's part of the batches of iterations ``start..iters-1`` (``batch_size`` in total over
+    the processes), each a function of ``train.seed`` and the iteration."""
+    info = info or distributed.DistInfo()
+    sampler = StepSampler(len(dataset), batch_size, iters, cfg.train.seed, start, info.rank, info.world_size)
     return DataLoader(
         dataset,
-        batch_sampler=StepSampler(len(dataset), batch_size, iters, cfg.train.seed, start),
+        batch_sampler=sampler,
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
         collate_fn=collate,

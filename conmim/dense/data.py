@@ -143,10 +143,15 @@ class EvalSegDataset(Dataset):
 class StepSampler(Sampler):
     """Batches of ``(index, augmentation seed)`` for steps ``start..total-1``: step s takes positions
     s*B..(s+1)*B-1 of a sequence of seeded epoch permutations, so a resumed run reads what an
-    uninterrupted one would."""
+    uninterrupted one would. Under torchrun ``batch`` is the total over the ``world`` processes and
+    rank r takes the r-th of ``world`` equal slices of it: together the ranks read the batch one
+    process would (DistributedSampler's split, kept a function of the step for exact resume)."""
 
-    def __init__(self, size: int, batch: int, total: int, seed: int, start: int = 0):
+    def __init__(self, size: int, batch: int, total: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        if batch % world:
+            raise DataError(f"a batch of {batch} cannot be split evenly over {world} processes")
         self.size, self.batch, self.total, self.seed, self.start = size, batch, total, seed, start
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return self.total - self.start
@@ -156,9 +161,11 @@ class StepSampler(Sampler):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         cache: dict[int, list[int]] = {}
+        part = self.batch // self.world
         for step in range(self.start, self.total):
             batch = []
-            for pos in range(step * self.batch, (step + 1) * self.batch):
+            first = step * self.batch + self.rank * part
+            for pos in range(first, first + part):
                 epoch, j = divmod(pos, self.size)
                 if epoch not in cache:
                     cache = {epoch: self._perm(epoch)}

@@ -6,7 +6,9 @@ convolution with LayerNorm to ``out_channels`` per level), one anchor size per l
 (``anchor_scale`` x stride, aspect ratios 0.5, 1, 2) and RoIAlign over the four levels. Images are
 resized so their longer side is the backbone's resolution and padded to a multiple of the patch
 size. Training is the dense iteration loop (``conmim/dense/loop.py``): layer decay, warm-up + poly,
-horizontal flips, exact resume.
+horizontal flips, optionally ViTDet's large-scale jitter (``detect.scale_range``), exact resume.
+Under torchrun each rank trains on its slice of every batch (DDP) and detects on every
+world_size-th validation image; rank 0 scores all detections and writes.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
 from ..config import Config, to_yaml
-from ..runtime.device import resolve_device, resolve_precision
+from ..runtime import distributed
+from ..runtime.device import resolve_precision
 from .backbone import ViTPyramid
 from .coco import CocoInstances, coco_ap, coco_results, collate
-from .common import builtin_scenes, pyramid_of, step_loader
+from .common import builtin_scenes, process_setup, pyramid_of, shard, step_loader
 from .loop import Schedule, train_iterations
 from .model import layer_decay_groups_around
 
@@ -63,33 +67,43 @@ def detection_data(cfg: Config) -> tuple[CocoInstances, CocoInstances]:
         root = builtin_scenes(cfg)
         train = (root / "images", root / "coco" / "instances_training.json")
         val = (root / "images", root / "coco" / "instances_validation.json")
-    return CocoInstances(*train, d.masks, d.flip), CocoInstances(*val, d.masks)
+    jitter = (d.scale_range[0], d.scale_range[1]) if d.scale_range else None
+    return CocoInstances(*train, d.masks, d.flip, jitter, d.img_size), CocoInstances(*val, d.masks)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val: CocoInstances, cfg: Config, device, amp_dtype) -> dict[str, float]:
-    """Box (and mask) AP, AP50, AP75 in % over the validation images (or the first ``val_limit``)."""
-    d, was_training = cfg.detect, model.training
+def evaluate(
+    model: nn.Module, val: CocoInstances, cfg: Config, device, amp_dtype, info: distributed.DistInfo | None = None
+) -> dict[str, float]:
+    """Box (and mask) AP, AP50, AP75 in % over the validation images (or the first ``val_limit``);
+    under torchrun each rank detects on its share, rank 0 scores them all and shares the result."""
+    d, was_training, info = cfg.detect, model.training, info or distributed.DistInfo()
     model.eval()
     count = min(d.val_limit or len(val), len(val))
-    records, ids = [], val.ids[:count]
-    for start in range(0, count, d.batch_size):
-        batch = [val[i] for i in range(start, min(start + d.batch_size, count))]
+    records, ids, mine = [], val.ids[:count], list(shard(count, info))
+    for start in range(0, len(mine), d.batch_size):
+        batch = [val[i] for i in mine[start : start + d.batch_size]]
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             outputs = model([img.to(device) for img, _ in batch])
         outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
         records += coco_results(outputs, [t["image_id"] for _, t in batch], val.cat_ids, d.masks)
     model.train(was_training)
-    result = {f"bbox_{k}": v for k, v in coco_ap(val.coco, records, ids, "bbox").items()}
-    if d.masks:
-        result.update({f"segm_{k}": v for k, v in coco_ap(val.coco, records, ids, "segm").items()})
-    return {**result, "detections": len(records), "images": len(ids)}
+    gathered = distributed.gather_to_main(records)
+    result = None
+    if gathered is not None:
+        records = [r for part in gathered for r in part]
+        result = {f"bbox_{k}": v for k, v in coco_ap(val.coco, records, ids, "bbox").items()}
+        if d.masks:
+            result.update({f"segm_{k}": v for k, v in coco_ap(val.coco, records, ids, "segm").items()})
+        result = {**result, "detections": len(records), "images": len(ids)}
+    return distributed.share_from_main(result)
 
 
 def detect(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Train ``cfg.detect``'s detector from an encoder source; writes ``<output_dir>/detect``."""
+    """Train ``cfg.detect``'s detector from an encoder source; writes ``<output_dir>/detect``. Under
+    torchrun ``detect.batch_size`` is the total over the processes."""
     d, start_time = cfg.detect, time.perf_counter()
-    device = resolve_device(cfg.device)
+    info, device, owns_group = process_setup(cfg)
     amp_dtype = resolve_precision(cfg.train.precision, device)
     out = Path(out_dir or Path(cfg.output_dir) / "detect")
     train, val = detection_data(cfg)
@@ -98,6 +112,8 @@ def detect(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None) 
     model = build_detector(backbone, len(val.cat_ids), d.masks, d.anchor_scale, cfg.data.mean, cfg.data.std).to(device)
     groups = layer_decay_groups_around(model, backbone.encoder, d.weight_decay, d.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=d.lr, betas=tuple(d.betas))
+    net = DistributedDataParallel(model) if info.enabled else model
+    torch.manual_seed(cfg.train.seed + info.rank)  # the same initial weights, a drop path stream per rank
     log.info(
         "detection: %s, %d classes, %d training / %d validation images, %d px, strides %s (blocks %s)",
         "Mask R-CNN" if d.masks else "Faster R-CNN",
@@ -113,15 +129,15 @@ def detect(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None) 
         images, targets = batch
         images = [i.to(device, non_blocking=True) for i in images]
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        return sum(loss.float() for loss in model(images, targets).values())
+        return sum(loss.float() for loss in net(images, targets).values())
 
     keys = ("bbox_AP", "bbox_AP50") + (("segm_AP", "segm_AP50") if d.masks else ())
     final, history = train_iterations(
         model,
         optimizer,
-        lambda start: step_loader(train, d.batch_size, d.iters, cfg, start, device, collate),
+        lambda start: step_loader(train, d.batch_size, d.iters, cfg, start, device, collate, info),
         loss_of,
-        lambda: evaluate(model, val, cfg, device, amp_dtype),
+        lambda: evaluate(model, val, cfg, device, amp_dtype, info),
         keys,
         Schedule.of(d),
         out,
@@ -129,6 +145,7 @@ def detect(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None) 
         device,
         amp_dtype,
         "detect",
+        info,
     )
     result = {
         **final,
@@ -139,10 +156,14 @@ def detect(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None) 
         "train_images": len(train),
         "strides": backbone.strides,
         "blocks": backbone.indices,
+        "processes": info.world_size,
         "history": history,
         "seconds": round(time.perf_counter() - start_time, 1),
         "source": str(encoder),
         "output_dir": str(out),
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    if info.is_main:
+        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    if owns_group:
+        distributed.teardown()
     return result

@@ -6,6 +6,8 @@ and 6 cells, 1x1 convolutions, upsampled and concatenated with the input, a 3x3 
 path adds each coarser map, upsampled, to the next finer one; 3x3 convolutions smooth every level
 but the coarsest; all levels, upsampled to the finest, are concatenated, fused by a 3x3 convolution,
 dropped out and classified by a 1x1 convolution. Every convolution is followed by BatchNorm + ReLU.
+The auxiliary FCN head (training only) adds a second, shallow path to the loss, as BEiT's ADE20K
+model does, so the middle of the encoder gets a direct segmentation signal.
 """
 
 from __future__ import annotations
@@ -70,6 +72,20 @@ class UperNet(nn.Module):
         outs = [smooth(m) for smooth, m in zip(self.smooth, laterals[:-1], strict=True)] + [top]
         fused = self.fuse(torch.cat([outs[0]] + [_up(o, outs[0]) for o in outs[1:]], dim=1))
         return self.classifier(self.dropout(fused))
+
+
+class FCNHead(nn.Module):
+    """mmsegmentation's FCNHead as BEiT's auxiliary head configures it: one 3x3 convolution (no
+    concatenation with the input), dropout, a 1x1 classifier."""
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int, dropout: float = 0.1):
+        super().__init__()
+        self.conv = conv_bn_relu(in_channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.conv(feature)))
 
 
 class LinearHead(nn.Module):

@@ -7,6 +7,11 @@ optimizer. ``checkpoints/last.pt`` (model, optimizer, scaler, iteration, evaluat
 state) is written every ``checkpoint_every`` iterations and at the end; when it exists the loop
 continues from it, and with batches that are a function of the iteration (``StepSampler``) the
 resumed run trains exactly as an uninterrupted one.
+
+Under torchrun every rank runs this loop on its part of each batch (the model passed to ``loss_of``
+is DDP-wrapped); the logged loss is the mean over ranks, evaluation runs on every rank (each on its
+share of the images, reduced by ``evaluate``), and rank 0 alone writes the records and checkpoints.
+The checkpoint keeps every rank's RNG state, so a resume with the same number of processes is exact.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..runtime import checkpoint as ckpt
+from ..runtime import distributed
 from ..runtime.metrics import MetricsWriter
 from ..runtime.seeding import rng_state, set_rng_state
 from ..train.schedules import warmup_poly
@@ -63,6 +69,7 @@ def train_iterations(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     tag: str,
+    info: distributed.DistInfo | None = None,
 ) -> tuple[dict[str, Any], list[dict]]:
     """Train to ``s.iters`` (resuming from ``out/checkpoints/last.pt``); returns the final
     evaluation and the history of evaluation records. ``batches(start)`` yields the batches of
@@ -76,21 +83,33 @@ def train_iterations(
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, history = state["step"], state["history"]
-        set_rng_state(state["rng"], device)  # drop path and dropout draw on as they would have
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rngs) != info.world_size:
+            log.warning(
+                "%s was written by %d process(es), not %d: the resume is not exact", last, len(rngs), info.world_size
+            )
+        set_rng_state(rngs[info.rank % len(rngs)], device)  # drop path and dropout draw on as they would have
         log.info("resumed %s from %s at iteration %d", tag, last, step)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(config_yaml)
-    writer = MetricsWriter(out, step, tag=tag)
+    writer = None
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml)
+        writer = MetricsWriter(out, step, tag=tag)
 
     def record(metrics: dict[str, Any]) -> dict:
         rec = {"step": step, **{f"val_{k}": metrics[k] for k in record_keys}}
-        writer.write(rec)
-        log.info("iteration %d: %s", step, ", ".join(f"{k} {metrics[k]:.2f}" for k in record_keys))
+        if writer:
+            writer.write(rec)
+            log.info("iteration %d: %s", step, ", ".join(f"{k} {metrics[k]:.2f}" for k in record_keys))
         return rec
+
+    def evaluate_all() -> dict[str, Any]:
+        distributed.broadcast_from_main(model)  # one set of BatchNorm statistics on every rank
+        return evaluate()
 
     model.train()
     loss_sum, since = torch.zeros((), device=device), 0
-    bar = tqdm(batches(step), desc=tag, initial=step, total=s.iters, dynamic_ncols=True)
+    bar = tqdm(batches(step), desc=tag, initial=step, total=s.iters, dynamic_ncols=True, disable=not info.is_main)
     for batch in bar:
         lr = warmup_poly(step, s.iters, s.lr, s.warmup_iters, s.warmup_ratio, s.power, s.min_lr)
         for group in optimizer.param_groups:
@@ -104,20 +123,29 @@ def train_iterations(
         step, since = step + 1, since + 1
         loss_sum += loss.detach().float()
         if step % s.log_every == 0 or step == s.iters:
-            writer.write({"step": step, "train_loss": (loss_sum / since).item(), "lr": lr})
-            bar.set_postfix(loss=f"{(loss_sum / since).item():.3f}")
+            mean_loss = (distributed.all_mean(loss_sum) / since).item()  # every rank joins the all-reduce
+            if writer:
+                writer.write({"step": step, "train_loss": mean_loss, "lr": lr})
+            bar.set_postfix(loss=f"{mean_loss:.3f}")
             loss_sum.zero_()
             since = 0
         if s.eval_every and step % s.eval_every == 0 and step < s.iters:
-            history.append(record(evaluate()))
+            history.append(record(evaluate_all()))
             model.train()
         if step % s.checkpoint_every == 0 or step == s.iters:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
-            extra = {"step": step, "history": history, "rng": rng_state(device), "config": config_yaml}
-            ckpt.atomic_save({**state, **extra}, last)
+            rngs = distributed.gather_to_main(rng_state(device))
+            if info.is_main:
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                }
+                extra = {"step": step, "history": history, "rng": rngs, "config": config_yaml}
+                ckpt.atomic_save({**state, **extra}, last)
     bar.close()
-    final = evaluate()
+    final = evaluate_all()
     if not history or history[-1]["step"] != step:
         record(final)
-    writer.close()
+    if writer:
+        writer.close()
     return final, history

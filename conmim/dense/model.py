@@ -9,16 +9,18 @@ from torch.nn import functional as F
 from ..eval.finetune import layer_decay_groups
 from ..train.optim import param_groups
 from .backbone import ViTPyramid
-from .heads import LinearHead, UperNet
+from .heads import FCNHead, LinearHead, UperNet
 
 
 class Segmenter(nn.Module):
     """Logits (B, K, H, W) at the input's size. With a linear head the encoder is frozen (eval mode,
-    no gradients) and the head reads the last pyramid block's token map; with UperNet everything trains."""
+    no gradients) and the head reads the last pyramid block's token map; with UperNet everything trains.
+    With an ``aux`` head (on the second-coarsest level, BEiT's third of four) training returns
+    ``(logits, aux_logits)``; evaluation returns the logits alone."""
 
-    def __init__(self, backbone: ViTPyramid, head: nn.Module):
+    def __init__(self, backbone: ViTPyramid, head: nn.Module, aux: nn.Module | None = None):
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.aux = backbone, head, aux
         self.frozen = isinstance(head, LinearHead)
         if self.frozen:
             self.backbone.requires_grad_(False)
@@ -29,25 +31,46 @@ class Segmenter(nn.Module):
             self.backbone.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.frozen:
             with torch.no_grad():
                 x_pad, (h, w) = self.backbone.pad(x)
                 feat = self.backbone.features(x_pad)[-1]
                 p = self.backbone.patch
                 feat = feat[..., : -(-h // p), : -(-w // p)]
-            logits = self.head(feat)
-        else:
-            logits = self.head(self.backbone(x))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            return _resize(self.head(feat), x)
+        features = self.backbone(x)
+        logits = _resize(self.head(features), x)
+        if self.aux is not None and self.training:
+            return logits, _resize(self.aux(list(features.values())[-2]), x)
+        return logits
 
 
-def build_segmenter(backbone: ViTPyramid, head: str, num_classes: int, channels: int, dropout: float) -> Segmenter:
+def _resize(logits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(logits, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def build_segmenter(
+    backbone: ViTPyramid, head: str, num_classes: int, channels: int, dropout: float, aux_weight: float = 0.0
+) -> Segmenter:
+    """A linear probe or UperNet; with ``aux_weight > 0`` UperNet gets the auxiliary FCN head, a third
+    of UperNet's width (BEiT: 256 beside 768). The linear probe has none."""
     if head == "linear":
         return Segmenter(backbone, LinearHead(backbone.encoder.embed_dim, num_classes))
+    aux = FCNHead(backbone.out_channels, num_classes, max(channels // 3, 1), dropout) if aux_weight > 0 else None
     return Segmenter(
-        backbone, UperNet(backbone.out_channels, num_classes, channels, len(backbone.scales), dropout=dropout)
+        backbone, UperNet(backbone.out_channels, num_classes, channels, len(backbone.scales), dropout=dropout), aux
     )
+
+
+def segmentation_loss(
+    outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor, criterion, aux_weight: float
+) -> torch.Tensor:
+    """The main head's loss, plus ``aux_weight`` times the auxiliary head's when the model returned one."""
+    if isinstance(outputs, tuple):
+        logits, aux = outputs
+        return criterion(logits.float(), targets) + aux_weight * criterion(aux.float(), targets)
+    return criterion(outputs.float(), targets)
 
 
 def _outside(model: nn.Module, inner: nn.Module) -> list[nn.Module]:

@@ -6,7 +6,9 @@ evaluation at the original resolution (windows of the crop size, logits averaged
 image's size before the argmax); mIoU, mAcc and pixel accuracy (aAcc) per class and overall.
 ``checkpoints/last.pt`` is written every ``checkpoint_every`` iterations and resumed from when the
 command runs again; batches and augmentations are functions of the seed and the iteration, so a
-resumed run sees the data an uninterrupted one would.
+resumed run sees the data an uninterrupted one would. Under torchrun each rank trains on its slice
+of every batch (DDP), evaluates every world_size-th validation image, and the confusion matrices are
+summed over the ranks; rank 0 writes.
 """
 
 from __future__ import annotations
@@ -20,17 +22,19 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..config import Config, to_yaml
 from ..data.sources import DataError
-from ..runtime.device import resolve_device, resolve_precision
-from .common import builtin_scenes, pyramid_of, step_loader
+from ..runtime import distributed
+from ..runtime.device import resolve_precision
+from .common import builtin_scenes, process_setup, pyramid_of, shard, step_loader
 from .data import IGNORE, EvalSegDataset, TrainSegDataset, ade20k_pairs, check_sizes, pairs_in, windows
 from .loop import Schedule, train_iterations
 from .metrics import confusion, scores
-from .model import Segmenter, build_segmenter, optimizer_groups
+from .model import Segmenter, build_segmenter, optimizer_groups, segmentation_loss
 
 log = logging.getLogger(__name__)
 
@@ -71,39 +75,59 @@ def sliding_logits(model: nn.Module, image: torch.Tensor, crop: int, stride: int
 
 
 @torch.no_grad()
-def evaluate(model: Segmenter, dataset, cfg: Config, num_classes: int, names: list[str], device, amp_dtype) -> dict:
-    """Sliding-window predictions, resized to each mask's size, scored by :func:`metrics.scores`."""
-    s, was_training = cfg.segment, model.training
+def evaluate(
+    model: Segmenter,
+    dataset,
+    cfg: Config,
+    num_classes: int,
+    names: list[str],
+    device,
+    amp_dtype,
+    info: distributed.DistInfo | None = None,
+) -> dict:
+    """Sliding-window predictions, resized to each mask's size, scored by :func:`metrics.scores`; under
+    torchrun each rank predicts its share of the images and the confusion matrices are summed."""
+    s, was_training, info = cfg.segment, model.training, info or distributed.DistInfo()
     model.eval()
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
     stride = s.eval_stride or max(s.crop_size * 2 // 3, 1)
+    mine = Subset(dataset, shard(len(dataset), info))
     for image, target in tqdm(
-        DataLoader(dataset, batch_size=None), desc="segment eval", leave=False, dynamic_ncols=True
+        DataLoader(mine, batch_size=None),
+        desc="segment eval",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not info.is_main,
     ):
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = sliding_logits(model, image.to(device), s.crop_size, stride, num_classes)
         logits = F.interpolate(logits[None], size=target.shape, mode="bilinear", align_corners=False)[0]
         matrix += confusion(logits.argmax(0).cpu(), target, num_classes, IGNORE)
+    matrix = distributed.all_sum(matrix.to(device)).cpu()
     model.train(was_training)
     return {**scores(matrix, names), "confusion": matrix.tolist()}
 
 
 def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Train ``cfg.segment``'s model from the encoder of a run directory, checkpoint or ``.safetensors``
-    (``cfg.eval.which`` picks teacher or student); writes ``<output_dir>/segment`` (or ``out_dir``)."""
+    (``cfg.eval.which`` picks teacher or student); writes ``<output_dir>/segment`` (or ``out_dir``).
+    Under torchrun ``segment.batch_size`` is the total over the processes."""
     s, start_time = cfg.segment, time.perf_counter()
-    device = resolve_device(cfg.device)
+    info, device, owns_group = process_setup(cfg)
     amp_dtype = resolve_precision(cfg.train.precision, device)
     out = Path(out_dir or Path(cfg.output_dir) / "segment")
     train_pairs, val_pairs, names = segmentation_data(cfg)
     k = len(names)
     torch.manual_seed(cfg.train.seed)
     backbone = pyramid_of(encoder, cfg, s.crop_size, s.scales, s.indices, s.drop_path, s.init)
-    model = build_segmenter(backbone, s.head, k, s.channels, s.dropout).to(device)
+    model = build_segmenter(backbone, s.head, k, s.channels, s.dropout, s.aux_weight).to(device)
     optimizer = torch.optim.AdamW(optimizer_groups(model, s.weight_decay, s.layer_decay), lr=s.lr, betas=tuple(s.betas))
+    net = DistributedDataParallel(model) if info.enabled else model
+    torch.manual_seed(cfg.train.seed + info.rank)  # the same initial weights, a drop path stream per rank
     log.info(
-        "segmentation: %s head, %d classes, %d training / %d validation images, crop %d, strides %s (blocks %s)",
+        "segmentation: %s head%s, %d classes, %d training / %d validation images, crop %d, strides %s (blocks %s)",
         s.head,
+        f" + auxiliary FCN head (loss weight {s.aux_weight})" if model.aux is not None else "",
         k,
         len(train_pairs),
         len(val_pairs),
@@ -118,14 +142,14 @@ def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None)
 
     def loss_of(batch) -> torch.Tensor:
         images, targets = (t.to(device, non_blocking=True) for t in batch)
-        return criterion(model(images).float(), targets)
+        return segmentation_loss(net(images), targets, criterion, s.aux_weight)
 
     final, history = train_iterations(
         model,
         optimizer,
-        lambda start: step_loader(train_set, s.batch_size, s.iters, cfg, start, device),
+        lambda start: step_loader(train_set, s.batch_size, s.iters, cfg, start, device, info=info),
         loss_of,
-        lambda: evaluate(model, val_set, cfg, k, names, device, amp_dtype),
+        lambda: evaluate(model, val_set, cfg, k, names, device, amp_dtype, info),
         ("mIoU", "mAcc", "aAcc"),
         Schedule.of(s),
         out,
@@ -133,6 +157,7 @@ def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None)
         device,
         amp_dtype,
         "segment",
+        info,
     )
     result = {
         "mIoU": final["mIoU"],
@@ -140,6 +165,7 @@ def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None)
         "aAcc": final["aAcc"],
         "iters": s.iters,
         "head": s.head,
+        "aux_weight": s.aux_weight if model.aux is not None else 0.0,
         "init": s.init,
         "num_classes": k,
         "train_images": len(train_pairs),
@@ -147,12 +173,16 @@ def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None)
         "val_pixels": final["pixels"],
         "strides": backbone.strides,
         "blocks": backbone.indices,
+        "processes": info.world_size,
         "per_class": final["per_class"],
         "history": history,
         "seconds": round(time.perf_counter() - start_time, 1),
         "source": str(encoder),
         "output_dir": str(out),
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "confusion.json").write_text(json.dumps(final["confusion"]) + "\n")
+    if info.is_main:
+        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "confusion.json").write_text(json.dumps(final["confusion"]) + "\n")
+    if owns_group:
+        distributed.teardown()
     return result

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,13 +71,40 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def all_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks of a tensor (identity with one process)."""
+def all_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks of a tensor (identity with one process); integer tensors stay exact."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         value = value.clone()
         dist.all_reduce(value)
-        value /= dist.get_world_size()
     return value
+
+
+def all_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a tensor (identity with one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = all_sum(value) / dist.get_world_size()
+    return value
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the body first, the other ranks after it (e.g. rank 0 writes a cache the others
+    read instead of every rank writing it at once); a plain block with one process."""
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    if multi and dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if multi and dist.get_rank() == 0:
+        dist.barrier()
+
+
+def share_from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself with one process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def broadcast_from_main(module: torch.nn.Module) -> None:
