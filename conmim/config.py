@@ -270,6 +270,7 @@ class SegmentConfig(DenseTrainConfig):
     # Evaluation: windows of crop_size every eval_stride px (0: 2/3 of the crop), logits averaged and
     # resized to the original image before the argmax.
     eval_stride: int = 0
+    pictures: int = 6  # predictions.png: image | truth | prediction for the first N validation images (0: none)
 
 
 @dataclass

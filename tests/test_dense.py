@@ -336,10 +336,37 @@ def test_segment_runs_from_a_pretraining_run_and_resumes_exactly(tiny_run, scene
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
     assert records[-1]["val_mIoU"] == pytest.approx(result["mIoU"])
     assert (a / "tensorboard").is_dir() and (a / "config.yaml").is_file()
+    size = Image.open(scenes_dir / "annotations" / "validation" / "scene_00000.png").size
+    assert Image.open(a / "predictions.png").size == (3 * size[0] * 4, 6 * (size[1] + 2) * 4)
 
     b = _crash_then_resume(monkeypatch, _segment_args(tiny_run, scenes_dir, tmp_path / "b"), 5) / "segment"
     _assert_same_end(a, b)
     assert json.loads((b / "results.json").read_text())["mIoU"] == pytest.approx(result["mIoU"])
+
+
+def test_prediction_picture_colours_truth_and_prediction_on_scored_pixels(tmp_path):
+    from conmim.dense.data import IGNORE
+    from conmim.dense.pictures import palette, prediction_picture
+
+    target = torch.full((4, 6), IGNORE)
+    target[1:3, 1:4] = 2
+    image = torch.zeros(3, 4, 6)  # mean grey after denormalisation
+    path = prediction_picture(
+        [(image, target)],
+        lambda img, size: torch.ones(size, dtype=torch.long),
+        5,
+        [0.5] * 3,
+        [0.25] * 3,
+        tmp_path / "p.png",
+        scale=1,
+    )
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (4 + 2, 3 * 6, 3)
+    colours = palette(5)
+    assert len({tuple(c) for c in colours}) == 6 and tuple(colours[-1]) == (0, 0, 0)
+    assert (grid[1, 6 + 1] == colours[2]).all() and (grid[1, 12 + 1] == colours[1]).all()  # truth 2, predicted 1
+    assert (grid[0, 6:] == 0).all()  # ignored pixels: black in truth and prediction
+    assert (grid[0, 0] == 128).all()  # the image column: denormalised
 
 
 @pytest.mark.parametrize("init", ["pretrained", "random"])

@@ -35,6 +35,7 @@ from .data import IGNORE, EvalSegDataset, TrainSegDataset, ade20k_pairs, check_s
 from .loop import Schedule, train_iterations
 from .metrics import confusion, scores
 from .model import Segmenter, build_segmenter, optimizer_groups, segmentation_loss
+from .pictures import prediction_picture
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,19 @@ def sliding_logits(model: nn.Module, image: torch.Tensor, crop: int, stride: int
 
 
 @torch.no_grad()
+def predict(
+    model: nn.Module, image: torch.Tensor, size: tuple[int, int], cfg: Config, num_classes: int, device, amp_dtype
+) -> torch.Tensor:
+    """(H, W) class ids of one normalised (3, h, w) image at the mask's ``size``: sliding-window logits
+    (windows of the crop size every ``segment.eval_stride`` px), resized before the argmax."""
+    s = cfg.segment
+    stride = s.eval_stride or max(s.crop_size * 2 // 3, 1)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = sliding_logits(model, image.to(device), s.crop_size, stride, num_classes)
+    return F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0].argmax(0)
+
+
+@torch.no_grad()
 def evaluate(
     model: Segmenter,
     dataset,
@@ -87,10 +101,9 @@ def evaluate(
 ) -> dict:
     """Sliding-window predictions, resized to each mask's size, scored by :func:`metrics.scores`; under
     torchrun each rank predicts its share of the images and the confusion matrices are summed."""
-    s, was_training, info = cfg.segment, model.training, info or distributed.DistInfo()
+    was_training, info = model.training, info or distributed.DistInfo()
     model.eval()
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    stride = s.eval_stride or max(s.crop_size * 2 // 3, 1)
     mine = Subset(dataset, shard(len(dataset), info))
     for image, target in tqdm(
         DataLoader(mine, batch_size=None),
@@ -99,10 +112,8 @@ def evaluate(
         dynamic_ncols=True,
         disable=not info.is_main,
     ):
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = sliding_logits(model, image.to(device), s.crop_size, stride, num_classes)
-        logits = F.interpolate(logits[None], size=target.shape, mode="bilinear", align_corners=False)[0]
-        matrix += confusion(logits.argmax(0).cpu(), target, num_classes, IGNORE)
+        prediction = predict(model, image, tuple(target.shape), cfg, num_classes, device, amp_dtype)
+        matrix += confusion(prediction.cpu(), target, num_classes, IGNORE)
     matrix = distributed.all_sum(matrix.to(device)).cpu()
     model.train(was_training)
     return {**scores(matrix, names), "confusion": matrix.tolist()}
@@ -183,6 +194,16 @@ def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None)
     if info.is_main:
         (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / "confusion.json").write_text(json.dumps(final["confusion"]) + "\n")
+        if s.pictures:
+            model.eval()
+            prediction_picture(
+                [val_set[i] for i in range(min(s.pictures, len(val_set)))],
+                lambda image, size: predict(model, image, size, cfg, k, device, amp_dtype),
+                k,
+                m.mean,
+                m.std,
+                out / "predictions.png",
+            )
     if owns_group:
         distributed.teardown()
     return result
