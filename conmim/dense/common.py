@@ -13,7 +13,6 @@ from ..config import Config
 from ..data.sources import FASHION_MNIST_DIR, DataError
 from ..export.encoders import load_pretrained, random_weights
 from ..runtime import distributed
-from ..runtime.device import resolve_device
 from . import scenes
 from .backbone import ViTPyramid, build_backbone
 from .data import StepSampler
@@ -52,17 +51,6 @@ def builtin_scenes(cfg: Config) -> Path:
         if not Path(sc.dir).exists():
             log.info("writing the built-in scenes to %s (%d training, %d validation)", sc.dir, sc.train, sc.val)
         return scenes.ensure(sc.dir, params, fm)
-
-
-def process_setup(cfg: Config) -> tuple[distributed.DistInfo, torch.device, bool]:
-    """This process's rank, its device (its own GPU under torchrun) and whether it created the process
-    group (and so tears it down at the end): the dense commands run alone or under torchrun."""
-    device = resolve_device(cfg.device)
-    owns_group = not torch.distributed.is_initialized()
-    info = distributed.setup(device.type, cfg.train.dist_timeout_s)
-    if info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-    return info, device, owns_group
 
 
 def shard(count: int, info: distributed.DistInfo) -> range:

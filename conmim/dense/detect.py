@@ -31,7 +31,7 @@ from ..runtime import distributed
 from ..runtime.device import resolve_precision
 from .backbone import ViTPyramid
 from .coco import CocoInstances, coco_ap, coco_results, collate
-from .common import builtin_scenes, process_setup, pyramid_of, shard, step_loader
+from .common import builtin_scenes, pyramid_of, shard, step_loader
 from .loop import Schedule, train_iterations
 from .model import layer_decay_groups_around
 
@@ -103,7 +103,7 @@ def detect(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None) 
     """Train ``cfg.detect``'s detector from an encoder source; writes ``<output_dir>/detect``. Under
     torchrun ``detect.batch_size`` is the total over the processes."""
     d, start_time = cfg.detect, time.perf_counter()
-    info, device, owns_group = process_setup(cfg)
+    info, device, owns_group = distributed.setup_process(cfg.device, cfg.train.dist_timeout_s)
     amp_dtype = resolve_precision(cfg.train.precision, device)
     out = Path(out_dir or Path(cfg.output_dir) / "detect")
     train, val = detection_data(cfg)

@@ -30,7 +30,7 @@ from ..config import Config, to_yaml
 from ..data.sources import DataError
 from ..runtime import distributed
 from ..runtime.device import resolve_precision
-from .common import builtin_scenes, process_setup, pyramid_of, shard, step_loader
+from .common import builtin_scenes, pyramid_of, shard, step_loader
 from .data import IGNORE, EvalSegDataset, TrainSegDataset, ade20k_pairs, check_sizes, pairs_in, windows
 from .loop import Schedule, train_iterations
 from .metrics import confusion, scores
@@ -124,7 +124,7 @@ def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None)
     (``cfg.eval.which`` picks teacher or student); writes ``<output_dir>/segment`` (or ``out_dir``).
     Under torchrun ``segment.batch_size`` is the total over the processes."""
     s, start_time = cfg.segment, time.perf_counter()
-    info, device, owns_group = process_setup(cfg)
+    info, device, owns_group = distributed.setup_process(cfg.device, cfg.train.dist_timeout_s)
     amp_dtype = resolve_precision(cfg.train.precision, device)
     out = Path(out_dir or Path(cfg.output_dir) / "segment")
     train_pairs, val_pairs, names = segmentation_data(cfg)

@@ -37,7 +37,7 @@ from ..data.views import RandomPhotometric
 from ..export.encoders import load_pretrained, random_weights, write_encoder
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed
-from ..runtime.device import resolve_device, resolve_precision
+from ..runtime.device import resolve_precision
 from ..runtime.metrics import MetricsWriter
 from ..train.schedules import warmup_cosine
 from .common import ChannelTransform, EvalTransform, LabeledDataset, check_channels, img_size_of, num_classes_of
@@ -289,11 +289,7 @@ def finetune(
     """
     cfg = cfg or Config()
     f, start = cfg.finetune, time.perf_counter()
-    device = resolve_device(cfg.device)
-    owns_group = not torch.distributed.is_initialized()
-    dist = distributed.setup(device.type)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
+    dist, device, owns_group = distributed.setup_process(cfg.device, cfg.train.dist_timeout_s)
     out = Path(out_dir or Path(cfg.output_dir) / "finetune")
     torch.manual_seed(cfg.train.seed + dist.rank)
 

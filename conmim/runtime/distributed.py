@@ -66,6 +66,20 @@ def _agent_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:
     return dist.PrefixStore(f"conmim/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+def setup_process(device_name: str, timeout_s: float = 600.0) -> tuple[DistInfo, torch.device, bool]:
+    """For commands that run alone or under torchrun: this process's rank (:func:`setup`), its device
+    (``device_name`` resolved; its own GPU under torchrun) and whether it created the process group
+    (and so tears it down at the end)."""
+    from .device import resolve_device
+
+    device = resolve_device(device_name)
+    owns_group = not dist.is_initialized()
+    info = setup(device.type, timeout_s)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    return info, device, owns_group
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
