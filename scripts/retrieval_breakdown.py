@@ -4,7 +4,10 @@ On test images, with the run's own views and masks, it splits the retrieval accu
 masked token picks the teacher's token at its own position among the image's patches) by whether the
 target patch has an exact pixel duplicate in the image, and bounds what content alone allows: a
 retriever that knew every patch's pixels but no positions would pick uniformly among identical
-patches (the "content-only oracle"). Usage:
+patches (the "content-only oracle"). It also measures what the strong view's photometric ops leave of
+a patch's identity: the teacher's own output on the unmasked weak view, used as the query, retrieves
+its patch in the strong view (a student that predicted the teacher's clean-view features perfectly
+would score this). Usage:
 ``python scripts/retrieval_breakdown.py RUN_DIR [IMAGES]`` (default 500 test images).
 """
 
@@ -37,7 +40,7 @@ def main(run: str, images: int = 500) -> None:
         build_source(d, m.img_size, d.eval_split), views, MaskGenerator.from_config(cfg.mask, m.img_size, m.patch_size)
     )
     hits = {"all": [0, 0], "unique": [0, 0], "duplicated": [0, 0]}
-    near, oracle = dict.fromkeys(NEAR, 0), 0.0
+    near, oracle, clean = dict.fromkeys(NEAR, 0), 0.0, 0
     for start in range(0, images, 100):
         weak, strong, mask = (
             torch.stack(x) for x in zip(*[data[(0, i)] for i in range(start, start + 100)], strict=True)
@@ -45,6 +48,8 @@ def main(run: str, images: int = 500) -> None:
         student = F.normalize(model.student(weak, mask).float(), dim=-1)
         teacher = F.normalize(model.teacher(strong).float(), dim=-1)
         hit = (student @ teacher.transpose(1, 2)).argmax(-1) == torch.arange(mask.shape[1])
+        clean_view = F.normalize(model.teacher(weak).float(), dim=-1)
+        clean += int((((clean_view @ teacher.transpose(1, 2)).argmax(-1) == torch.arange(mask.shape[1])) & mask).sum())
         patches = F.unfold(strong, m.patch_size, stride=m.patch_size).transpose(1, 2)  # the teacher's pixels
         rms = torch.cdist(patches, patches, compute_mode="donot_use_mm_for_euclid_dist") / patches.shape[-1] ** 0.5
         copies = (rms < 1e-2).sum(-1)  # itself included
@@ -62,6 +67,7 @@ def main(run: str, images: int = 500) -> None:
     for tol, n in near.items():
         print(f"  another patch of the image within RMS {tol}: {100 * n / total:.1f} % of masked patches")
     print(f"  content-only oracle (identical patches indistinguishable): {100 * oracle / total:.1f} %")
+    print(f"  teacher's clean-view output as the query (augmentation ceiling): {100 * clean / total:.1f} %")
 
 
 if __name__ == "__main__":
