@@ -47,9 +47,10 @@ def main(run: str, images: int = 500) -> None:
         )
         student = F.normalize(model.student(weak, mask).float(), dim=-1)
         teacher = F.normalize(model.teacher(strong).float(), dim=-1)
-        hit = (student @ teacher.transpose(1, 2)).argmax(-1) == torch.arange(mask.shape[1])
+        own = torch.arange(mask.shape[1])  # the target of position j is the teacher's token j
+        hit = (student @ teacher.transpose(1, 2)).argmax(-1) == own
         clean_view = F.normalize(model.teacher(weak).float(), dim=-1)
-        clean += int((((clean_view @ teacher.transpose(1, 2)).argmax(-1) == torch.arange(mask.shape[1])) & mask).sum())
+        clean += int((((clean_view @ teacher.transpose(1, 2)).argmax(-1) == own) & mask).sum())
         patches = F.unfold(strong, m.patch_size, stride=m.patch_size).transpose(1, 2)  # the teacher's pixels
         rms = torch.cdist(patches, patches, compute_mode="donot_use_mm_for_euclid_dist") / patches.shape[-1] ** 0.5
         copies = (rms < 1e-2).sum(-1)  # itself included
