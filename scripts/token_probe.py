@@ -1,8 +1,8 @@
 """Does a frozen encoder's per-token feature name the garment under the token? For docs/dense.md.
 
 For the teacher of a pre-training run and for timm's random initialisation of the same encoder, a
-linear classifier is fitted on the tokens of every block (300 full-batch Adam steps, standardised
-features) and scored on held-out tokens, in two domains:
+linear classifier is fitted on the tokens of every block (the run's own ``linprobe`` recipe on cached
+features, as in its final summary) and scored on held-out tokens, in two domains:
 
 - the pre-training domain: Fashion-MNIST images resized to the encoder's grid, the tokens that
   cover garment pixels, labelled with the image's class (2,000 training / 1,000 test images);
@@ -11,7 +11,7 @@ features) and scored on held-out tokens, in two domains:
   class (windows of 500 training / 200 validation scenes).
 
 Usage: ``python scripts/token_probe.py RUN_DIR SCENES_DIR [OUT.json]`` (SCENES_DIR as written by
-``conmim scenes``; about 10 minutes on one CPU thread).
+``conmim scenes``; about 5 minutes on two CPU cores).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conmim.data.sources import fashion_mnist
+from conmim.eval.linprobe import probe_cached
 from conmim.export.encoders import build_encoder, config_of, encoder_state, load_run_checkpoint, random_weights, spec_of
 
 GRID = 32  # the pre-training input size of the built-in run; 4-px patches -> 8x8 tokens
@@ -67,20 +68,6 @@ def block_tokens(encoder: torch.nn.Module, images: torch.Tensor) -> list[torch.T
     return [m.flatten(2).transpose(1, 2) for m in maps]
 
 
-def linear_probe(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor) -> float:
-    """Top-1 (%) of a linear classifier fitted on standardised features."""
-    mean, std = train.mean(0), train.std(0) + 1e-6
-    train, test = (train - mean) / std, (test - mean) / std
-    head = torch.nn.Linear(train.shape[1], 10)
-    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(300):
-        optimizer.zero_grad()
-        F.cross_entropy(head(train), train_y).backward()
-        optimizer.step()
-    with torch.no_grad():
-        return 100 * float((head(test).argmax(1) == test_y).float().mean())
-
-
 def main(run: str, scenes: str, out: str | None = None) -> None:
     torch.manual_seed(0)
     state, _ = load_run_checkpoint(run)
@@ -99,7 +86,10 @@ def main(run: str, scenes: str, out: str | None = None) -> None:
     for domain, ((x, y, keep), (tx, ty, tkeep)) in domains.items():
         for name, encoder in encoders.items():
             train, test = block_tokens(encoder, (x - mean) / std), block_tokens(encoder, (tx - mean) / std)
-            scores = [linear_probe(a[keep], y[keep], b[tkeep], ty[tkeep]) for a, b in zip(train, test, strict=True)]
+            scores = [
+                probe_cached(a[keep], y[keep], b[tkeep], ty[tkeep], 10, cfg.linprobe)
+                for a, b in zip(train, test, strict=True)
+            ]
             results[f"{domain}/{name}"] = {"tokens": [int(keep.sum()), int(tkeep.sum())], "top1_by_block": scores}
             print(f"{domain:14s} {name:7s} token probe top-1 by block: {' '.join(f'{v:5.1f}' for v in scores)}")
     if out:
