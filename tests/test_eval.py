@@ -314,3 +314,37 @@ def test_probe_head_init_on_repeated_images_extracts_once_and_keeps_the_step_cou
     model, _ = build_classifier(*load_pretrained(exported), 10, drop_path=0.0)
     ft.probe_head_init(model, train, cfg, torch.device("cpu"), None, repeats=3)
     assert seen == {"rows": len(train), "steps_per_epoch": -(-len(train) // 64), "epochs": 12, "warmup": 1.5}
+
+
+@pytest.mark.parametrize(
+    "encoder_kind, init_values, writes",
+    [("beit", 0.1, "gamma_1"), ("vit", 0.1, "ls1.gamma"), ("vit", 0.0, "attn.proj.weight")],
+)
+def test_fresh_scale_gives_the_patch_embedding_a_fresh_size_and_keeps_the_head_input(encoder_kind, init_values, writes):
+    """``finetune.fresh_scale``: the official initialisation's small patch embedding is scaled to the size of a
+    fresh one, with the rest of the residual stream (the layer scales, or each branch's output projection
+    without them), so the head receives the same features; timm's own initialisation is left as it is."""
+    from conmim.eval.transfer import fresh_stream_factor
+    from conmim.export.encoders import random_weights
+
+    torch.manual_seed(0)
+    model = ConMIM(**dict(TINY_MODEL_ARGS, encoder=encoder_kind, init_values=init_values))
+    weights = {k: v.detach().clone() for k, v in model.teacher.encoder.state_dict().items()}
+    built = {}
+    for fresh in (False, True):
+        torch.manual_seed(0)
+        built[fresh], _ = build_classifier(weights, model.spec, 10, drop_path=0.0, fresh_scale=fresh)
+        built[fresh].eval()
+    patch = built[True].patch_embed.proj.weight
+    assert patch.pow(2).mean().sqrt().item() == pytest.approx((3 * patch[0].numel()) ** -0.5, rel=1e-4)
+    factor = fresh_stream_factor(weights)
+    assert factor > 3.0  # BEiT's +-1 std cut: the pre-training's patch embedding is several times smaller
+    plain, scaled = built[False].state_dict(), built[True].state_dict()
+    assert torch.allclose(scaled[f"blocks.0.{writes}"], factor * plain[f"blocks.0.{writes}"])
+    assert torch.equal(scaled["blocks.0.mlp.fc1.weight"], plain["blocks.0.mlp.fc1.weight"])  # read by a norm
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        head_inputs = [m.forward_head(m.forward_features(images), pre_logits=True) for m in (built[False], built[True])]
+    # equal up to LayerNorm's eps (1e-6), which weighs more on the small unscaled stream
+    assert torch.allclose(head_inputs[0], head_inputs[1], atol=5e-3 * head_inputs[0].abs().max().item())
+    assert fresh_stream_factor(random_weights(model.spec)) == pytest.approx(1.0, abs=0.05)

@@ -297,7 +297,9 @@ def finetune(
     if f.init == "random":
         weights = random_weights(spec)
     classes = f.num_classes or num_classes_of(train_source, test_source)
-    model, model_spec = build_classifier(weights, spec, classes, f.img_size, f.drop_path, f.head_init_scale, f.fc_norm)
+    model, model_spec = build_classifier(
+        weights, spec, classes, f.img_size, f.drop_path, f.head_init_scale, f.fc_norm, f.fresh_scale
+    )
     model.to(device)
     check_channels(model, cfg.data.mean)
     size = img_size_of(model)

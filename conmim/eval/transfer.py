@@ -11,6 +11,7 @@ are resized. Resizing uses timm's helpers (``conmim.models.resize``), not hand-w
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import timm
@@ -19,8 +20,39 @@ from torch import nn
 
 from ..models.resize import grid_of, resize_abs_pos_embed, resize_rel_pos_table
 
+log = logging.getLogger(__name__)
+
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 HEAD_PREFIXES = ("head.", "fc_norm.")
+# What writes into the residual stream: its inputs, then each block's two branches through their layer
+# scale (BEiT's gamma_1/2, timm ViT's ls1/ls2) or, without one, through their output projections.
+STREAM_INPUTS = ("patch_embed.proj.", "cls_token", "pos_embed")
+LAYER_SCALES = (".gamma_1", ".gamma_2", ".ls1.gamma", ".ls2.gamma")
+BRANCH_OUTPUTS = (".attn.proj.", ".mlp.fc2.")
+
+
+def fresh_stream_factor(weights: dict[str, torch.Tensor]) -> float:
+    """How much larger a freshly initialised patch embedding is than this one (RMS over RMS).
+
+    timm keeps PyTorch's default Conv2d initialisation there (Kaiming-uniform, std 1/sqrt(3 fan_in)); the
+    official pre-training draws it from a normal cut at +-1 std of 0.02 (std 0.0108), 7.7x smaller at
+    patch 4 and 3 channels. The factor is ~1 for a network that timm just initialised.
+    """
+    w = weights["patch_embed.proj.weight"].float()
+    return (3 * w[0].numel()) ** -0.5 / w.pow(2).mean().sqrt().item()
+
+
+def rescale_stream(weights: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
+    """Multiply everything that writes into the residual stream by ``factor``.
+
+    The stream is only read through LayerNorms (each block's norm1/norm2, the final norm or fc_norm), which
+    ignore its scale, so the network computes the same function (up to LayerNorm's eps); what changes is
+    how far one AdamW step, whose size is set by the learning rate and not by the weight's, moves it.
+    """
+    branch = LAYER_SCALES if any(k.endswith(LAYER_SCALES) for k in weights) else BRANCH_OUTPUTS
+    return {
+        k: v * factor if k.startswith(STREAM_INPUTS) or any(b in k for b in branch) else v for k, v in weights.items()
+    }
 
 
 def classifier_spec(
@@ -90,11 +122,21 @@ def build_classifier(
     drop_path: float = 0.1,
     head_init_scale: float = 0.001,
     fc_norm: bool = True,
+    fresh_scale: bool = False,
 ) -> tuple[nn.Module, dict]:
-    """(timm classifier with the pre-trained weights, its spec); only the head and fc_norm may be new."""
+    """(timm classifier with the pre-trained weights, its spec); only the head and fc_norm may be new.
+
+    ``fresh_scale``: rescale the residual stream (:func:`rescale_stream`, same function) so that the patch
+    embedding has the size of a freshly initialised one (:func:`fresh_stream_factor`).
+    """
     target = classifier_spec(spec, num_classes, img_size, drop_path, fc_norm)
     model = timm.create_model(target["model_name"], pretrained=False, **target["kwargs"])
-    missing, unexpected = model.load_state_dict(transfer_weights(weights, spec, model), strict=False)
+    transferred = transfer_weights(weights, spec, model)
+    if fresh_scale:
+        factor = fresh_stream_factor(transferred)
+        transferred = rescale_stream(transferred, factor)
+        log.info("residual stream rescaled by %.2f: the patch embedding now has the size of a fresh one", factor)
+    missing, unexpected = model.load_state_dict(transferred, strict=False)
     new = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
     if new or unexpected:
         raise KeyError(f"pre-trained weights do not fit {target['model_name']}: missing {new}, unexpected {unexpected}")
