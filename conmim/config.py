@@ -185,7 +185,8 @@ class FinetuneConfig:
     # head inputs (linear probe, then fine-tune), with linprobe's optimizer; 0: the official random head
     probe_head_epochs: int = 0
     # true: scale the transferred residual stream (same function) so the patch embedding is as large as a
-    # fresh one; AdamW then moves pre-trained and fresh weights by the same share (docs/evaluation.md)
+    # fresh one; AdamW then moves pre-trained and fresh weights by the same share (docs/evaluation.md).
+    # Ignored with init=random: timm's initialisation already has fresh sizes.
     fresh_scale: bool = False
     decay_rel_pos: bool = True  # official quirk: weight decay on the per-block relative position tables
     mixup: float = 0.8

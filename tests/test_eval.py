@@ -135,20 +135,27 @@ def test_finetune_two_epochs_improves_and_resumes(exported, fm, tmp_path):
 
 def test_finetune_init_random_starts_from_timms_initialisation_not_the_source(exported, fm, tmp_path):
     """``finetune.init=random``: the from-scratch baseline keeps SOURCE's architecture and recipe but
-    starts from timm's initialisation, seeded by ``train.seed`` (a negligible lr keeps the weights)."""
+    starts from timm's initialisation, seeded by ``train.seed`` (a negligible lr keeps the weights),
+    and ``finetune.fresh_scale`` leaves it exactly as timm drew it."""
     from conmim.export.encoders import load_pretrained, random_weights
 
     train, test = fm
-    cfg = _cfg(finetune__init="random", finetune__epochs=1, finetune__batch_size=200, finetune__base_lr=1e-12)
+    cfg = _cfg(
+        finetune__init="random",
+        finetune__fresh_scale=True,
+        finetune__epochs=1,
+        finetune__batch_size=200,
+        finetune__base_lr=1e-12,
+    )
     cfg.finetune.min_lr = 0.0
     finetune(exported, train, test, cfg, out_dir=tmp_path)
     tuned = load_encoder(tmp_path / "best.safetensors").state_dict()
     source, spec = load_pretrained(exported)
     torch.manual_seed(cfg.train.seed)
     scratch = random_weights(spec)
-    key = "blocks.1.mlp.fc1.weight"
-    assert torch.allclose(tuned[key], scratch[key], atol=1e-6)
-    assert not torch.allclose(tuned[key], source[key], atol=1e-3)
+    for key in ("blocks.1.mlp.fc1.weight", "patch_embed.proj.weight", "blocks.1.mlp.fc2.weight"):
+        assert torch.allclose(tuned[key], scratch[key], atol=1e-6), key
+        assert not torch.allclose(tuned[key], source[key], atol=1e-3), key
     cfg.finetune.init = "imagenet"
     with pytest.raises(ConfigError, match="finetune.init"):
         from conmim.config import validate

@@ -297,8 +297,10 @@ def finetune(
     if f.init == "random":
         weights = random_weights(spec)
     classes = f.num_classes or num_classes_of(train_source, test_source)
+    # timm's initialisation has fresh sizes by definition: the from-scratch baseline is never rescaled
+    fresh_scale = f.fresh_scale and f.init != "random"
     model, model_spec = build_classifier(
-        weights, spec, classes, f.img_size, f.drop_path, f.head_init_scale, f.fc_norm, f.fresh_scale
+        weights, spec, classes, f.img_size, f.drop_path, f.head_init_scale, f.fc_norm, fresh_scale
     )
     model.to(device)
     check_channels(model, cfg.data.mean)
