@@ -1,6 +1,6 @@
 """The ``conmim`` command line: ``conmim pretrain|export|knn|linprobe|finetune|segment|detect|scenes|...``.
 
-(also ``convert``, ``shards``, ``stats``, ``bench``, ``study`` and ``visualize``; one sub-command each)."""
+(also ``convert``, ``shards``, ``stats``, ``bench`` and ``visualize``; one sub-command each)."""
 
 from __future__ import annotations
 
@@ -288,14 +288,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_study(args: argparse.Namespace) -> int:
-    from .tools.study import run_study
-
-    summary = run_study(args.config, report_only=args.report_only)
-    print(f"{len(summary['runs'])} run(s) reported in {summary['study']['docs_dir']}")
-    return 0
-
-
 def cmd_visualize(args: argparse.Namespace) -> int:
     from .tools.visualize import visualize
 
@@ -411,18 +403,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="use this many images drawn with train.seed (0: all)")
     p.add_argument("--out", help="also write the statistics as JSON to this file")
     p.set_defaults(func=cmd_stats)
-    p = sub.add_parser(
-        "study",
-        help="run (or continue) a study on Fashion-MNIST and write its report",
-        description="ConMIM vs. scratch, pixel MIM and ablations, as fixed by a study YAML: study_labels (pre-train "
-        "without labels, then fine-tune and probe on 1 %, 10 % and 100 % of the labels) or study_cpu (a subset, "
-        "with the ablations). Running it again skips finished stages and resumes unfinished ones.",
-    )
-    p.add_argument(
-        "--config", default="study_labels", help="study YAML file or packaged preset (default: study_labels)"
-    )
-    p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished stages")
-    p.set_defaults(func=cmd_study)
     p = sub.add_parser(
         "visualize",
         help="last-block [CLS] attention maps and masked-patch retrieval maps as PNG",

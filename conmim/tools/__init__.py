@@ -1,1 +1,1 @@
-"""Commands built on the rest: throughput benchmark, the small-scale study and its report, attention maps."""
+"""Commands built on the rest: throughput benchmark, channel statistics, shard packing, attention maps."""

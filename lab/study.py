@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import struct
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,9 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..config import Config, ConfigError, preset_path, validate
-from ..data.sources import ArraySource, fashion_mnist
+from conmim.config import Config, ConfigError, validate
+from conmim.data.sources import ArraySource, fashion_mnist
+from lab.report import REFERENCE, write_report
 
 log = logging.getLogger(__name__)
 METRICS = ("finetune_top1", "linprobe_top1", "knn_top1")
@@ -61,7 +63,7 @@ class Variant:
 @dataclass
 class StudySettings:
     output_dir: str = "runs/study_cpu"
-    docs_dir: str = "docs/study"
+    records_dir: str = "lab/records/study"
     seeds: list[int] = field(default_factory=lambda: [0])
     train_images: int = 0  # fixed random subset of Fashion-MNIST train for every stage (0: all 60,000)
     test_images: int = 0  # fixed random subset of the test split (0: all 10,000)
@@ -81,11 +83,23 @@ class StudySettings:
     references: bool = True  # raw-pixel k-NN and linear probe at each fraction
 
 
+PRESETS = Path(__file__).parent / "presets"
+
+
+def lab_preset(name: str) -> Path:
+    """``lab/presets/NAME.yaml``; the error lists the presets there."""
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+        raise ConfigError(f"unknown study preset {name!r}; available: {', '.join(available)}")
+    return path
+
+
 def load_study(path: str | os.PathLike) -> tuple[StudySettings, Any]:
     """(typed study settings, the untyped ``base`` section); a preset name also works."""
     path = str(path)
     if not os.path.isfile(path):
-        path = str(preset_path(path))
+        path = str(lab_preset(path))
     try:
         raw = OmegaConf.load(path)
         unknown = set(raw.keys()) - {"study", "base"}
@@ -269,7 +283,7 @@ def _random_encoder(cfg: Config, seed: int) -> torch.nn.Module:
     """timm's own random initialisation of the encoder (what fine-tuning from scratch starts from)."""
     import timm
 
-    from ..export.encoders import spec_of
+    from conmim.export.encoders import spec_of
 
     spec = spec_of(cfg)
     torch.manual_seed(seed)
@@ -279,9 +293,9 @@ def _random_encoder(cfg: Config, seed: int) -> torch.nn.Module:
 def study_encoder(variant: Variant, seed: int, cfg: Config, stages: Stages, run_dir: Path) -> torch.nn.Module:
     """The encoder of one (variant, seed): the teacher of ``variant.pretrained``, of a pre-training run
     here (a recorded stage), or timm's random initialisation."""
-    from ..eval.knn import KnnMonitor
-    from ..export.encoders import load_encoder
-    from ..train.engine import pretrain
+    from conmim.eval.knn import KnnMonitor
+    from conmim.export.encoders import load_encoder
+    from conmim.train.engine import pretrain
 
     if variant.pretrained:
         return load_encoder(variant.pretrained_at(seed), "teacher")
@@ -295,11 +309,11 @@ def run_one(
     study: StudySettings, base: Any, variant: Variant, seed: int, train: ArraySource, test: ArraySource, data_dir: Path
 ) -> dict[str, Any]:
     """Pre-train (or not), then k-NN, linear probe and fine-tuning of one (variant, seed)."""
-    from ..eval.common import EvalTransform, LabeledDataset
-    from ..eval.finetune import finetune
-    from ..eval.knn import extract_features, knn_accuracy
-    from ..eval.linprobe import linear_probe
-    from ..runtime.device import resolve_device
+    from conmim.eval.common import EvalTransform, LabeledDataset
+    from conmim.eval.finetune import finetune
+    from conmim.eval.knn import extract_features, knn_accuracy
+    from conmim.eval.linprobe import linear_probe
+    from conmim.runtime.device import resolve_device
 
     run_dir = Path(study.output_dir) / f"{variant.name}_s{seed}"
     cfg = variant_config(base, variant, seed, run_dir, data_dir)
@@ -398,8 +412,8 @@ def _probe_and_knn(
 ) -> None:
     """The ``linprobe_TAG`` and ``knn_TAG`` stages on the features of the labelled subset ``indices``
     (for encoders: ``linprobe.pool`` / ``linprobe.block`` features for both; the k-NN bank is the subset)."""
-    from ..eval.knn import knn_accuracy
-    from ..eval.linprobe import probe_cached
+    from conmim.eval.knn import knn_accuracy
+    from conmim.eval.linprobe import probe_cached
 
     def probe() -> dict[str, Any]:
         (tx, ty), (qx, qy) = features.of_subset(indices), features.of_test()
@@ -432,10 +446,10 @@ def run_fractions(
 ) -> list[dict[str, Any]]:
     """Label-efficiency protocol of one (variant, seed): the encoder once, then per label fraction a
     linear probe and a k-NN on cached features and, for variants that fine-tune, a fine-tuning."""
-    from ..eval.common import EvalTransform, LabeledDataset
-    from ..eval.finetune import finetune
-    from ..eval.knn import extract_features
-    from ..runtime.device import resolve_device, resolve_precision
+    from conmim.eval.common import EvalTransform, LabeledDataset
+    from conmim.eval.finetune import finetune
+    from conmim.eval.knn import extract_features
+    from conmim.runtime.device import resolve_device, resolve_precision
 
     run_dir = Path(study.output_dir) / f"{variant.name}_s{seed}"
     cfg = variant_config(base, variant, seed, run_dir, data_dir)
@@ -500,16 +514,13 @@ def run_fractions(
     return fraction_records(variant.name, seed, stages.done, study.label_fractions)
 
 
-REFERENCE = "raw_pixels"
-
-
 def run_references(
     study: StudySettings, base: Any, seed: int, seeds: list[int], train: ArraySource, test: ArraySource, data_dir: Path
 ) -> list[dict[str, Any]]:
     """Raw-pixel reference lines at each label fraction of ``seed``: k-NN (eval.knn_k, cosine) and the
     linear probe's head (BatchNorm + linear) on flattened normalised pixels, as stages of ``reference_sSEED``."""
-    from ..eval.common import EvalTransform
-    from ..runtime.device import resolve_device
+    from conmim.eval.common import EvalTransform
+    from conmim.runtime.device import resolve_device
 
     run_dir = Path(study.output_dir) / f"reference_s{seed}"
     cfg = variant_config(base, Variant(REFERENCE), seed, run_dir, data_dir)
@@ -600,10 +611,20 @@ def _fraction_study(study: StudySettings, base: Any, root: str, report_only: boo
     return records
 
 
+def not_run(study: StudySettings, records: list[dict[str, Any]]) -> list[tuple[str, int, float]]:
+    """(variant, seed, fraction) of the protocol with no finished record yet."""
+    done = {(r["variant"], r["seed"], r["fraction"]) for r in records}
+    return [
+        (v.name, s, study.label_fractions[i])
+        for v in study.variants
+        for s in (v.seeds or study.seeds)
+        for i in fractions_at(study, v.seeds or study.seeds, s)
+        if (v.name, s, study.label_fractions[i]) not in done
+    ]
+
+
 def run_study(path: str | os.PathLike, fashion_root: str | None = None, report_only: bool = False) -> dict:
     """Run (or continue) every (variant, seed) of a study, then write the report; returns the summary."""
-    from .report import write_report
-
     study, base = load_study(path)
     if study.threads:
         torch.set_num_threads(study.threads)
@@ -635,7 +656,36 @@ def run_study(path: str | os.PathLike, fashion_root: str | None = None, report_o
         "base": OmegaConf.to_container(base),
         "machine": machine,
         "runs": records,
+        "not_run": not_run(study, records) if study.label_fractions else [],
         "this_invocation_seconds": round(time.perf_counter() - start, 1),
     }
     write_report(summary, study, out)
     return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lab.study [CONFIG] [--report-only]``, from the repository root."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lab.study",
+        description="ConMIM vs. scratch, pixel MIM and ablations, as fixed by a study YAML (lab/presets/): "
+        "study_labels (pre-train without labels, then fine-tune and probe on 1 %, 10 % and 100 % of the labels) "
+        "or study_cpu (a subset, with the ablations). Running it again skips finished stages and resumes "
+        "unfinished ones.",
+    )
+    parser.add_argument("config", nargs="?", default="study_labels", help="study YAML file or lab preset name")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from finished stages")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        summary = run_study(args.config, report_only=args.report_only)
+    except ConfigError as err:
+        print(f"lab.study: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(summary['runs'])} run(s) reported in {summary['study']['records_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,7 +3,7 @@
 Scratch fine-tuning (timm's random initialisation) on the study's 10 % subset (6,000 labels, seed 0) for
 6 passes (281 steps at batch 128, 0.1-pass warm-up), test top-1 on all 10,000 test images, once per
 setting ``LAYER_DECAY[:BASE_LR]`` (default base_lr: the recipe's 2e-3, i.e. lr 1e-3). Usage:
-``python scripts/scratch_recipe_check.py 0.75 1.0 1.0:6e-3``.
+``python lab/diagnostics/scratch_recipe_check.py 0.75 1.0 1.0:6e-3``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from conmim.eval.finetune import finetune
-from conmim.tools.study import (
+from lab.study import (
     _random_encoder,
     balanced_subset,
     fraction_config,
@@ -31,7 +31,7 @@ PASSES = 6
 
 def main(settings: list[str], out: Path = Path("runs/scratch_recipe_check")) -> None:
     torch.set_num_threads(1)
-    study, base = load_study("docs/study_labels/session.yaml")
+    study, base = load_study("lab/records/study_labels/session.yaml")
     scratch = next(v for v in study.variants if v.name == "scratch")
     cfg = variant_config(base, scratch, 0, out, Path(study.output_dir) / "data")
     train, test = study_splits(study, base.data.path)

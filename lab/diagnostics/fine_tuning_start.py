@@ -1,6 +1,6 @@
 """The first fine-tuning steps, measured: how good the head's input is and how far the weights move.
 
-    python scripts/fine_tuning_start.py runs/fashion_mnist [--random] [KEY=VALUE ...]
+    python lab/diagnostics/fine_tuning_start.py runs/fashion_mnist [--random] [KEY=VALUE ...]
 
 Builds the classifier that ``conmim finetune`` builds from the run's teacher (``--random``: from
 timm's random initialisation of the same encoder), then fine-tunes it for ``--steps`` steps on a

@@ -13,7 +13,7 @@ model, untrained: BEiT's truncated normal cut at +-1 std, patch embedding includ
 run's teacher, ``runs/fashion_mnist``); ``scale`` (1.0) multiplies the encoder's residual stream
 (``conmim.eval.transfer.rescale_stream``, the same function), ``scale=fresh`` by the factor that
 ``finetune.fresh_scale`` uses.
-Usage: ``python scripts/early_steps.py ld=1.0,lr=1e-3,aug=1,cj=0,init=run [threads]``.
+Usage: ``python lab/diagnostics/early_steps.py ld=1.0,lr=1e-3,aug=1,cj=0,init=run [threads]``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from conmim.eval.common import EvalTransform
 from conmim.eval.finetune import layer_decay_groups, pretrained_of, train_transform
 from conmim.eval.transfer import build_classifier, fresh_stream_factor, rescale_stream
 from conmim.models.conmim import ConMIM, init_position
-from conmim.tools.study import _random_encoder, load_study, study_splits, variant_config
+from lab.study import _random_encoder, load_study, study_splits, variant_config
 
 RUN = Path("runs/fashion_mnist")
 
@@ -59,7 +59,7 @@ def main(setting: str, threads: int = 2) -> None:
     torch.set_num_threads(threads)
     opts = dict(kv.split("=") for kv in setting.split(",")) if setting else {}
     ld, lr, steps = float(opts.get("ld", 1.0)), float(opts.get("lr", 1e-3)), int(opts.get("steps", 400))
-    study, base = load_study("docs/study_labels/session.yaml")
+    study, base = load_study("lab/records/study_labels/session.yaml")
     scratch = next(v for v in study.variants if v.name == "scratch")
     cfg = variant_config(base, scratch, 0, Path("runs/early_steps"), Path(study.output_dir) / "data")
     cfg.finetune.color_jitter, cfg.finetune.crop_scale_min = float(opts.get("cj", 0.4)), float(opts.get("cs", 0.5))

@@ -1,6 +1,6 @@
 """What the fine-tuning classifier built from an encoder feeds its head, pre-trained against random init.
 
-    python scripts/transfer_diagnostics.py runs/fashion_mnist [--images 512] [--out docs/transfer_diagnostics.json]
+    python lab/diagnostics/transfer_diagnostics.py runs/fashion_mnist [--images 512] [--out FILE.json]
 
 For the classifier that ``conmim finetune`` builds (and for random initialisation of the same spec), on
 ``--images`` Fashion-MNIST test images: the between-image share of the variance of the pooled features

@@ -1,4 +1,4 @@
-"""conmim study end to end on a tiny protocol: real Fashion-MNIST subsets, real runs, report files, skip on rerun."""
+"""The lab's study harness end to end on a tiny protocol: Fashion-MNIST subsets, real runs, reports, skip on rerun."""
 
 from __future__ import annotations
 
@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conmim.cli import main
 from conmim.config import ConfigError
-from conmim.tools.study import load_study, plan
+from lab.study import load_study, main, plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY_STUDY = """
 study:
   output_dir: {out}/runs
-  docs_dir: {out}/docs
+  records_dir: {out}/docs
   seeds: [0]
   train_images: 128
   test_images: 64
@@ -41,7 +40,7 @@ def test_tiny_study_runs_reports_and_skips_finished_stages(tmp_path):
     config.write_text(TINY_STUDY.format(out=tmp_path))
     study, _base = load_study(config)
     assert [(v.name, s) for v, s in plan(study)] == [("conmim", 0), ("pixel", 0), ("scratch", 0), ("conmim", 1)]
-    assert main(["study", "--config", str(config)]) == 0
+    assert main([str(config)]) == 0
 
     results = json.loads((tmp_path / "docs" / "results.json").read_text())
     runs = {(r["variant"], r["seed"]): r for r in results["runs"]}
@@ -59,7 +58,7 @@ def test_tiny_study_runs_reports_and_skips_finished_stages(tmp_path):
 
     stages = tmp_path / "runs" / "conmim_s0" / "stages.json"
     before = stages.read_text()
-    assert main(["study", "--config", str(config)]) == 0  # everything finished: nothing reruns
+    assert main([str(config)]) == 0  # everything finished: nothing reruns
     assert stages.read_text() == before
     again = json.loads((tmp_path / "docs" / "results.json").read_text())
     assert again["runs"] == results["runs"]
@@ -76,7 +75,7 @@ def test_bad_variant_override_fails_before_any_work(tmp_path):
 FRACTION_STUDY = """
 study:
   output_dir: {out}/runs
-  docs_dir: {out}/docs
+  records_dir: {out}/docs
   seeds: [0, 1]
   train_images: 400
   test_images: 200
@@ -101,7 +100,7 @@ base:
 
 def test_balanced_subset_is_class_balanced_and_seeded(fashion_mnist_dir):
     from conmim.data.sources import fashion_mnist
-    from conmim.tools.study import balanced_subset, fixed_subset
+    from lab.study import balanced_subset, fixed_subset
 
     source = fixed_subset(fashion_mnist(fashion_mnist_dir, "train"), 400, 0)
     first = balanced_subset(source, 0.1, 0)
@@ -124,7 +123,7 @@ def test_label_fraction_study_runs_resumes_and_reports(tmp_path):
     config = tmp_path / "study.yaml"
     config.write_text(FRACTION_STUDY.format(out=tmp_path))
     start = time.perf_counter()
-    assert main(["study", "--config", str(config)]) == 0
+    assert main([str(config)]) == 0
     first_seconds = time.perf_counter() - start
     results = json.loads((tmp_path / "docs" / "results.json").read_text())
     runs = {(r["variant"], r["seed"], r["fraction"]): r for r in results["runs"]}
@@ -151,7 +150,7 @@ def test_label_fraction_study_runs_resumes_and_reports(tmp_path):
 
     stages = {p: p.read_text() for p in (tmp_path / "runs").glob("*/stages.json")}
     start = time.perf_counter()
-    assert main(["study", "--config", str(config)]) == 0  # everything finished: nothing reruns
+    assert main([str(config)]) == 0  # everything finished: nothing reruns
     assert time.perf_counter() - start < first_seconds / 3
     assert {p: p.read_text() for p in stages} == stages
     assert json.loads((tmp_path / "docs" / "results.json").read_text())["runs"] == results["runs"]
@@ -161,7 +160,7 @@ def test_label_fraction_study_runs_resumes_and_reports(tmp_path):
     done = json.loads(path.read_text())
     del done["linprobe_f0.1"]
     path.write_text(json.dumps(done))
-    assert main(["study", "--config", str(config)]) == 0
+    assert main([str(config)]) == 0
     again = json.loads(path.read_text())
     assert list(again) == list(done) + ["linprobe_f0.1"]
     assert again["linprobe_f0.1"]["result"] == json.loads(stages[path])["linprobe_f0.1"]["result"]
@@ -185,7 +184,7 @@ def test_label_fraction_study_runs_resumes_and_reports(tmp_path):
         assert old in text
         text = text.replace(old, new)
     reuse.write_text(text)
-    assert main(["study", "--config", str(reuse)]) == 0
+    assert main([str(reuse)]) == 0
     reused = json.loads((tmp_path / "reuse" / "runs" / "reused_s0" / "stages.json").read_text())
     assert sorted(reused) == ["knn_f0.1", "linprobe_f0.1"]
     original = json.loads((tmp_path / "runs" / "conmim_s0" / "stages.json").read_text())
@@ -196,7 +195,7 @@ def test_label_preset_is_the_default_pretraining_with_equal_fine_tuning_steps(tm
     from omegaconf import OmegaConf
 
     from conmim.config import preset_path
-    from conmim.tools.study import fraction_config, variant_config
+    from lab.study import fraction_config, variant_config
 
     study, base = load_study("study_labels")
     default = OmegaConf.load(preset_path("fashion_mnist"))
@@ -215,7 +214,7 @@ def test_label_preset_is_the_default_pretraining_with_equal_fine_tuning_steps(tm
 
 
 def test_fine_tuning_passes_split_into_evaluated_epochs(tmp_path):
-    from conmim.tools.study import fraction_config, variant_config
+    from lab.study import fraction_config, variant_config
 
     config = tmp_path / "study.yaml"
     config.write_text(
@@ -247,3 +246,16 @@ def test_pretrained_runs_per_seed_are_checked_before_any_work(tmp_path):
     (tmp_path / "pre1").mkdir()
     study, _base = load_study(config)
     assert [study.variants[0].pretrained_at(s) for s in (0, 1)] == [f"{tmp_path}/pre0", f"{tmp_path}/pre1"]
+
+
+def test_every_lab_preset_loads_and_each_variant_validates():
+    from pathlib import Path
+
+    from lab.study import PRESETS, variant_config
+
+    names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    assert {"study_labels", "study_cpu", "study_gpu"} <= set(names)
+    for name in names:
+        study, base = load_study(name)
+        for variant in study.variants:
+            variant_config(base, variant, 0, Path("/tmp/unused"), Path("/tmp/unused"))

@@ -1,6 +1,6 @@
-"""Retrieval accuracy and online k-NN against the step for each run of scripts/position_study.sh.
+"""Retrieval accuracy and online k-NN against the step for each run of lab/diagnostics/position_study.sh.
 
-    python scripts/plot_position_study.py RUNS_DIR OUT_DIR
+    python lab/diagnostics/plot_position_study.py RUNS_DIR OUT_DIR
 
 Writes OUT_DIR/retrieval.png and OUT_DIR/position_study.json (per run: the logged records).
 """

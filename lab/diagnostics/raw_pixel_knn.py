@@ -2,7 +2,7 @@
 
 Same subsets, evaluation transform, k and temperature as the study's encoders, so it tells how far a
 small pre-training budget is from the simplest possible feature. Usage:
-``python scripts/raw_pixel_knn.py [STUDY_CONFIG]`` (default: the packaged study_cpu protocol).
+``python lab/diagnostics/raw_pixel_knn.py [STUDY_CONFIG]`` (default: the packaged study_cpu protocol).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from conmim.eval.common import EvalTransform
 from conmim.eval.knn import knn_accuracy
-from conmim.tools.study import load_study, study_splits, variant_config
+from lab.study import load_study, study_splits, variant_config
 
 
 def main(config: str = "study_cpu") -> float:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The position-signal comparison of docs/results.md: the built-in preset for 240 steps with each
 # choice of BEiT position parameters, one torch thread each, then the retrieval plot.
-# Usage: bash scripts/position_study.sh [RUNS_DIR]   (default runs/position; about 4 minutes a
+# Usage: bash lab/diagnostics/position_study.sh [RUNS_DIR]   (default runs/position; about 4 minutes a
 # variant on an idle 2-core machine, resumable: a finished variant is skipped)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,4 +15,4 @@ for variant in "none zero" "none locality" "mask_sincos locality" "mask_sincos z
   .venv/bin/conmim pretrain model.pos_embed="$1" model.rel_pos_init="$2" train.max_steps=240 \
     eval.final_knn=false eval.monitor_every=80 output_dir="$out"
 done
-.venv/bin/python scripts/plot_position_study.py "$RUNS" docs/position
+.venv/bin/python lab/diagnostics/plot_position_study.py "$RUNS" lab/records/position

@@ -14,6 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+REFERENCE = "raw_pixels"  # the raw-pixel reference rows of a label-fraction report
+
 METRIC_NAMES = {"finetune_top1": "fine-tune", "linprobe_top1": "linear probe", "knn_top1": "k-NN"}
 
 
@@ -178,9 +180,7 @@ def plot_label_efficiency(
 
 def write_fraction_report(summary: dict[str, Any], study, out: Path) -> dict[str, Path]:
     """The label-efficiency protocol's results.json, table.md, label_efficiency.png and pretrain_curves.png."""
-    from .study import REFERENCE, fractions_at
-
-    docs = Path(study.docs_dir)
+    docs = Path(study.records_dir)
     docs.mkdir(parents=True, exist_ok=True)
     fractions = list(study.label_fractions)
     labels = {v.name: v.label or v.name for v in study.variants}
@@ -188,21 +188,14 @@ def write_fraction_report(summary: dict[str, Any], study, out: Path) -> dict[str
         labels[REFERENCE] = "raw pixels"
     objectives = {v.name: "pixel" if "model.objective=pixel" in v.overrides else "conmim" for v in study.variants}
     rows = aggregate_fractions(summary["runs"], list(labels), fractions)
-    done = {(r["variant"], r["seed"], r["fraction"]) for r in summary["runs"]}
-    missing = [
-        f"{v.name}_s{s} {_percent(study.label_fractions[i])}"
-        for v in study.variants
-        for s in (v.seeds or study.seeds)
-        for i in fractions_at(study, v.seeds or study.seeds, s)
-        if (v.name, s, study.label_fractions[i]) not in done
-    ]
+    missing = [f"{name}_s{seed} {_percent(fraction)}" for name, seed, fraction in summary["not_run"]]
     paths = {
         "json": docs / "results.json",
         "table": docs / "table.md",
         "plot": docs / "label_efficiency.png",
         "curves": docs / "pretrain_curves.png",
     }
-    paths["json"].write_text(json.dumps({**summary, "aggregate": rows, "not_run": missing}, indent=2) + "\n")
+    paths["json"].write_text(json.dumps({**summary, "aggregate": rows}, indent=2) + "\n")
     knn_k = summary.get("base", {}).get("eval", {}).get("knn_k", 20)
     table = fraction_table(rows, labels, fractions, REFERENCE, knn_k)
     if missing:
@@ -314,10 +307,10 @@ def plot_bars(rows: list[dict[str, Any]], labels: dict[str, str], path: Path) ->
 
 
 def write_report(summary: dict[str, Any], study, out: Path) -> dict[str, Path]:
-    """Write results.json, table.md and the two PNGs into ``study.docs_dir``; returns their paths."""
+    """Write results.json, table.md and the two PNGs into ``study.records_dir``; returns their paths."""
     if getattr(study, "label_fractions", None):
         return write_fraction_report(summary, study, out)
-    docs = Path(study.docs_dir)
+    docs = Path(study.records_dir)
     docs.mkdir(parents=True, exist_ok=True)
     order = [v.name for v in study.variants]
     labels = {v.name: v.label or v.name for v in study.variants}
@@ -331,7 +324,7 @@ def write_report(summary: dict[str, Any], study, out: Path) -> dict[str, Path]:
         "curves": docs / "pretrain_curves.png",
         "bars": docs / "accuracy_bars.png",
     }
-    paths["json"].write_text(json.dumps({**summary, "aggregate": rows, "not_run": missing}, indent=2) + "\n")
+    paths["json"].write_text(json.dumps({**summary, "aggregate": rows}, indent=2) + "\n")
     table = markdown_table(rows, labels)
     if missing:
         table += f"\nNot finished when this report was written: {', '.join(missing)}\n"
