@@ -3,7 +3,7 @@
 Two forms of image travel from a source to the views and the evaluation transforms:
 
 * **photos** (JPEG, PNG, ... and TIFF when ``model.in_chans=3``), PIL images read by
-  :func:`conmim.data.sources.load_image`; :func:`as_channels` converts them to RGB for
+  :func:`conmim.data.files.load_image`; :func:`as_channels` converts them to RGB for
   ``in_chans=3`` (exactly as before N-channel support) or to 8-bit gray ``L`` for ``in_chans=1``;
 * **arrays** (``.npy`` always, ``.tif`` / ``.tiff`` when ``in_chans != 3``), read here into a uint8
   ``(C, H, W)`` tensor with exactly ``in_chans`` channels.
@@ -20,20 +20,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from .errors import DataError, require_regular_file
+from .files import ARRAY_EXTENSIONS, TIFF_EXTENSIONS, DataError, Source, require_regular_file
 
-if TYPE_CHECKING:  # sources.py imports this module
-    from .sources import Source
-
-ARRAY_EXTENSIONS = (".npy",)
-TIFF_EXTENSIONS = (".tif", ".tiff")
 DTYPE_RULE = "uint8 (as is), uint16 (x 255/65535) or float16/32/64 in [0, 1] (x 255), rounded to 8 bits"
 TIFF_HINT = "TIFF arrays need tifffile: pip install 'conmim[arrays]'"
 

@@ -27,8 +27,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..config import Config
 from .channels import is_array_file, read_array_file
+from .files import DataError, load_image
 from .pretrain import PretrainDataset, sample_generator
-from .sources import DataError, load_image
 from .views import ViewParams
 
 # Columns of the packed parameter table, one row per view (ViewParams flattened).

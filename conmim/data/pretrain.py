@@ -19,8 +19,8 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from .channels import as_channels
+from .files import DataError, Source
 from .masking import MaskGenerator
-from .sources import DataError, Source
 from .views import PairedViews
 
 log = logging.getLogger(__name__)

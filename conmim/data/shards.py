@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .sources import IMAGE_EXTENSIONS, DataError, load_image
+from .files import IMAGE_EXTENSIONS, DataError, load_image
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def read_classes(paths: Sequence[str]) -> list[str]:
 
 
 class ShardSource:
-    """Images in tar shards, addressable by index like a folder (the :class:`conmim.data.sources.Source`
+    """Images in tar shards, addressable by index like a folder (the :class:`conmim.data.files.Source`
     protocol). ``skipped`` lists ``(shard:member, reason)`` for what the scan could not index."""
 
     def __init__(self, paths: Sequence[str], on_error: str = "skip"):

@@ -4,80 +4,50 @@ A *source* (:class:`Source`) is an indexable collection of ``(image, label)`` wi
 when unknown: an image folder, a list file, tar shards (:mod:`conmim.data.shards`), Fashion-MNIST's
 IDX files, or synthetic images. An image is a PIL photo or, for array files (``.npy``; TIFF when
 ``model.in_chans != 3``), a uint8 ``(C, H, W)`` tensor (:mod:`conmim.data.channels`).
-Pre-training (:mod:`conmim.data.pretrain`) and evaluation (:mod:`conmim.eval.common`) both read them.
+Pre-training (:mod:`conmim.data.pretrain`) and evaluation (:mod:`conmim.eval.common`) both read them;
+:func:`build_source` builds the one a configuration names, for a split found by :mod:`conmim.data.splits`.
 """
 
 from __future__ import annotations
 
 import gzip
-import logging
 import os
 import struct
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .channels import ARRAY_EXTENSIONS, is_array_file, read_array_file
-from .errors import DataError, require_regular_file
+from .channels import is_array_file, read_array_file
+from .files import FILE_EXTENSIONS, IMAGE_EXTENSIONS, DataError, Source, load_image
+from .splits import ROOT_SPLIT, describe_missing, find_split, split_location
 
-log = logging.getLogger(__name__)
+__all__ = [  # the names of files.py and splits.py are read from here too
+    "FASHION_CLASSES",
+    "FASHION_MNIST_DIR",
+    "FILE_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
+    "ROOT_SPLIT",
+    "ArraySource",
+    "DataError",
+    "FileSource",
+    "Source",
+    "SyntheticSource",
+    "build_source",
+    "fashion_mnist",
+    "find_split",
+    "has_split",
+    "image_folder",
+    "list_file",
+    "load_image",
+    "split_location",
+    "split_missing",
+]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-FILE_EXTENSIONS = IMAGE_EXTENSIONS + ARRAY_EXTENSIONS  # what a folder source lists
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_HINT = "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or set data.path"
-
-
-@runtime_checkable
-class Source(Protocol):
-    """What every command reads images through. A new kind of data needs only these four members."""
-
-    classes: list[str]  # class names by label; empty when the labels are unnamed or unknown
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> tuple[Image.Image | torch.Tensor, int]:
-        """Image ``index`` (a photo in any PIL mode, or a uint8 (C, H, W) array; readers bring both to
-        the model's channels with :func:`conmim.data.channels.as_channels`) and its label, -1 when unknown."""
-        ...
-
-    def name(self, index: int) -> str:
-        """What an error message or a skipped-files list calls item ``index`` (a path for files)."""
-        ...
-
-
-def load_image(path: str | os.PathLike | IO[bytes]) -> Image.Image:
-    """Open an image file fully and convert it to 8-bit RGB (CMYK, 16-bit, palette, gray included).
-
-    Raises :class:`DataError` for a path that is not a regular file (a FIFO would block forever,
-    a directory cannot be decoded), and ``DecompressionBombWarning`` as an error for an image over
-    ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (PIL's default 89,478,485; PIL itself only warns up to
-    twice that); PIL's own errors (truncated, not an image, ...) propagate.
-    """
-    if isinstance(path, (str, os.PathLike)):
-        require_regular_file(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: a bad file
-        im = Image.open(path)
-    with im:
-        im.load()
-        if im.mode.startswith("I;16"):
-            arr = np.asarray(im, dtype=np.float64)
-            im = Image.fromarray((arr / 65535.0 * 255.0).round().clip(0, 255).astype(np.uint8), "L")
-        elif im.mode == "I":  # 32-bit integers: 16-bit data if any value is over 255, else 8-bit
-            arr = np.asarray(im, dtype=np.float64)
-            scale = 65535.0 if arr.max() > 255 else 255.0
-            im = Image.fromarray((arr / scale * 255.0).round().clip(0, 255).astype(np.uint8), "L")
-        elif im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
-            im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, im)
-        return im.convert("RGB")
 
 
 class FileSource:
@@ -192,19 +162,23 @@ FASHION_CLASSES = (
 
 def fashion_mnist(root: str | os.PathLike = FASHION_MNIST_DIR, split: str = "train") -> ArraySource:
     """Fashion-MNIST from its IDX files (``.gz`` or not): 60,000 train or 10,000 test images."""
+    images, labels = (_read_idx(path) for path in _fashion_files(root, split))
+    return ArraySource(images, labels, FASHION_CLASSES)
+
+
+def _fashion_files(root: str | os.PathLike, split: str) -> list[Path]:
+    """The image and label IDX files of a Fashion-MNIST split, or :class:`DataError` naming the missing one."""
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
         raise DataError(f"data.split={split!r}: choose train or test")
-    root = Path(root)
     found = []
     for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
-        candidates = [root / f"{prefix}-{kind}.gz", root / f"{prefix}-{kind}"]
+        candidates = [Path(root) / f"{prefix}-{kind}.gz", Path(root) / f"{prefix}-{kind}"]
         hit = next((c for c in candidates if c.is_file()), None)
         if hit is None:
             raise DataError(f"Fashion-MNIST file {candidates[0]} not found; {FASHION_MNIST_HINT}")
-        found.append(_read_idx(hit))
-    images, labels = found
-    return ArraySource(images, labels, FASHION_CLASSES)
+        found.append(hit)
+    return found
 
 
 class SyntheticSource:
@@ -230,68 +204,36 @@ class SyntheticSource:
         return Image.fromarray(arr), index % len(self.classes)
 
 
-ROOT_SPLIT = "."  # data.split / data.eval_split: the images directly under data.path (no split folders)
+def split_missing(data_cfg, split: str) -> str | None:
+    """Why the data of a :class:`conmim.config.DataConfig` has no ``split`` (the path looked for), or
+    None when it has one. Cheap: a few ``stat`` calls and no image read (only the training split of
+    a folder without split folders lists ``data.path``, see :mod:`conmim.data.splits`). Pre-training
+    asks it before its optional final evaluation, which needs ``data.eval_split``. Raises
+    :class:`DataError` for data that is there but cannot be read that way (:func:`split_location`)."""
+    src = data_cfg.source
+    if src == "fashion_mnist":
+        try:
+            _fashion_files(data_cfg.path, split)
+        except DataError as err:
+            return str(err)
+        return None
+    if src == "synthetic":
+        return None
+    if src in ("folder", "list", "webdataset"):
+        return describe_missing(data_cfg, split) if find_split(data_cfg, split) is None else None
+    return _unknown_source(src)
 
 
-def split_location(data_cfg, split: str) -> str:
-    """Where the images of ``split`` live for a folder, list or webdataset source: the one rule of every command.
-
-    ``data.path`` is the data root. A folder source reads ``data.path/<split>`` (ImageNet layout:
-    ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``); a list source reads
-    ``<data.path without .txt>_<split>.txt``. ``split=.`` (or empty) is ``data.path`` itself. A
-    webdataset source whose ``data.path`` is a folder reads ``data.path/<split>/*.tar``; a shard file
-    or brace pattern has ``{split}`` replaced by the split, and without ``{split}`` it holds the
-    training images only (``data.split``): another split has no shards to find.
-    Pre-training reads ``data.split``; knn / linprobe / finetune read ``data.split`` as their training
-    set and ``data.eval_split`` as the held-out one. Raises :class:`DataError` naming the missing path.
-    """
-    path = data_cfg.path
-    if data_cfg.source == "webdataset" and not os.path.isdir(path):
-        return _shard_pattern(path, split, data_cfg.split)
-    if split in ("", ROOT_SPLIT):
-        return path
-    if data_cfg.source == "list":
-        found = f"{path.rsplit('.', 1)[0]}_{split}.txt"
-        if not os.path.isfile(found):
-            raise DataError(
-                f"list file {found!r} of split {split!r} not found (data.path={path!r}: list sources "
-                f"read <data.path without .txt>_<split>.txt; data.split=. reads data.path itself)"
-            )
-        return found
-    found = os.path.join(path, split)
-    if not os.path.isdir(found):
-        hint = ""
-        if Path(path).name == split:
-            hint = f"; data.path looks like the split folder itself: use data.path={str(Path(path).parent)!r}"
-        elif os.path.isdir(path):
-            subs = sorted(e.name for e in os.scandir(path) if e.is_dir())[:6]
-            hint = f"; {path!r} holds {', '.join(subs) if subs else 'no sub-folders'}"
-        raise DataError(
-            f"split folder {found!r} not found: {data_cfg.source} sources read data.path/<split> (data.path="
-            f"{path!r}, split {split!r}), data.split=. for images directly under data.path{hint}"
-        )
-    return found
-
-
-def _shard_pattern(pattern: str, split: str, train_split: str) -> str:
-    """The shard pattern of ``split`` (see :func:`split_location`)."""
-    if "{split}" in pattern:
-        if split in ("", ROOT_SPLIT):
-            raise DataError(f"data.path={pattern!r} has a {{split}} placeholder: data.split=. names no split")
-        return pattern.replace("{split}", split)
-    if split not in ("", ROOT_SPLIT, train_split):
-        raise DataError(
-            f"data.path={pattern!r} names no shards of split {split!r} (only the training shards, data.split="
-            f"{train_split!r}): write {{split}} where the split's name goes, e.g. "
-            "shards/{split}-{000000..000009}.tar, or give a folder with one sub-folder of .tar files per split"
-        )
-    return pattern
+def has_split(data_cfg, split: str) -> bool:
+    """Whether the data holds ``split`` (:func:`split_missing` says why not)."""
+    return split_missing(data_cfg, split) is None
 
 
 def build_source(data_cfg, img_size: int, split: str | None = None, in_chans: int = 3) -> Source:
     """The source named by a :class:`conmim.config.DataConfig`, for ``split`` (default: ``data.split``,
-    the training images); folders and list files are found by :func:`split_location`. ``in_chans``
-    (``model.in_chans``) decides which files are arrays (:func:`conmim.data.channels.is_array_file`)."""
+    the training images); folders and list files are found by :func:`split_location` (a folder or
+    list file without splits is the training images itself). ``in_chans`` (``model.in_chans``)
+    decides which files are arrays (:func:`conmim.data.channels.is_array_file`)."""
     src = data_cfg.source
     split = data_cfg.split if split is None else split
     if src == "fashion_mnist":
@@ -306,4 +248,8 @@ def build_source(data_cfg, img_size: int, split: str | None = None, in_chans: in
         return open_shards(split_location(data_cfg, split), data_cfg.on_error)
     if src == "synthetic":
         return SyntheticSource(data_cfg.synthetic_size, img_size, in_chans=in_chans)
-    raise DataError(f"data.source={src!r}: choose fashion_mnist, folder, list, webdataset or synthetic")
+    raise DataError(_unknown_source(src))
+
+
+def _unknown_source(src: str) -> str:
+    return f"data.source={src!r}: choose fashion_mnist, folder, list, webdataset or synthetic"

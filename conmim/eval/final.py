@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..data.sources import DataError
+from ..data.sources import DataError, split_missing
 from .common import EvalTransform, LabeledDataset, eval_sources, num_classes_of
 from .knn import extract_features, knn_accuracy
 from .linprobe import probe_cached
@@ -59,6 +59,9 @@ def final_evaluation(
         return None
     size = cfg.model.img_size
     try:
+        missing = split_missing(cfg.data, cfg.data.eval_split)  # known before any image is read
+        if missing is not None:
+            raise DataError(f"the data has no held-out split: {missing}")
         train, test = eval_sources(cfg, size)
         classes = num_classes_of(train, test)
     except (DataError, FileNotFoundError, ValueError) as err:
@@ -100,7 +103,7 @@ def final_evaluation(
         (train_x, train_y), (test_x, test_y) = feats
         report[f"knn_top1_{name}"] = round(knn_accuracy(train_x, train_y, test_x, test_y, e.knn_k, e.knn_t), 2)
         report[f"linprobe_top1_{name}"] = round(
-            probe_cached(train_x, train_y, test_x, test_y, classes, cfg.linprobe, device, cfg.train.seed), 2
+            probe_cached(train_x, train_y, test_x, test_y, classes, cfg.linprobe, device, cfg.seed), 2
         )
     (out / "final_eval.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -108,15 +111,15 @@ def final_evaluation(
 
 def evaluate_after_pretrain(cfg: Config, model: nn.Module, steps: int, minutes: float) -> dict[str, Any] | None:
     """:func:`final_evaluation` of a finished pre-training: its teacher encoder against a random
-    initialisation of the same configuration (seeded with ``train.seed``)."""
+    initialisation of the same configuration (seeded with ``seed``)."""
     from ..models.conmim import ConMIM
     from ..runtime.device import resolve_device, resolve_precision
 
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.seed)
     random_init = ConMIM.from_config(cfg.model).teacher.encoder.to(device)
     return final_evaluation(
-        cfg, model.teacher.encoder, random_init, steps, minutes, device, resolve_precision(cfg.train.precision, device)
+        cfg, model.teacher.encoder, random_init, steps, minutes, device, resolve_precision(cfg.precision, device)
     )
 
 
