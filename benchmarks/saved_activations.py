@@ -2,7 +2,7 @@
 ``train.grad_checkpointing``: the activation memory that checkpointing trades for a second forward.
 Exact on any device (it counts the saved tensors), unlike the CPU's RSS-based peak in ``conmim bench``.
 
-    python benchmarks/saved_activations.py --config bench_vit_s16 train.batch_size=16 train.precision=bf16
+    python benchmarks/saved_activations.py --config bench_vit_s16 train.batch_size=16 precision=bf16
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def saved_bytes(cfg, checkpointing: bool) -> int:
 
     with (
         torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t),
-        autocast(torch.device("cpu"), resolve_precision(cfg.train.precision, torch.device("cpu"))),
+        autocast(torch.device("cpu"), resolve_precision(cfg.precision, torch.device("cpu"))),
     ):
         model(images, images, mask)
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -46,7 +46,7 @@ if __name__ == "__main__":
     cfg = load_config(config, overrides)
     without, with_ = saved_bytes(cfg, False), saved_bytes(cfg, True)
     print(
-        f"{cfg.model.arch} {cfg.model.img_size}px batch {cfg.train.batch_size} {cfg.train.precision}: saved for "
+        f"{cfg.model.arch} {cfg.model.img_size}px batch {cfg.train.batch_size} {cfg.precision}: saved for "
         f"backward {without / 2**20:.0f} MiB without checkpointing, {with_ / 2**20:.0f} MiB with "
         f"({with_ / without:.2f}x)"
     )

@@ -36,7 +36,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from conmim.config import Config, ConfigError, validate
+from conmim.config import Config, ConfigError, validate, without_retired
 from conmim.data.sources import ArraySource, fashion_mnist
 from lab.report import REFERENCE, write_report
 
@@ -113,7 +113,7 @@ def load_study(path: str | os.PathLike) -> tuple[StudySettings, Any]:
     names = [v.name for v in study.variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: study.variants names repeat: {names}")
-    base = raw.get("base", OmegaConf.create({}))
+    base = without_retired(raw.get("base", OmegaConf.create({})))
     check_fractions(study, path)
     for v in study.variants:  # fail on a bad override before hours of work, not in the middle
         for seed in v.seeds or study.seeds:
@@ -200,7 +200,7 @@ def tile(source: ArraySource, indices: np.ndarray, times: int) -> ArraySource:
 def variant_config(base: Any, variant: Variant, seed: int, run_dir: Path, data_dir: Path) -> Config:
     """The full configuration of one (variant, seed): base, then the variant's overrides, then the run's paths."""
     run = [
-        f"train.seed={seed}",
+        f"seed={seed}",
         f"output_dir={run_dir / 'pretrain'}",
         f"data.path={data_dir}",
         "data.source=fashion_mnist",
@@ -462,7 +462,7 @@ def run_fractions(
     encoder = study_encoder(variant, seed, cfg, stages, run_dir).to(device)
     p, d = cfg.linprobe, cfg.data
     transform = EvalTransform(cfg.model.img_size, d.mean, d.std)
-    amp_dtype = resolve_precision(cfg.train.precision, device)
+    amp_dtype = resolve_precision(cfg.precision, device)
 
     def extract(source: ArraySource, indices: np.ndarray | None, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         dataset = LabeledDataset(source, transform, None if indices is None else indices.tolist())

@@ -49,7 +49,7 @@ def test_cli_bench_jpeg_mode_prints_one_json_line_per_variant():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     args = [
         *TINY,
-        "train.precision=bf16",
+        "precision=bf16",
         "bench.data=jpeg",
         "bench.jpeg_images=8",
         "data.gpu_aug=true",
@@ -73,7 +73,7 @@ def test_cli_bench_jpeg_mode_prints_one_json_line_per_variant():
         "math",
     )
     assert (fast["data"], fast["data_path"], plain["data_path"]) == ("jpeg", "device", "cpu")
-    assert plain["config"]["train"]["precision"] == "fp32" and fast["config"]["train"]["precision"] == "bf16"
+    assert plain["config"]["precision"] == "fp32" and fast["config"]["precision"] == "bf16"
     for line in (fast, plain):
         assert line["img_per_s"] > 0 and line["step_ms"] > 0 and len(line["img_per_s_chunks"]) == 2
         assert line["peak_mem_gb"] >= 0 and line["mfu"] is None

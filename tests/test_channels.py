@@ -241,3 +241,8 @@ def test_pretraining_stops_at_once_when_in_chans_does_not_fit_the_data(tmp_path,
     err = capsys.readouterr().err
     assert "model.in_chans=5 does not fit the data: the first 8 image(s) all fail, e.g. #0: a L photo" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_one_channel_pretraining_on_the_built_in_data_needs_no_normalisation_arguments(tmp_path):
+    assert main(["pretrain", *TINY, "model.in_chans=1", "train.max_steps=2", f"output_dir={tmp_path / 'run'}"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()

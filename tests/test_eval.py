@@ -58,7 +58,7 @@ def exported(encoder, tmp_path_factory):
 
 def _cfg(**sections) -> Config:
     cfg = Config()
-    cfg.data.num_workers, cfg.train.precision, cfg.device = 0, "fp32", "cpu"
+    cfg.data.num_workers, cfg.precision, cfg.device = 0, "fp32", "cpu"
     for dotted, value in sections.items():
         section, key = dotted.split("__")
         setattr(getattr(cfg, section), key, value)
@@ -114,7 +114,7 @@ def test_finetune_two_epochs_improves_and_resumes(exported, fm, tmp_path):
         finetune__log_every=8,
         finetune__crop_scale_min=1.0,
     )  # 16-px images: smaller crops leave too little to learn from
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.seed)
     from conmim.export.encoders import load_pretrained
 
     before, _ = build_classifier(*load_pretrained(exported), 10, drop_path=0.1)
@@ -135,7 +135,7 @@ def test_finetune_two_epochs_improves_and_resumes(exported, fm, tmp_path):
 
 def test_finetune_init_random_starts_from_timms_initialisation_not_the_source(exported, fm, tmp_path):
     """``finetune.init=random``: the from-scratch baseline keeps SOURCE's architecture and recipe but
-    starts from timm's initialisation, seeded by ``train.seed`` (a negligible lr keeps the weights),
+    starts from timm's initialisation, seeded by ``seed`` (a negligible lr keeps the weights),
     and ``finetune.fresh_scale`` leaves it exactly as timm drew it."""
     from conmim.export.encoders import load_pretrained, random_weights
 
@@ -151,7 +151,7 @@ def test_finetune_init_random_starts_from_timms_initialisation_not_the_source(ex
     finetune(exported, train, test, cfg, out_dir=tmp_path)
     tuned = load_encoder(tmp_path / "best.safetensors").state_dict()
     source, spec = load_pretrained(exported)
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.seed)
     scratch = random_weights(spec)
     for key in ("blocks.1.mlp.fc1.weight", "patch_embed.proj.weight", "blocks.1.mlp.fc2.weight"):
         assert torch.allclose(tuned[key], scratch[key], atol=1e-6), key
@@ -247,7 +247,7 @@ def test_cli_monitor_knn_linprobe_finetune(tmp_path, capsys):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "knn_top1" in r] == [2, 4]
     assert all(0.0 <= r["knn_top1"] <= 100.0 for r in records if "knn_top1" in r)
-    limits = ["eval.train_limit=300", "eval.test_limit=100"]
+    limits = ["data.train_limit=300", "data.test_limit=100"]
     assert main(["knn", str(run), *limits]) == 0
     knn = json.loads((run / "knn" / "results.json").read_text())
     assert knn["top1"] > 20.0 and knn["train_images"] == 300 and knn["test_images"] == 100
@@ -258,11 +258,11 @@ def test_cli_monitor_knn_linprobe_finetune(tmp_path, capsys):
             [
                 "finetune",
                 str(run),
-                "eval.train_limit=32",
-                "eval.test_limit=16",
+                "data.train_limit=32",
+                "data.test_limit=16",
                 "finetune.epochs=1",
                 "finetune.batch_size=16",
-                "eval.which=student",
+                "finetune.which=student",
             ]
         )
         == 0

@@ -24,7 +24,7 @@ try:
     import onnxruntime as ort
 except ImportError as err:  # scripts/setup.sh installs the extra; without it these tests cannot run
     raise ImportError("onnxruntime missing: pip install -e '.[onnx]' (scripts/setup.sh does)") from err
-DOCS_RUN = Path(__file__).resolve().parents[1] / "docs" / "default_run"
+RECORDED_RUN = Path(__file__).resolve().parents[1] / "lab" / "records" / "default_run"
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_onnx_without_the_extra_says_what_to_install(tiny_run, tmp_path, monkeyp
 
 def test_hub_folder_loads_in_timm_offline_with_the_same_outputs(tiny_run, tmp_path, monkeypatch):
     run, model = tiny_run
-    shutil.copy(DOCS_RUN / "final_eval.json", run / "final_eval.json")  # a real run's summary, read into the card
+    shutil.copy(RECORDED_RUN / "final_eval.json", run / "final_eval.json")  # a real run's summary, read into the card
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = tmp_path / "hub"
     assert main(["export", str(run), "--format", "hub", "--out", str(folder)]) == 0

@@ -114,3 +114,79 @@ def test_model_fields_are_spelled_once_in_the_configuration():
         model = pretraining_model(cfg.model)
         assert model.spec == spec_of(cfg) and spec_of(cfg)["kwargs"]["drop_path_rate"] == 0.0
         assert spec_of(cfg)["kwargs"]["use_abs_pos_emb"] and spec_of(cfg)["kwargs"]["depth"] == 2
+
+
+def _module_of(name: str, modules: set[str]) -> str | None:
+    """The conmim module an imported name is: ``conmim.data.sources`` itself, or the package of
+    ``conmim.cli.main`` (``from . import main`` in its ``__main__``); None for a module that does not exist."""
+    if name in modules:
+        return name
+    package = name.rpartition(".")[0]
+    return package if (PACKAGE.parent / package.replace(".", "/") / "__init__.py").is_file() else None
+
+
+def test_no_import_cycles_inside_the_package():
+    """No two conmim modules import each other, directly or through others: every import counts,
+    at module level, inside a function or under ``TYPE_CHECKING`` (all of them are in ``_imports``)."""
+    paths = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = ["conmim", *path.relative_to(PACKAGE).with_suffix("").parts]
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph, missing = {}, []
+    for module, path in paths.items():
+        found = {name: _module_of(name, set(paths)) for name in _imports(path)}
+        missing += [f"{path.relative_to(PACKAGE.parent)} imports {name}" for name, m in found.items() if m is None]
+        graph[module] = sorted({m for m in found.values() if m not in (None, module)})
+    assert not missing, "imports of no conmim module:\n" + "\n".join(sorted(missing))
+    cycles, state = [], dict.fromkeys(graph, 0)  # 0 unseen, 1 on the current path, 2 done
+    for start in graph:  # depth-first, without recursion: each back edge closes one cycle
+        if state[start]:
+            continue
+        state[start], path, todo = 1, [start], [iter(graph[start])]
+        while todo:
+            nxt = next(todo[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                todo.pop()
+            elif state[nxt] == 1:
+                cycles.append(" -> ".join(path[path.index(nxt) :] + [nxt]))
+            elif state[nxt] == 0:
+                state[nxt] = 1
+                path.append(nxt)
+                todo.append(iter(graph[nxt]))
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_package_never_imports_the_lab_and_no_module_is_long():
+    """The lab (``lab/``: studies, diagnostics, records) imports conmim, never the reverse; short modules."""
+    root = PACKAGE.parent
+    wrong = [
+        f"{path.relative_to(root)} imports {name}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])
+        if name.split(".")[0] == "lab"
+    ]
+    assert not wrong, "\n".join(wrong)
+    long = [
+        f"{path.relative_to(root)}: {n} lines"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if (n := len(path.read_text().splitlines())) > 450
+    ]
+    assert not long, "modules over 450 lines:\n" + "\n".join(long)
+
+
+def test_the_built_wheel_holds_the_package_and_its_presets_but_no_lab(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    root = PACKAGE.parent
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    subprocess.run([*build, str(root)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("conmim-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "conmim/cli/__main__.py" in names and "conmim/configs/fashion_mnist.yaml" in names
+    assert not [n for n in names if n.startswith(("lab/", "tests/", "examples/", "benchmarks/"))]
+    assert not [n for n in names if "study" in n or "report" in n], names

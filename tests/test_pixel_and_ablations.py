@@ -11,7 +11,8 @@ from conmim.models.conmim import ConMIM, denoising_contrastive_loss
 from conmim.models.pixel_mim import PixelMIM, normalized_patches, patchify
 from conmim.runtime.checkpoint import load_latest
 from conmim.runtime.distributed import DistInfo
-from conmim.train.engine import build_loader, pretrain
+from conmim.train.engine import pretrain
+from conmim.train.setup import build_loader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,7 +27,7 @@ SMALL = [
     "data.num_workers=0",
     "data.crop_scale_min=0.25",
     "train.batch_size=8",
-    "train.precision=fp32",
+    "precision=fp32",
 ]
 
 

@@ -134,7 +134,7 @@ def test_tiny_pretraining_with_the_default_position_signal_learns_its_task_where
                 "train.log_every=10",
                 "train.base_lr=4e-3",
                 "train.warmup_epochs=0.005",
-                "train.precision=fp32",
+                "precision=fp32",
                 "data.num_workers=0",
                 "eval.final_knn=false",
                 "eval.monitor_every=0",

@@ -11,7 +11,8 @@ from reliability_utils import load_tiny
 from conmim.cli import main as cli_main
 from conmim.config import ConfigError, load_config
 from conmim.runtime.distributed import DistInfo
-from conmim.train.engine import preflight, pretrain
+from conmim.train.engine import pretrain
+from conmim.train.setup import preflight
 
 
 @pytest.mark.parametrize(
@@ -33,7 +34,7 @@ from conmim.train.engine import preflight, pretrain
         ("data.on_error=ignore", ["data.on_error='ignore'", "skip or raise"]),
         ("train.nan_policy=pray", ["train.nan_policy='pray'", "restore, stop"]),
         ("train.nan_lr_factor=1.5", ["train.nan_lr_factor=1.5", "strictly between 0 and 1"]),
-        ("train.dist_timeout_s=0", ["train.dist_timeout_s=0", "a positive number of seconds"]),
+        ("dist_timeout_s=0", ["dist_timeout_s=0", "a positive number of seconds"]),
         ("device=gpu", ["device='gpu'", "auto, cpu, cuda or cuda:N"]),
     ],
 )
@@ -94,3 +95,68 @@ def test_configurations_written_by_earlier_versions_still_load(tmp_path):
     path.write_text(OmegaConf.to_yaml(old))
     assert load_config(str(path)).train.batch_size == old["train"]["batch_size"]
     assert config_of({"config": OmegaConf.to_yaml(old)}).train.batch_size == old["train"]["batch_size"]
+
+
+def test_keys_that_moved_load_from_old_run_folders_and_from_the_command_line(tmp_path, caplog):
+    """train.seed / train.precision / train.dist_timeout_s went to the top level, eval.*_limit to data:
+    an old config.yaml maps them silently, an old name on the command line with one warning."""
+    from omegaconf import OmegaConf
+
+    old = OmegaConf.to_container(OmegaConf.create(to_yaml_of_defaults()))
+    for key in ("seed", "precision", "dist_timeout_s"):
+        old.pop(key)
+    old["train"].update(seed=7, precision="bf16", dist_timeout_s=30.0)
+    old["data"].pop("train_limit")
+    old["eval"]["train_limit"] = 11
+    path = tmp_path / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(old))
+    cfg = load_config(str(path))
+    assert (cfg.seed, cfg.precision, cfg.dist_timeout_s, cfg.data.train_limit) == (7, "bf16", 30.0, 11)
+    with caplog.at_level("WARNING"):
+        cfg = load_config(None, ["train.seed=3", "eval.test_limit=5"])
+    assert (cfg.seed, cfg.data.test_limit) == (3, 5)
+    assert "train.seed is now seed" in caplog.text and "eval.test_limit is now data.test_limit" in caplog.text
+
+
+def to_yaml_of_defaults() -> str:
+    from conmim.config import to_yaml
+
+    return to_yaml(load_config(None))
+
+
+@pytest.mark.parametrize(
+    "command, present, absent",
+    [
+        ("pretrain", ["seed:", "model:", "mask:", "train:", "monitor_every:"], ["finetune:", "segment:", "detect:"]),
+        ("knn", ["seed:", "data:", "knn_k:", "which:"], ["train:", "mask:", "finetune:", "segment:", "monitor_every"]),
+        ("finetune", ["seed:", "data:", "finetune:", "img_size:"], ["train:", "eval:", "mask:", "segment:"]),
+        ("segment", ["seed:", "scenes:", "segment:"], ["train:", "eval:", "finetune:", "detect:", "model:"]),
+    ],
+)
+def test_print_config_shows_only_what_the_command_reads(capsys, command, present, absent):
+    argv = [command] + (["runs/none"] if command != "pretrain" else []) + ["--print-config"]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert all(key in out for key in present), out
+    assert not any(f"\n{key}" in out or out.startswith(key) for key in absent if key.endswith(":")), out
+    assert not any(key in out for key in absent if not key.endswith(":")), out
+
+
+def test_a_check_of_another_command_does_not_stop_this_one():
+    """finetune reads no mask section: a mask value only pretrain rejects passes here, not there."""
+    assert load_config(None, ["mask.ratio=0"], command="finetune").mask.ratio == 0
+    with pytest.raises(ConfigError, match="mask.ratio=0"):
+        load_config(None, ["mask.ratio=0"], command="pretrain")
+
+
+def test_other_channel_counts_get_per_channel_normalisation_without_extra_arguments(caplog):
+    grey = load_config(None, ["model.in_chans=1"], command="pretrain")
+    assert (grey.data.mean, grey.data.std) == ([0.2860], [0.3530])  # Fashion-MNIST's own statistics
+    with caplog.at_level("WARNING"):
+        bands = load_config(None, ["model.in_chans=4", "data.source=synthetic"], command="pretrain")
+    assert (bands.data.mean, bands.data.std) == ([0.5] * 4, [0.25] * 4)
+    assert "conmim stats" in caplog.text
+    given = ["model.in_chans=2", "data.mean=[0.1,0.2]", "data.std=[0.3,0.4]"]
+    assert load_config(None, given).data.mean == [0.1, 0.2]
+    with pytest.raises(ConfigError, match="data.mean/data.std"):  # given, but for 3 channels: an error
+        load_config(None, ["model.in_chans=2", "data.mean=[0.1,0.2,0.3]", "data.std=[0.3,0.4,0.5]"])

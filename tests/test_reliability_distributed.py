@@ -63,10 +63,10 @@ def test_dead_rank_tears_down_the_group_and_max_restarts_resumes_exactly(referen
 
 def test_hung_rank_makes_the_others_fail_clearly_within_the_timeout(tmp_path):
     """SIGSTOP of rank 1 (hung, not dead: torchrun cannot notice): rank 0 gives up after
-    train.dist_timeout_s with an error that says what happened."""
+    dist_timeout_s with an error that says what happened."""
     timeout_s = 4
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
-    agent = start(torchrun_cmd(run_dir, "train.max_steps=1000", f"train.dist_timeout_s={timeout_s}"), log)
+    agent = start(torchrun_cmd(run_dir, "train.max_steps=1000", f"dist_timeout_s={timeout_s}"), log)
     wait_for(lambda: last_step(run_dir) >= 2, agent, timeout=120)
     pids = _workers(agent)
     stopped = time.monotonic()
@@ -81,4 +81,4 @@ def test_hung_rank_makes_the_others_fail_clearly_within_the_timeout(tmp_path):
     text = log.read_text()
     assert "conmim: error: rank 0 lost the process group" in text, text[-3000:]
     assert "another rank probably died or hung" in text
-    assert waited < timeout_s + 20, f"rank 0 took {waited:.1f} s with train.dist_timeout_s={timeout_s}"
+    assert waited < timeout_s + 20, f"rank 0 took {waited:.1f} s with dist_timeout_s={timeout_s}"

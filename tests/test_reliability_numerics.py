@@ -43,9 +43,9 @@ def test_fp16_nan_step_is_skipped_and_the_loss_scale_backs_off(tmp_path, monkeyp
     """With fp16 the GradScaler also sees the NaN step: the guard skips it exactly as in fp32 (weights,
     teacher, BatchNorm and AdamW state those of the clean run), and the scaler halves its scale.
     The first 3 steps overflow by design while the scale calibrates (65,536 -> 8,192) and count as skipped."""
-    pretrain_in_process(tmp_path / "clean", "train.max_steps=5", "train.precision=fp16")
+    pretrain_in_process(tmp_path / "clean", "train.max_steps=5", "precision=fp16")
     inject_nan(monkeypatch, 6)
-    pretrain_in_process(tmp_path / "nan", "train.max_steps=6", "train.precision=fp16")
+    pretrain_in_process(tmp_path / "nan", "train.max_steps=6", "precision=fp16")
     clean, nan = final_state(tmp_path / "clean"), final_state(tmp_path / "nan")
     assert [r["skipped_steps"] for r in records(tmp_path / "clean")] == [1, 2, 3, 3, 3]  # 4 and 5 trained
     assert_same_state(nan, clean, same_step=False)

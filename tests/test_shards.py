@@ -198,7 +198,7 @@ def test_evaluation_reads_labelled_shard_splits(tmp_path, labelled):
     for split in ("train", "test"):
         pack(labelled, tmp_path / "root" / split)
     for path in (tmp_path / "root", f"{tmp_path}/root/{{split}}/shard-{{000000..000004}}.tar"):
-        cfg = load_config(None, ["data.source=webdataset", f"data.path={path}", "eval.train_limit=10"])
+        cfg = load_config(None, ["data.source=webdataset", f"data.path={path}", "data.train_limit=10"])
         train, test = eval_sources(cfg, 16)
         assert (len(train), len(test)) == (10, 24)
         assert num_classes_of(train, test) == 2 and test.classes == ["cat", "dog"]

@@ -61,7 +61,7 @@ def test_visualize_writes_pngs_from_a_real_checkpoint(tmp_path, natural_images):
             "train.batch_size=8",
             "train.epochs=1",
             "train.max_steps=2",
-            "train.precision=fp32",
+            "precision=fp32",
             f"output_dir={tmp_path / 'run'}",
         ],
         default_preset="fashion_mnist",

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import Config
+from ..config import Config, DenseTrainConfig
 from ..data.sources import FASHION_MNIST_DIR, DataError
 from ..export.encoders import load_pretrained, random_weights
 from ..runtime import distributed
@@ -20,23 +19,15 @@ from .data import StepSampler
 log = logging.getLogger(__name__)
 
 
-def pyramid_of(
-    encoder: str | Path,
-    cfg: Config,
-    img_size: int,
-    scales: Sequence[float],
-    indices: Sequence[int],
-    drop_path: float,
-    init: str = "pretrained",
-    out_channels: int = 0,
-) -> ViTPyramid:
-    """The pyramid of a run directory, checkpoint or ``.safetensors`` (``cfg.eval.which`` picks teacher
-    or student); ``init="random"`` keeps the architecture with timm's initialisation (the scratch baseline)."""
-    weights, spec = load_pretrained(encoder, cfg.eval.which)
-    if init == "random":
+def pyramid_of(encoder: str | Path, s: DenseTrainConfig, img_size: int, out_channels: int = 0) -> ViTPyramid:
+    """The pyramid of a run directory, checkpoint or ``.safetensors`` as the dense section ``s`` asks
+    (``which`` picks teacher or student, ``init="random"`` keeps the architecture with timm's
+    initialisation: the scratch baseline; ``scales``, ``indices``, ``drop_path``)."""
+    weights, spec = load_pretrained(encoder, s.which)
+    if s.init == "random":
         weights = random_weights(spec)
     try:
-        return build_backbone(weights, spec, img_size, scales, indices, drop_path, out_channels)
+        return build_backbone(weights, spec, img_size, s.scales, s.indices, s.drop_path, out_channels)
     except ValueError as err:  # scales or indices that do not fit this encoder
         raise DataError(f"{encoder}: {err}") from None
 
@@ -69,9 +60,9 @@ def step_loader(
     info: distributed.DistInfo | None = None,
 ) -> DataLoader:
     """This rank's part of the batches of iterations ``start..iters-1`` (``batch_size`` in total over
-    the processes), each a function of ``train.seed`` and the iteration."""
+    the processes), each a function of ``seed`` and the iteration."""
     info = info or distributed.DistInfo()
-    sampler = StepSampler(len(dataset), batch_size, iters, cfg.train.seed, start, info.rank, info.world_size)
+    sampler = StepSampler(len(dataset), batch_size, iters, cfg.seed, start, info.rank, info.world_size)
     return DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -103,17 +103,17 @@ def detect(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None) 
     """Train ``cfg.detect``'s detector from an encoder source; writes ``<output_dir>/detect``. Under
     torchrun ``detect.batch_size`` is the total over the processes."""
     d, start_time = cfg.detect, time.perf_counter()
-    info, device, owns_group = distributed.setup_process(cfg.device, cfg.train.dist_timeout_s)
-    amp_dtype = resolve_precision(cfg.train.precision, device)
+    info, device, owns_group = distributed.setup_process(cfg.device, cfg.dist_timeout_s)
+    amp_dtype = resolve_precision(cfg.precision, device)
     out = Path(out_dir or Path(cfg.output_dir) / "detect")
     train, val = detection_data(cfg)
-    torch.manual_seed(cfg.train.seed)
-    backbone = pyramid_of(encoder, cfg, d.img_size, d.scales, d.indices, d.drop_path, d.init, d.out_channels)
+    torch.manual_seed(cfg.seed)
+    backbone = pyramid_of(encoder, d, d.img_size, d.out_channels)
     model = build_detector(backbone, len(val.cat_ids), d.masks, d.anchor_scale, cfg.data.mean, cfg.data.std).to(device)
     groups = layer_decay_groups_around(model, backbone.encoder, d.weight_decay, d.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=d.lr, betas=tuple(d.betas))
     net = DistributedDataParallel(model) if info.enabled else model
-    torch.manual_seed(cfg.train.seed + info.rank)  # the same initial weights, a drop path stream per rank
+    torch.manual_seed(cfg.seed + info.rank)  # the same initial weights, a drop path stream per rank
     log.info(
         "detection: %s, %d classes, %d training / %d validation images, %d px, strides %s (blocks %s)",
         "Mask R-CNN" if d.masks else "Faster R-CNN",

@@ -121,20 +121,20 @@ def evaluate(
 
 def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Train ``cfg.segment``'s model from the encoder of a run directory, checkpoint or ``.safetensors``
-    (``cfg.eval.which`` picks teacher or student); writes ``<output_dir>/segment`` (or ``out_dir``).
+    (``segment.which`` picks teacher or student); writes ``<output_dir>/segment`` (or ``out_dir``).
     Under torchrun ``segment.batch_size`` is the total over the processes."""
     s, start_time = cfg.segment, time.perf_counter()
-    info, device, owns_group = distributed.setup_process(cfg.device, cfg.train.dist_timeout_s)
-    amp_dtype = resolve_precision(cfg.train.precision, device)
+    info, device, owns_group = distributed.setup_process(cfg.device, cfg.dist_timeout_s)
+    amp_dtype = resolve_precision(cfg.precision, device)
     out = Path(out_dir or Path(cfg.output_dir) / "segment")
     train_pairs, val_pairs, names = segmentation_data(cfg)
     k = len(names)
-    torch.manual_seed(cfg.train.seed)
-    backbone = pyramid_of(encoder, cfg, s.crop_size, s.scales, s.indices, s.drop_path, s.init)
+    torch.manual_seed(cfg.seed)
+    backbone = pyramid_of(encoder, s, s.crop_size)
     model = build_segmenter(backbone, s.head, k, s.channels, s.dropout, s.aux_weight).to(device)
     optimizer = torch.optim.AdamW(optimizer_groups(model, s.weight_decay, s.layer_decay), lr=s.lr, betas=tuple(s.betas))
     net = DistributedDataParallel(model) if info.enabled else model
-    torch.manual_seed(cfg.train.seed + info.rank)  # the same initial weights, a drop path stream per rank
+    torch.manual_seed(cfg.seed + info.rank)  # the same initial weights, a drop path stream per rank
     log.info(
         "segmentation: %s head%s, %d classes, %d training / %d validation images, crop %d, strides %s (blocks %s)",
         s.head,

@@ -122,9 +122,9 @@ def img_size_of(encoder: nn.Module) -> int:
 
 
 def eval_sources(cfg, img_size: int):
-    """The labelled (train, test) sources of knn / linprobe / finetune, cut to eval.train_limit / test_limit."""
-    e, seed, chans = cfg.eval, cfg.train.seed, cfg.model.in_chans
+    """The labelled (train, test) sources of knn / linprobe / finetune, cut to data.train_limit / test_limit."""
+    d, seed, chans = cfg.data, cfg.seed, cfg.model.in_chans
     return (
-        limit_source(build_source(cfg.data, img_size, cfg.data.split, chans), e.train_limit, seed),
-        limit_source(build_source(cfg.data, img_size, cfg.data.eval_split, chans), e.test_limit, seed),
+        limit_source(build_source(d, img_size, cfg.data.split, chans), d.train_limit, seed),
+        limit_source(build_source(d, img_size, cfg.data.eval_split, chans), d.test_limit, seed),
     )

@@ -100,8 +100,8 @@ def probe_head_init(
     )
     size = img_size_of(model)
     data = LabeledDataset(train_source, EvalTransform(size, cfg.data.mean, cfg.data.std, f.crop_pct))
-    x, y = _head_inputs(model, data, cfg.eval.batch_size, device, amp_dtype, cfg.data.num_workers)
-    train_head(model.head, *cached_batches(x, y, p.batch_size), p, device, cfg.train.seed)
+    x, y = _head_inputs(model, data, cfg.finetune.batch_size, device, amp_dtype, cfg.data.num_workers)
+    train_head(model.head, *cached_batches(x, y, p.batch_size), p, device, cfg.seed)
     model.head.train()
     with torch.no_grad():
         return 100.0 * (model.head(x).argmax(1) == y).float().mean().item()
@@ -280,8 +280,8 @@ def finetune(
     """Fine-tune a pre-trained encoder on ``train_source``; evaluate on ``test_source`` every epoch.
 
     ``encoder``: a timm encoder (e.g. ``ConMIM.teacher.encoder``), an exported ``.safetensors``, a
-    run directory or a checkpoint (``cfg.eval.which`` picks teacher or student). Uses
-    ``cfg.finetune`` (recipe), ``cfg.data`` (mean, std, workers), ``cfg.train`` (seed, precision)
+    run directory or a checkpoint (``finetune.which`` picks teacher or student). Uses
+    ``cfg.finetune`` (recipe), ``cfg.data`` (mean, std, workers), the top-level seed and precision
     and ``cfg.device``; ``out_dir`` defaults to ``<output_dir>/finetune``. Returns the last epoch's
     top1/top5, best_top1/best_top5/best_epoch, the per-epoch history and sizes.
     ``head_source``: (images, repeats) when ``train_source`` is ``repeats`` copies of ``images``; the
@@ -289,11 +289,11 @@ def finetune(
     """
     cfg = cfg or Config()
     f, start = cfg.finetune, time.perf_counter()
-    dist, device, owns_group = distributed.setup_process(cfg.device, cfg.train.dist_timeout_s)
+    dist, device, owns_group = distributed.setup_process(cfg.device, cfg.dist_timeout_s)
     out = Path(out_dir or Path(cfg.output_dir) / "finetune")
-    torch.manual_seed(cfg.train.seed + dist.rank)
+    torch.manual_seed(cfg.seed + dist.rank)
 
-    weights, spec = pretrained_of(encoder, cfg.eval.which)
+    weights, spec = pretrained_of(encoder, cfg.finetune.which)
     if f.init == "random":
         weights = random_weights(spec)
     classes = f.num_classes or num_classes_of(train_source, test_source)
@@ -308,7 +308,7 @@ def finetune(
     train_set = LabeledDataset(train_source, train_transform(size, cfg))
     test_set = LabeledDataset(test_source, EvalTransform(size, cfg.data.mean, cfg.data.std, f.crop_pct))
     sampler = (
-        DistributedSampler(train_set, dist.world_size, dist.rank, seed=cfg.train.seed, drop_last=True)
+        DistributedSampler(train_set, dist.world_size, dist.rank, seed=cfg.seed, drop_last=True)
         if dist.enabled
         else None
     )
@@ -320,7 +320,7 @@ def finetune(
         drop_last=True,
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.train.seed),
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     if len(loader) == 0:
         raise DataError(
@@ -332,7 +332,7 @@ def finetune(
         betas=tuple(f.betas),
         **({"fused": True} if device.type == "cuda" else {"foreach": True}),
     )
-    amp_dtype = resolve_precision(cfg.train.precision, device)
+    amp_dtype = resolve_precision(cfg.precision, device)
     run = _Run(
         model,
         optimizer,

@@ -195,7 +195,7 @@ class KnnMonitor:
                 e.knn_t,
                 e.pool,
                 e.batch_size,
-                cfg.train.seed,
+                cfg.seed,
             )
         except UnlabelledError as err:
             log.warning("online k-NN monitor off: %s", err)

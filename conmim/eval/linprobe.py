@@ -76,13 +76,13 @@ def linear_probe(
     """Train a linear head on frozen features of ``train_source``; top-1/top-5 (%) on ``test_source``.
 
     Uses ``cfg.linprobe`` (block, pooling, optimizer, schedule), ``cfg.data`` (mean, std, workers,
-    crop scale), ``cfg.eval.batch_size`` and ``cfg.train.precision`` for feature extraction.
+    crop scale), ``cfg.eval.batch_size`` and ``cfg.precision`` for feature extraction.
     Writes ``metrics.jsonl`` and ``results.json`` into ``out_dir`` when given.
     """
     cfg, device, start = cfg or Config(), torch.device(device), time.perf_counter()
     p, d = cfg.linprobe, cfg.data
-    amp_dtype = resolve_precision(cfg.train.precision, device)  # encoder forward only; the head trains in fp32
-    torch.manual_seed(cfg.train.seed)
+    amp_dtype = resolve_precision(cfg.precision, device)  # encoder forward only; the head trains in fp32
+    torch.manual_seed(cfg.seed)
     encoder = resolve_encoder(encoder, cfg.eval.which).to(device)
     check_channels(encoder, d.mean)
     was_training = encoder.training
@@ -110,7 +110,7 @@ def linear_probe(
         batches = partial(_encoded_batches, encoder, train, p, device, d.num_workers, amp_dtype)
         steps_per_epoch = math.ceil(len(train) / p.batch_size)
     log = _Log(out_dir)
-    top1, top5, lr = fit_head(batches, steps_per_epoch, test_x, test_y, classes, p, device, cfg.train.seed, log)
+    top1, top5, lr = fit_head(batches, steps_per_epoch, test_x, test_y, classes, p, device, cfg.seed, log)
     encoder.train(was_training)
     result = {
         "top1": top1,

@@ -32,7 +32,7 @@ def setup(device_type: str, timeout_s: float = 600.0) -> DistInfo:
     """Join the process group that torchrun describes (NCCL on GPU, gloo on CPU), if any.
 
     ``timeout_s`` bounds every collective: when a peer dies or hangs, the surviving ranks fail
-    with an error after at most that long instead of waiting forever (train.dist_timeout_s).
+    with an error after at most that long instead of waiting forever (dist_timeout_s).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -153,5 +153,5 @@ def describe_failure(err: BaseException) -> str | None:
         return None
     return (
         f"rank {os.environ.get('RANK', '?')} lost the process group ({type(err).__name__}: {text}); another "
-        f"rank probably died or hung (its log says why); collectives give up after train.dist_timeout_s"
+        f"rank probably died or hung (its log says why); collectives give up after dist_timeout_s"
     )

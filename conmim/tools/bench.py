@@ -3,7 +3,7 @@
 Both variants run the same optimizer step as ``conmim pretrain`` (:mod:`conmim.train.step`) on the same
 initial weights, in the same process:
 
-- ``fast``: the configuration as given (``train.precision``, ``train.compile``, ``data.gpu_aug``),
+- ``fast``: the configuration as given (``precision``, ``train.compile``, ``data.gpu_aug``),
   SDPA attention, fused AdamW, foreach clipping and EMA;
 - ``plain``: fp32, eager, explicit softmax attention, per-parameter AdamW / clipping / EMA loops,
   and the CPU data path: what a straightforward implementation does;
@@ -50,8 +50,8 @@ from ..data.shards import is_shard_location
 from ..models.conmim import ARCH_DIMS, ConMIM, set_fused_attention
 from ..runtime import distributed
 from ..runtime.device import resolve_device, resolve_precision
-from ..train.engine import build_loader
 from ..train.optim import build_adamw
+from ..train.setup import build_loader
 from ..train.step import compile_step, forward_backward, optimizer_step
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, no sparsity); the first
@@ -179,7 +179,7 @@ def variant_config(cfg: BenchRunConfig, variant: str, folder: Path | None) -> Be
         source = "webdataset" if is_shard_location(str(folder)) else "folder"
         cfg.data.source, cfg.data.path, cfg.data.split = source, str(folder), "."
     if variant == "plain":
-        cfg.train.precision, cfg.train.compile, cfg.data.gpu_aug = "fp32", False, False
+        cfg.precision, cfg.train.compile, cfg.data.gpu_aug = "fp32", False, False
     if variant == "baseline":
         merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(cfg.bench.baseline)))
         cfg = OmegaConf.to_object(merged)
@@ -205,7 +205,7 @@ class Variant:
     def __post_init__(self) -> None:
         cfg, device, fast = self.cfg, self.device, self.name != "plain"
         t = cfg.train
-        torch.manual_seed(t.seed)  # both variants start from the same weights
+        torch.manual_seed(cfg.seed)  # both variants start from the same weights
         model = ConMIM.from_config(cfg.model).to(device).train()
         model.student.set_grad_checkpointing(t.grad_checkpointing)
         set_fused_attention(model, fast)
@@ -219,7 +219,7 @@ class Variant:
             fused=fast,
             foreach=fast,
         )
-        amp_dtype = resolve_precision(t.precision, device)
+        amp_dtype = resolve_precision(cfg.precision, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         student = compile_step(model, model.student) if t.compile else model.student
         params = [p for p in model.student.parameters() if p.requires_grad]
@@ -296,7 +296,7 @@ def _count_host_syncs(device: torch.device):
 def _synthetic_batches(cfg: Config, device: torch.device, sets: int = 2) -> Iterator:
     """A few random (weak, strong, mask) batches on the device, cycled (random data, never zeros)."""
     m, b = cfg.model, cfg.train.batch_size
-    gen = torch.Generator().manual_seed(cfg.train.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
     masks = MaskGenerator.from_config(cfg.mask, m.img_size, m.patch_size)
     batches = []
     for _ in range(sets):
@@ -316,7 +316,7 @@ def report(v: Variant, cfg: BenchRunConfig, device: torch.device, data: str) -> 
     img_s = t.batch_size / step_s
     flops = flops_per_image(v.cfg.model)
     peak, peak_source = peak_tflops(device, cfg.bench.peak_tflops)
-    amp = resolve_precision(t.precision, device)
+    amp = resolve_precision(v.cfg.precision, device)
     fast = v.name != "plain"
     return {
         "variant": v.name,
@@ -360,7 +360,7 @@ def run_bench(cfg: BenchRunConfig) -> list[dict[str, Any]]:
         folder = None
         if b.data == "jpeg":
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="conmim-bench-")))
-            write_jpeg_folder(folder, b.jpeg_images, cfg.train.seed)
+            write_jpeg_folder(folder, b.jpeg_images, cfg.seed)
         elif b.data != "synthetic":
             folder = Path(b.data)
         variants: list[Variant] = []

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,16 +25,11 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, to_yaml
-from ..data.channels import check_first_images
-from ..data.gpu_views import EncodedPretrainDataset, collate_encoded, device_batches, device_views
-from ..data.masking import MaskGenerator
-from ..data.pretrain import EpochSampler, PretrainDataset, read_skipped
-from ..data.sources import build_source
-from ..data.views import PairedViews
+from ..config import Config, to_yaml
+from ..data.gpu_views import device_batches, device_views
+from ..data.pretrain import read_skipped
 from ..models import pretraining_model
 from ..models.conmim import ConMIM
 from ..models.pixel_mim import PixelMIM
@@ -48,6 +42,7 @@ from .guard import NonFiniteError, StepGuard
 from .init_weights import describe, init_from
 from .optim import build_adamw
 from .schedules import teacher_momentum, warmup_cosine
+from .setup import Plan, build_loader, make_plan, preflight
 from .step import compile_step, forward_backward, optimizer_step
 
 log = logging.getLogger(__name__)
@@ -57,102 +52,6 @@ log = logging.getLogger(__name__)
 INJECT_NAN_STEPS: frozenset[int] = frozenset()
 
 Monitor = Callable[[torch.nn.Module, torch.device, torch.dtype | None], dict[str, float]]
-
-
-def check_writable(folder: Path) -> None:
-    """Fail before any work when the output folder cannot be created or written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_test.{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"output_dir={str(folder)!r} is not writable: {err.strerror or err}") from None
-
-
-@dataclass
-class Plan:
-    """Step counts derived once, so every schedule has the same length."""
-
-    steps_per_epoch: int  # optimizer steps
-    total_steps: int  # length of every schedule
-    run_steps: int  # where this run stops (train.max_steps caps it)
-    warmup_steps: int
-    lr: float  # peak lr after the batch-size rule
-    total_batch: int
-
-
-def make_plan(cfg: Config, micro_steps_per_epoch: int, world_size: int) -> Plan:
-    t = cfg.train
-    steps_per_epoch = max(micro_steps_per_epoch // t.accum_steps, 1)
-    total = steps_per_epoch * t.epochs
-    total_batch = t.batch_size * t.accum_steps * world_size
-    return Plan(
-        steps_per_epoch,
-        total,
-        min(total, t.max_steps) if t.max_steps else total,
-        int(round(t.warmup_epochs * steps_per_epoch)),
-        t.base_lr * total_batch / 256,
-        total_batch,
-    )
-
-
-def preflight(cfg: Config, dist: distributed.DistInfo, device: torch.device):
-    """Checks that need the data, the device or the process group, before any model is built.
-
-    Returns the data source. ``train.batch_size`` is per process, so the batch can never be smaller
-    than the number of ranks; what can fail is the data filling one batch on every rank.
-    """
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={cfg.device!r} is not allowed: no CUDA device is visible; use auto or cpu")
-    if cfg.resume and not Path(cfg.resume).is_file():
-        raise ConfigError(f"resume={cfg.resume!r} is not allowed: no such checkpoint file")
-    if cfg.model.init and not Path(cfg.model.init).exists():
-        raise ConfigError(f"model.init={cfg.model.init!r} is not allowed: no such file or folder")
-    source = build_source(cfg.data, cfg.model.img_size, in_chans=cfg.model.in_chans)
-    check_first_images(source, cfg.model.in_chans)
-    b, w = cfg.train.batch_size, dist.world_size
-    if len(source) // w < b:
-        raise ConfigError(
-            f"train.batch_size={b} is not allowed: {len(source)} images split over {w} process(es) "
-            f"fill no batch of {b} per process; use at most {len(source) // w}"
-        )
-    if dist.is_main:
-        check_writable(Path(cfg.output_dir))
-    return source
-
-
-def build_loader(
-    cfg: Config, dist: distributed.DistInfo, start_micro_step: int, source=None, skip_log: Path | None = None
-) -> tuple[DataLoader, EpochSampler, PretrainDataset]:
-    """The pre-training loader. Its own generator keeps the main process's torch RNG untouched when
-    an iterator starts (a resumed run must draw drop-path masks from exactly the saved RNG state)."""
-    m, d = cfg.model, cfg.data
-    source = source if source is not None else build_source(d, m.img_size, in_chans=m.in_chans)
-    views = PairedViews(
-        m.img_size, (d.crop_scale_min, 1.0), tuple(d.mean), tuple(d.std), d.strong_aug, d.weak_aug_strong
-    )
-    masks = MaskGenerator.from_config(cfg.mask, m.img_size, m.patch_size)
-    dataset_cls = EncodedPretrainDataset if d.gpu_aug else PretrainDataset
-    dataset = dataset_cls(source, views, masks, cfg.train.seed, d.on_error, skip_log)
-    sampler = EpochSampler(
-        len(dataset), cfg.train.batch_size, dist.rank, dist.world_size, cfg.train.seed, start_step=start_micro_step
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.train.batch_size,
-        sampler=sampler,
-        num_workers=d.num_workers,
-        pin_memory=torch.cuda.is_available(),
-        drop_last=True,
-        collate_fn=collate_encoded if d.gpu_aug else None,
-        persistent_workers=d.num_workers > 0,
-        prefetch_factor=4 if d.num_workers > 0 else None,
-        # its own generator: creating the iterator must not draw from the global RNG,
-        # or a resumed run's drop-path draws would shift
-        generator=torch.Generator().manual_seed(cfg.train.seed),
-    )
-    return loader, sampler, dataset
 
 
 @dataclass
@@ -231,7 +130,7 @@ class Run:
             tried = f", after {guard.restores} restore(s) with a lower lr" if guard.restores else ""
             raise NonFiniteError(
                 f"stopping: {what}{tried}; {where}. Lower train.base_lr, raise train.warmup_epochs, "
-                f"use train.precision=bf16 or fp32, or check the data (train.nan_policy={t.nan_policy}, "
+                f"use precision=bf16 or fp32, or check the data (train.nan_policy={t.nan_policy}, "
                 f"train.nan_max_restores={t.nan_max_restores})"
             )
         state, path = found
@@ -261,7 +160,7 @@ def build(cfg: Config, out: Path, device: torch.device, dist: distributed.DistIn
     optimizer = build_adamw(
         model.student, t.base_lr, t.weight_decay, tuple(t.betas), t.decay_mask_token, t.decay_rel_pos, fused=True
     )  # fused: skips a non-finite step on the device
-    amp_dtype = resolve_precision(t.precision, device)
+    amp_dtype = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     guard = StepGuard(model, optimizer, scaler, t.max_bad_steps, t.log_every)
     return Run(cfg, out, device, dist, model, optimizer, scaler, guard, amp_dtype)
@@ -377,14 +276,14 @@ def pretrain(cfg: Config, make_monitor: Callable[[Config], Monitor | None] | Non
     so training never depends on evaluation code.
     """
     device = resolve_device(cfg.device)
-    dist = distributed.setup(device.type, cfg.train.dist_timeout_s)
+    dist = distributed.setup(device.type, cfg.dist_timeout_s)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     out, t = Path(cfg.output_dir), cfg.train
     source = preflight(cfg, dist, device)
     if dist.is_main:
         (out / "config.yaml").write_text(to_yaml(cfg))
-    seed_process(t.seed, dist.rank)
+    seed_process(cfg.seed, dist.rank)
 
     run = build(cfg, out, device, dist)
     step, meter = restore(run)

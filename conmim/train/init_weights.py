@@ -112,9 +112,11 @@ def fit(state: dict[str, torch.Tensor], branch: Branch) -> tuple[dict[str, torch
             for kind, keys in problems.items()
             if keys
         )
+        layer_scale = any(".ls1." in k for k in problems["missing"] + problems["unexpected"])
+        hint = " (layer scale: model.init_values=0 for weights without it, such as timm's ViTs)" if layer_scale else ""
         raise ConfigError(
             f"these weights do not fit the configured model ({listed}); set model.arch, model.depth, "
-            "model.encoder, model.pos_embed and model.in_chans as the source was trained"
+            f"model.encoder, model.pos_embed, model.init_values{hint} and model.in_chans as the source was trained"
         )
     return {k: v for k, v in state.items() if k not in fresh}, fresh
 

@@ -13,7 +13,7 @@ model, untrained: BEiT's truncated normal cut at +-1 std, patch embedding includ
 run's teacher, ``runs/fashion_mnist``); ``scale`` (1.0) multiplies the encoder's residual stream
 (``conmim.eval.transfer.rescale_stream``, the same function), ``scale=fresh`` by the factor that
 ``finetune.fresh_scale`` uses.
-Usage: ``python lab/diagnostics/early_steps.py ld=1.0,lr=1e-3,aug=1,cj=0,init=run [threads]``.
+Usage: ``python -m lab.diagnostics.early_steps ld=1.0,lr=1e-3,aug=1,cj=0,init=run [threads]``.
 """
 
 from __future__ import annotations

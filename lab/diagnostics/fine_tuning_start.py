@@ -1,6 +1,6 @@
 """The first fine-tuning steps, measured: how good the head's input is and how far the weights move.
 
-    python lab/diagnostics/fine_tuning_start.py runs/fashion_mnist [--random] [KEY=VALUE ...]
+    python -m lab.diagnostics.fine_tuning_start runs/fashion_mnist [--random] [KEY=VALUE ...]
 
 Builds the classifier that ``conmim finetune`` builds from the run's teacher (``--random``: from
 timm's random initialisation of the same encoder), then fine-tunes it for ``--steps`` steps on a
@@ -56,11 +56,11 @@ def main() -> None:
     (bank_x, bank_y), (query_x, query_y) = stack(train, 2000), stack(test, 1000)
     if args.random:
         spec = spec_of(cfg)
-        torch.manual_seed(cfg.train.seed)
+        torch.manual_seed(cfg.seed)
         weights, spec = pretrained_of(timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"]))
     else:
         weights, spec = pretrained_of(args.run)
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.seed)
     model, _ = build_classifier(weights, spec, 10, 0, f.drop_path, f.head_init_scale, f.fc_norm)
     if f.probe_head_epochs:
         probe_head_init(model, train, cfg, torch.device("cpu"), None)
@@ -94,7 +94,7 @@ def main() -> None:
         shuffle=True,
         drop_last=True,
         num_workers=1,
-        generator=torch.Generator().manual_seed(cfg.train.seed),
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=f.label_smoothing)
     peak, step = f.base_lr * f.batch_size / 256, 0

@@ -1,6 +1,6 @@
 """Retrieval accuracy and online k-NN against the step for each run of lab/diagnostics/position_study.sh.
 
-    python lab/diagnostics/plot_position_study.py RUNS_DIR OUT_DIR
+    python -m lab.diagnostics.plot_position_study RUNS_DIR OUT_DIR
 
 Writes OUT_DIR/retrieval.png and OUT_DIR/position_study.json (per run: the logged records).
 """

@@ -4,7 +4,7 @@
 # Usage: bash lab/diagnostics/position_study.sh [RUNS_DIR]   (default runs/position; about 4 minutes a
 # variant on an idle 2-core machine, resumable: a finished variant is skipped)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 RUNS=${1:-runs/position}
 export OMP_NUM_THREADS=1
 for variant in "none zero" "none locality" "mask_sincos locality" "mask_sincos zero" "sincos zero" \
@@ -15,4 +15,4 @@ for variant in "none zero" "none locality" "mask_sincos locality" "mask_sincos z
   .venv/bin/conmim pretrain model.pos_embed="$1" model.rel_pos_init="$2" train.max_steps=240 \
     eval.final_knn=false eval.monitor_every=80 output_dir="$out"
 done
-.venv/bin/python lab/diagnostics/plot_position_study.py "$RUNS" lab/records/position
+.venv/bin/python -m lab.diagnostics.plot_position_study "$RUNS" lab/records/position

@@ -2,7 +2,7 @@
 
 Same subsets, evaluation transform, k and temperature as the study's encoders, so it tells how far a
 small pre-training budget is from the simplest possible feature. Usage:
-``python lab/diagnostics/raw_pixel_knn.py [STUDY_CONFIG]`` (default: the packaged study_cpu protocol).
+``python -m lab.diagnostics.raw_pixel_knn [STUDY_CONFIG]`` (default: the lab's study_cpu protocol).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ patches (the "content-only oracle"). It also measures what the strong view's pho
 a patch's identity: the teacher's own output on the unmasked weak view, used as the query, retrieves
 its patch in the strong view (a student that predicted the teacher's clean-view features perfectly
 would score this). Usage:
-``python lab/diagnostics/retrieval_breakdown.py RUN_DIR [IMAGES]`` (default 500 test images).
+``python -m lab.diagnostics.retrieval_breakdown RUN_DIR [IMAGES]`` (default 500 test images).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Scratch fine-tuning (timm's random initialisation) on the study's 10 % subset (6,000 labels, seed 0) for
 6 passes (281 steps at batch 128, 0.1-pass warm-up), test top-1 on all 10,000 test images, once per
 setting ``LAYER_DECAY[:BASE_LR]`` (default base_lr: the recipe's 2e-3, i.e. lr 1e-3). Usage:
-``python lab/diagnostics/scratch_recipe_check.py 0.75 1.0 1.0:6e-3``.
+``python -m lab.diagnostics.scratch_recipe_check 0.75 1.0 1.0:6e-3``.
 """
 
 from __future__ import annotations

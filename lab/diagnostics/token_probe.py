@@ -10,7 +10,7 @@ features, as in its final summary) and scored on held-out tokens, in two domains
   resized), the tokens whose 4x4 pixels are at least half one garment class, labelled with that
   class (windows of 500 training / 200 validation scenes).
 
-Usage: ``python lab/diagnostics/token_probe.py RUN_DIR SCENES_DIR [OUT.json]`` (SCENES_DIR as written by
+Usage: ``python -m lab.diagnostics.token_probe RUN_DIR SCENES_DIR [OUT.json]`` (SCENES_DIR as written by
 ``conmim scenes``; about 5 minutes on two CPU cores).
 """
 

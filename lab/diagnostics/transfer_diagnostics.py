@@ -1,6 +1,6 @@
 """What the fine-tuning classifier built from an encoder feeds its head, pre-trained against random init.
 
-    python lab/diagnostics/transfer_diagnostics.py runs/fashion_mnist [--images 512] [--out FILE.json]
+    python -m lab.diagnostics.transfer_diagnostics runs/fashion_mnist [--images 512] [--out FILE.json]
 
 For the classifier that ``conmim finetune`` builds (and for random initialisation of the same spec), on
 ``--images`` Fashion-MNIST test images: the between-image share of the variance of the pooled features
@@ -81,15 +81,15 @@ def main() -> None:
         LabeledDataset(test, EvalTransform(size, cfg.data.mean, cfg.data.std, f.crop_pct))[i] for i in range(len(test))
     ]
     images, labels = torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.seed)
     random_encoder = ConMIM.from_config(cfg.model).teacher.encoder
     results = {}
     for name, (weights, spec) in {
-        "pretrained": pretrained_of(args.source, cfg.eval.which),
+        "pretrained": pretrained_of(args.source, cfg.finetune.which),
         "random_init": pretrained_of(random_encoder),
     }.items():
         for fc_norm in (True, False):
-            torch.manual_seed(cfg.train.seed)
+            torch.manual_seed(cfg.seed)
             model, _ = build_classifier(weights, spec, 10, 0, 0.0, f.head_init_scale, fc_norm=fc_norm)
             key = f"{name}/{'fc_norm' if fc_norm else 'pretrained_norm'}"
             results[key] = measure(model, images, labels)

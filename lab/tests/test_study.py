@@ -28,7 +28,8 @@ study:
 base:
   model: {{arch: vit_tiny, encoder: vit, depth: 2, img_size: 32, patch_size: 4, proj_hidden_dim: 64, proj_out_dim: 32}}
   data: {{num_workers: 0, crop_scale_min: 0.25}}
-  train: {{batch_size: 32, epochs: 1, precision: fp32, log_every: 1, checkpoint_every: 2, warmup_epochs: 0.25}}
+  precision: fp32
+  train: {{batch_size: 32, epochs: 1, log_every: 1, checkpoint_every: 2, warmup_epochs: 0.25}}
   eval: {{pool: mean}}
   linprobe: {{epochs: 2, warmup_epochs: 0}}
   finetune: {{epochs: 1, batch_size: 32, mixup: 0.0, cutmix: 0.0, auto_augment: "", reprob: 0.0, crop_pct: 1.0}}
@@ -89,7 +90,8 @@ study:
 base:
   model: {{arch: vit_tiny, encoder: vit, depth: 2, img_size: 32, patch_size: 4, proj_hidden_dim: 64, proj_out_dim: 32}}
   data: {{num_workers: 0, crop_scale_min: 0.25}}
-  train: {{batch_size: 32, epochs: 1, max_steps: 3, precision: fp32, log_every: 1, checkpoint_every: 2,
+  precision: fp32
+  train: {{batch_size: 32, epochs: 1, max_steps: 3, log_every: 1, checkpoint_every: 2,
           warmup_epochs: 0.1}}
   eval: {{pool: mean}}
   linprobe: {{warmup_epochs: 0}}
@@ -253,9 +255,50 @@ def test_every_lab_preset_loads_and_each_variant_validates():
 
     from lab.study import PRESETS, variant_config
 
-    names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    names = sorted(p.stem for p in PRESETS.glob("study_*.yaml"))
     assert {"study_labels", "study_cpu", "study_gpu"} <= set(names)
     for name in names:
         study, base = load_study(name)
         for variant in study.variants:
             variant_config(base, variant, 0, Path("/tmp/unused"), Path("/tmp/unused"))
+
+
+def test_recipe_sweep_records_every_trial_on_validation_images_and_skips_them_on_rerun(tmp_path):
+    from lab.sweep import main as sweep_main
+
+    config = tmp_path / "sweep.yaml"
+    model = "model.depth=2 model.img_size=16 model.patch_size=4 model.pos_embed=none model.rel_pos_init=zero"
+    config.write_text(
+        f"""
+sweep:
+  output_dir: {tmp_path}/runs
+  records: {tmp_path}/trials.jsonl
+  val_per_class: 3
+  base: [{", ".join(model.split())}, precision=fp32, data.num_workers=0, finetune.probe_head_epochs=0,
+         finetune.warmup_epochs=1]
+  fractions: [{{fraction: 0.002, passes: [2], evals: 2, overrides: [finetune.batch_size=16]}}]
+  recipes: [[finetune.base_lr=1.0e-3], [finetune.base_lr=4.0e-3]]
+"""
+    )
+    assert sweep_main([str(config)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    assert [r["overrides"][-1] for r in rows] == ["finetune.base_lr=1.0e-3", "finetune.base_lr=4.0e-3"]
+    for r in rows:
+        assert (r["labels"], r["val_images"], r["passes"], len(r["val_history_top1"])) == (120, 30, 2, 2)
+        assert 0 <= r["val_top1"] <= 100 and r["steps"] == 2 * (120 // 16)
+    before = (tmp_path / "trials.jsonl").read_text()
+    assert sweep_main([str(config)]) == 0
+    assert (tmp_path / "trials.jsonl").read_text() == before  # every trial was done: nothing reruns
+
+
+def test_validation_images_never_overlap_the_labelled_subset():
+    from conmim.data.sources import fashion_mnist
+    from lab.study import balanced_subset
+    from lab.sweep import validation_indices
+
+    train = fashion_mnist("/usr/share/datasets/fashion-mnist", "train")
+    labelled = balanced_subset(train, 0.1, 0)
+    val = validation_indices(train, labelled, 500, 0)
+    assert len(val) == 5000 and not set(val) & set(labelled)
+    assert np.bincount(np.asarray(train.labels)[val]).tolist() == [500] * 10
+    assert set(balanced_subset(train, 0.01, 0)) <= set(labelled)  # the smaller fraction's images too
