@@ -344,6 +344,34 @@ def test_segment_runs_from_a_pretraining_run_and_resumes_exactly(tiny_run, scene
     assert json.loads((b / "results.json").read_text())["mIoU"] == pytest.approx(result["mIoU"])
 
 
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_segment_stops_on_a_signal_with_a_checkpoint_and_resumes_exactly(
+    tiny_run, scenes_dir, tmp_path, monkeypatch, name
+):
+    """A real signal to this process during iteration 3: the iteration finishes, a checkpoint is written
+    (the periodic ones come every 2), the command exits 75, and the rerun ends as the uninterrupted run."""
+    import os
+    import signal
+
+    import conmim.dense.loop as loop
+
+    assert main(_segment_args(tiny_run, scenes_dir, tmp_path / "a")) == 0
+    real_poly = loop.warmup_poly
+
+    def signal_at_3(step, *rest):
+        if step == 2:  # the lr of iteration 3 (0-based step 2)
+            os.kill(os.getpid(), getattr(signal, name))
+        return real_poly(step, *rest)
+
+    monkeypatch.setattr(loop, "warmup_poly", signal_at_3)
+    args = _segment_args(tiny_run, scenes_dir, tmp_path / "b")
+    assert main(args) == 75
+    assert torch.load(tmp_path / "b" / "segment" / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(loop, "warmup_poly", real_poly)
+    assert main(args) == 0
+    _assert_same_end(tmp_path / "a" / "segment", tmp_path / "b" / "segment")
+
+
 def test_prediction_picture_colours_truth_and_prediction_on_scored_pixels(tmp_path):
     from conmim.dense.data import IGNORE
     from conmim.dense.pictures import palette, prediction_picture

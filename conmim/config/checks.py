@@ -33,6 +33,7 @@ from .sections import (
 )
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
 WHICH = ("teacher", "student")
 
 
@@ -53,6 +54,12 @@ def check_run(cfg: Config) -> None:
     )
     _require(bool(cfg.output_dir.strip()), "output_dir", cfg.output_dir, "a folder path")
     _require(cfg.dist_timeout_s > 0, "dist_timeout_s", cfg.dist_timeout_s, "a positive number of seconds")
+    _require(
+        all(name in STOP_SIGNALS for name in cfg.stop_signals),
+        "stop_signals",
+        cfg.stop_signals,
+        f"a list of {', '.join(STOP_SIGNALS)}",
+    )
 
 
 def check_model(cfg: Config) -> None:

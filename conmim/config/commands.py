@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # Shared by every command, at the top level.
-RUN_KEYS = ("seed", "device", "precision", "output_dir", "dist_timeout_s")
+RUN_KEYS = ("seed", "device", "precision", "output_dir", "dist_timeout_s", "stop_signals")
 _PRETRAIN = (
     *RUN_KEYS,
     "resume",

@@ -296,6 +296,8 @@ class RunConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     output_dir: str = "runs/default"
     dist_timeout_s: float = 600.0  # a collective waiting longer than this (dead or hung rank) fails
+    # training commands: on these signals finish the step, checkpoint, exit 75 (docs/reliability.md)
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass

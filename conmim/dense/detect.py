@@ -29,6 +29,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from ..config import Config, to_yaml
 from ..runtime import distributed
 from ..runtime.device import resolve_precision
+from ..runtime.preemption import held_run
 from .backbone import ViTPyramid
 from .coco import CocoInstances, coco_ap, coco_results, collate
 from .common import builtin_scenes, pyramid_of, shard, step_loader
@@ -132,21 +133,23 @@ def detect(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None) 
         return sum(loss.float() for loss in net(images, targets).values())
 
     keys = ("bbox_AP", "bbox_AP50") + (("segm_AP", "segm_AP50") if d.masks else ())
-    final, history = train_iterations(
-        model,
-        optimizer,
-        lambda start: step_loader(train, d.batch_size, d.iters, cfg, start, device, collate, info),
-        loss_of,
-        lambda: evaluate(model, val, cfg, device, amp_dtype, info),
-        keys,
-        Schedule.of(d),
-        out,
-        to_yaml(cfg),
-        device,
-        amp_dtype,
-        "detect",
-        info,
-    )
+    with held_run(out, cfg.stop_signals, info.is_main, info.enabled, cfg.dist_timeout_s) as stop:  # one run per folder
+        final, history = train_iterations(
+            model,
+            optimizer,
+            lambda start: step_loader(train, d.batch_size, d.iters, cfg, start, device, collate, info),
+            loss_of,
+            lambda: evaluate(model, val, cfg, device, amp_dtype, info),
+            keys,
+            Schedule.of(d),
+            out,
+            to_yaml(cfg),
+            device,
+            amp_dtype,
+            "detect",
+            info,
+            stop,
+        )
     result = {
         **final,
         "iters": d.iters,

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed
 from ..runtime.metrics import MetricsWriter
+from ..runtime.preemption import Preempted, Preemption
 from ..runtime.seeding import rng_state, set_rng_state
 from ..train.schedules import warmup_poly
 
@@ -70,11 +71,15 @@ def train_iterations(
     amp_dtype: torch.dtype | None,
     tag: str,
     info: distributed.DistInfo | None = None,
+    stop: Preemption | None = None,
 ) -> tuple[dict[str, Any], list[dict]]:
     """Train to ``s.iters`` (resuming from ``out/checkpoints/last.pt``); returns the final
     evaluation and the history of evaluation records. ``batches(start)`` yields the batches of
     iterations ``start..iters-1``; ``loss_of(batch)`` runs the model (under autocast) and returns the
-    loss; ``evaluate()`` returns metrics, of which ``record_keys`` go to ``metrics.jsonl`` as ``val_*``."""
+    loss; ``evaluate()`` returns metrics, of which ``record_keys`` go to ``metrics.jsonl`` as ``val_*``.
+    ``stop``: the run's stop signals; on one, the loop checkpoints after the iteration and raises
+    :class:`~conmim.runtime.preemption.Preempted`."""
+    stop = stop or Preemption((), False)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step, history, last = 0, [], out / "checkpoints" / "last.pt"
     if last.is_file():
@@ -102,6 +107,13 @@ def train_iterations(
             writer.write(rec)
             log.info("iteration %d: %s", step, ", ".join(f"{k} {metrics[k]:.2f}" for k in record_keys))
         return rec
+
+    def save() -> None:
+        rngs = distributed.gather_to_main(rng_state(device))
+        if info.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
+            extra = {"step": step, "history": history, "rng": rngs, "config": config_yaml}
+            ckpt.atomic_save({**state, **extra}, last)
 
     def evaluate_all() -> dict[str, Any]:
         distributed.broadcast_from_main(model)  # one set of BatchNorm statistics on every rank
@@ -132,16 +144,16 @@ def train_iterations(
         if s.eval_every and step % s.eval_every == 0 and step < s.iters:
             history.append(record(evaluate_all()))
             model.train()
-        if step % s.checkpoint_every == 0 or step == s.iters:
-            rngs = distributed.gather_to_main(rng_state(device))
-            if info.is_main:
-                state = {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                }
-                extra = {"step": step, "history": history, "rng": rngs, "config": config_yaml}
-                ckpt.atomic_save({**state, **extra}, last)
+        due = step % s.checkpoint_every == 0 or step == s.iters
+        if due:
+            save()
+        if stop.stop_now():
+            if not due:
+                save()
+            bar.close()
+            if writer:
+                writer.close()
+            raise Preempted(stop.received or "a signal", step, str(last.parent))
     bar.close()
     final = evaluate_all()
     if not history or history[-1]["step"] != step:

@@ -30,6 +30,7 @@ from ..config import Config, to_yaml
 from ..data.sources import DataError
 from ..runtime import distributed
 from ..runtime.device import resolve_precision
+from ..runtime.preemption import held_run
 from .common import builtin_scenes, pyramid_of, shard, step_loader
 from .data import IGNORE, EvalSegDataset, TrainSegDataset, ade20k_pairs, check_sizes, pairs_in, windows
 from .loop import Schedule, train_iterations
@@ -155,21 +156,23 @@ def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None)
         images, targets = (t.to(device, non_blocking=True) for t in batch)
         return segmentation_loss(net(images), targets, criterion, s.aux_weight)
 
-    final, history = train_iterations(
-        model,
-        optimizer,
-        lambda start: step_loader(train_set, s.batch_size, s.iters, cfg, start, device, info=info),
-        loss_of,
-        lambda: evaluate(model, val_set, cfg, k, names, device, amp_dtype, info),
-        ("mIoU", "mAcc", "aAcc"),
-        Schedule.of(s),
-        out,
-        to_yaml(cfg),
-        device,
-        amp_dtype,
-        "segment",
-        info,
-    )
+    with held_run(out, cfg.stop_signals, info.is_main, info.enabled, cfg.dist_timeout_s) as stop:  # one run per folder
+        final, history = train_iterations(
+            model,
+            optimizer,
+            lambda start: step_loader(train_set, s.batch_size, s.iters, cfg, start, device, info=info),
+            loss_of,
+            lambda: evaluate(model, val_set, cfg, k, names, device, amp_dtype, info),
+            ("mIoU", "mAcc", "aAcc"),
+            Schedule.of(s),
+            out,
+            to_yaml(cfg),
+            device,
+            amp_dtype,
+            "segment",
+            info,
+            stop,
+        )
     result = {
         "mIoU": final["mIoU"],
         "mAcc": final["mAcc"],

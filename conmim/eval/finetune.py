@@ -39,6 +39,7 @@ from ..runtime import checkpoint as ckpt
 from ..runtime import distributed
 from ..runtime.device import resolve_precision
 from ..runtime.metrics import MetricsWriter
+from ..runtime.preemption import held_run
 from ..train.schedules import warmup_cosine
 from .common import ChannelTransform, EvalTransform, LabeledDataset, check_channels, img_size_of, num_classes_of
 from .linprobe import cached_batches, train_head
@@ -372,50 +373,52 @@ def finetune(
             len(loader),
             run.peak,
         )
-    writer = MetricsWriter(out, run.step, tag="finetune") if dist.is_main else None
-    run.net = DistributedDataParallel(model) if dist.enabled else model
-    while epoch < f.epochs:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        _train_epoch(run, loader, f, writer, f"finetune epoch {epoch + 1}/{f.epochs}")
-        epoch += 1
-        metrics = evaluate(model, test_set, f.batch_size * 3 // 2, device, amp_dtype, cfg.data.num_workers)
-        history.append({"epoch": epoch, **metrics})
-        is_best = metrics["top1"] > best["top1"]
-        if is_best:
-            best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch}
-        if writer:
-            writer.write(
-                {
-                    "step": run.step,
-                    "epoch": epoch,
-                    **{f"test_{k}": v for k, v in metrics.items()},
-                    "best_top1": best["top1"],
-                }
-            )
-            log.info(
-                "epoch %d: top-1 %.2f%%, top-5 %.2f%% (best %.2f%% at epoch %d)",
-                epoch,
-                metrics["top1"],
-                metrics["top5"],
-                best["top1"],
-                best["epoch"],
-            )
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": run.scaler.state_dict(),
-                "epoch": epoch,
-                "best": best,
-                "history": history,
-                "spec": json.dumps(model_spec),
-                "config": to_yaml(cfg),
-            }
-            ckpt.atomic_save(state, last)
+    with held_run(out, (), dist.is_main, False):  # one run per folder; no stop signals: epoch checkpoints
+        writer = MetricsWriter(out, run.step, tag="finetune") if dist.is_main else None
+        run.net = DistributedDataParallel(model) if dist.enabled else model
+        while epoch < f.epochs:
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            _train_epoch(run, loader, f, writer, f"finetune epoch {epoch + 1}/{f.epochs}")
+            epoch += 1
+            metrics = evaluate(model, test_set, f.batch_size * 3 // 2, device, amp_dtype, cfg.data.num_workers)
+            history.append({"epoch": epoch, **metrics})
+            is_best = metrics["top1"] > best["top1"]
             if is_best:
-                ckpt.atomic_save(
-                    {k: state[k] for k in ("model", "epoch", "best", "spec", "config")}, out / "checkpoints" / "best.pt"
+                best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch}
+            if writer:
+                writer.write(
+                    {
+                        "step": run.step,
+                        "epoch": epoch,
+                        **{f"test_{k}": v for k, v in metrics.items()},
+                        "best_top1": best["top1"],
+                    }
                 )
+                log.info(
+                    "epoch %d: top-1 %.2f%%, top-5 %.2f%% (best %.2f%% at epoch %d)",
+                    epoch,
+                    metrics["top1"],
+                    metrics["top5"],
+                    best["top1"],
+                    best["epoch"],
+                )
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": run.scaler.state_dict(),
+                    "epoch": epoch,
+                    "best": best,
+                    "history": history,
+                    "spec": json.dumps(model_spec),
+                    "config": to_yaml(cfg),
+                }
+                ckpt.atomic_save(state, last)
+                if is_best:
+                    ckpt.atomic_save(
+                        {k: state[k] for k in ("model", "epoch", "best", "spec", "config")},
+                        out / "checkpoints" / "best.pt",
+                    )
     result = {
         "top1": history[-1]["top1"],
         "top5": history[-1]["top5"],

@@ -37,6 +37,7 @@ from ..runtime import checkpoint as ckpt
 from ..runtime import distributed
 from ..runtime.device import resolve_device, resolve_precision
 from ..runtime.metrics import MetricsWriter
+from ..runtime.preemption import Preempted, Preemption, held_run
 from ..runtime.seeding import rng_state, seed_process, set_rng_state
 from .guard import NonFiniteError, StepGuard
 from .init_weights import describe, init_from
@@ -279,8 +280,19 @@ def pretrain(cfg: Config, make_monitor: Callable[[Config], Monitor | None] | Non
     dist = distributed.setup(device.type, cfg.dist_timeout_s)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
-    out, t = Path(cfg.output_dir), cfg.train
+    out = Path(cfg.output_dir)
     source = preflight(cfg, dist, device)
+    try:
+        with held_run(
+            out, cfg.stop_signals, dist.is_main, dist.enabled, cfg.dist_timeout_s
+        ) as stop:  # one run per folder
+            return _pretrain(cfg, make_monitor, device, dist, source, stop)
+    finally:
+        distributed.teardown()
+
+
+def _pretrain(cfg: Config, make_monitor, device: torch.device, dist, source, stop: Preemption) -> dict[str, Any]:
+    out, t = Path(cfg.output_dir), cfg.train
     if dist.is_main:
         (out / "config.yaml").write_text(to_yaml(cfg))
     seed_process(cfg.seed, dist.rank)
@@ -347,11 +359,16 @@ def pretrain(cfg: Config, make_monitor: Callable[[Config], Monitor | None] | Non
             writer.write({"step": step, **knn})
         if step % t.checkpoint_every == 0 or step == plan.run_steps:
             run.save(step, sums)
+        if stop.stop_now():
+            if step % t.checkpoint_every and step != plan.run_steps:
+                run.save(step, sums)
+            bar.close()
+            if writer:
+                writer.close()
+            raise Preempted(stop.received or "a signal", step, str(out / "checkpoints"))
     bar.close()
     if writer:
         writer.close()
     if dist.is_main:
         _report_skipped(out)
-    summary = {"steps": step, "output_dir": str(out), "model": run.model, "is_main": dist.is_main}
-    distributed.teardown()
-    return summary
+    return {"steps": step, "output_dir": str(out), "model": run.model, "is_main": dist.is_main}

@@ -1,0 +1,105 @@
+"""Stopping cleanly when a scheduler takes the job away: SIGTERM (SLURM, Kubernetes, torchrun's agent)
+or the ``--signal`` a SLURM user asks for (typically SIGUSR1 some seconds ahead).
+
+A handler only sets a flag, so a checkpoint being written when the signal comes is finished, and a
+second signal changes nothing. The training loop asks :meth:`Preemption.stop_now` once per step. With
+one process that reads the flag. Under torchrun the ranks must stop at the same step, or the ones
+that go on would wait forever in the next collective: each rank starts a non-blocking MAX all-reduce
+of its flag on a small gloo group after step k and reads it after step k+1, so every rank sees the same
+answer at the same step, one step after the first rank got the signal, and no device sync is added.
+The loop then writes a checkpoint and the command exits with :data:`EXIT_PREEMPTED`; running the same
+command again resumes from that checkpoint as from any other.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+from .lock import FolderLock
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; run the same command again
+
+
+class Preempted(Exception):  # noqa: N818 - not an error: the run stopped as asked
+    """Raised by a training loop after it checkpointed on a stop signal; the CLI exits with 75."""
+
+    def __init__(self, signal_name: str, step: int, folder: str):
+        super().__init__(
+            f"stopped by {signal_name} after step {step} with a checkpoint in {folder}; "
+            "run the same command again to resume"
+        )
+        self.signal_name, self.step = signal_name, step
+
+
+class Preemption:
+    """The stop signals of one run: installed on creation, restored by :meth:`close`."""
+
+    def __init__(self, names: Sequence[str], distributed: bool, timeout_s: float = 600.0):
+        self.received: str | None = None
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            names = ()  # Python delivers signals to the main thread only: a run in a thread has no handlers
+        for name in names:
+            number = getattr(signal, name)
+            self._previous[number] = signal.signal(number, self._handle)
+        # the group's own timeout: a hung peer must fail this wait as it fails every other collective
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self._group = dist.new_group(backend="gloo", timeout=timeout) if distributed else None
+        self._pending: tuple[dist.Work, torch.Tensor] | None = None
+
+    def _handle(self, number: int, _frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signal.Signals(number).name
+            log.warning("%s received: stopping after this step with a checkpoint", self.received)
+
+    def stop_now(self) -> bool:
+        """Whether the loop should checkpoint and stop after the step it just finished (the same
+        answer on every rank at every step)."""
+        if self._group is None:
+            return self.received is not None
+        agreed = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            agreed = bool(flag.item())
+        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
+        if agreed and self.received is None:
+            self.received = "a signal to another rank"
+        return agreed
+
+    def close(self) -> None:
+        """Restore the previous handlers; finish the collective in flight (every rank calls this)."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+
+@contextmanager
+def held_run(
+    folder: str | Path, signals: Sequence[str], is_main: bool, distributed: bool, timeout_s: float = 600.0
+) -> Iterator[Preemption]:
+    """A training run's lifetime: the folder's lock (rank 0) and the stop signals, both given back at the end."""
+    lock = FolderLock(folder) if is_main else None
+    stop = Preemption(signals, distributed, timeout_s)
+    try:
+        yield stop
+    finally:
+        stop.close()
+        if lock:
+            lock.release()
