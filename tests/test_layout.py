@@ -103,9 +103,12 @@ def test_model_fields_are_spelled_once_in_the_configuration():
     from conmim.export.encoders import spec_of
     from conmim.models import pretraining_model
     from conmim.models.conmim import ConMIM, kwargs_from
+    from conmim.models.mae import MAE
 
     fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"objective", "init"}  # what to build / load
-    assert fields == set(inspect.signature(ConMIM).parameters)
+    decoder = {"decoder_depth", "decoder_dim", "decoder_heads", "norm_pix_loss"}  # the MAE baseline's own
+    assert fields - decoder == set(inspect.signature(ConMIM).parameters)
+    assert decoder < set(inspect.signature(MAE).parameters) <= fields
     cfg = Config()
     cfg.model = ModelConfig(arch="vit_tiny", depth=2, img_size=32, patch_size=8, drop_path=0.2, pos_embed="sincos")
     assert kwargs_from(ConMIM, cfg.model)["drop_path"] == 0.2
@@ -114,6 +117,8 @@ def test_model_fields_are_spelled_once_in_the_configuration():
         model = pretraining_model(cfg.model)
         assert model.spec == spec_of(cfg) and spec_of(cfg)["kwargs"]["drop_path_rate"] == 0.0
         assert spec_of(cfg)["kwargs"]["use_abs_pos_emb"] and spec_of(cfg)["kwargs"]["depth"] == 2
+    cfg.model.objective, cfg.model.encoder, cfg.model.pos_embed = "mae", "vit", "none"
+    assert pretraining_model(cfg.model).spec == spec_of(cfg)
 
 
 def _module_of(name: str, modules: set[str]) -> str | None:

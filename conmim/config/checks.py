@@ -87,6 +87,39 @@ def check_model(cfg: Config) -> None:
     _require(0.0 <= m.drop_path < 1.0, "model.drop_path", m.drop_path, "a number in [0, 1)")
     _require(0.0 <= m.teacher_drop_path < 1.0, "model.teacher_drop_path", m.teacher_drop_path, "a number in [0, 1)")
     _require(not m.init or m.objective == "conmim", "model.init", m.init, "only with model.objective=conmim")
+    if m.objective == "mae":
+        check_mae_decoder(cfg)
+
+
+def check_mae_decoder(cfg: Config) -> None:
+    """``model.objective=mae``: timm's ViT as the encoder (its absolute position embedding is the MAE
+    encoder's fixed sin-cos one, and exports stay plain timm ViTs), and a decoder that can be built."""
+    m = cfg.model
+    _require(
+        m.encoder == "vit",
+        "model.encoder",
+        m.encoder,
+        "vit with model.objective=mae (an encoder that sees only the visible patches needs an absolute "
+        "position embedding: add model.encoder=vit model.pos_embed=none model.rel_pos_init=zero)",
+    )
+    dims = (m.decoder_depth, m.decoder_dim, m.decoder_heads)
+    _require(
+        min(dims) > 0 and m.decoder_dim % 4 == 0 and m.decoder_dim % m.decoder_heads == 0,
+        "model.decoder_depth/decoder_dim/decoder_heads",
+        dims,
+        "positive integers, decoder_dim a multiple of 4 (2-D sin-cos positions) and of decoder_heads",
+    )
+
+
+def masked_count(cfg: Config) -> int | None:
+    """The number of masked patches every mask of ``cfg.mask`` has, or None when it varies (block)."""
+    m, k = cfg.model, cfg.mask
+    grid = m.img_size // m.patch_size
+    if k.type == "random":
+        return int(round(k.ratio * grid * grid))
+    if k.type == "random_unit" and k.unit > 0 and grid % k.unit == 0:
+        return math.ceil((grid // k.unit) ** 2 * k.ratio) * k.unit * k.unit
+    return None
 
 
 def check_shape(cfg: Config) -> None:
@@ -114,6 +147,22 @@ def check_mask(cfg: Config) -> None:
             k.unit,
             f"a divisor of the patch grid {grid} (model.img_size={m.img_size} / "
             f"model.patch_size={m.patch_size}), i.e. mask units of unit*patch_size pixels",
+        )
+    if m.objective == "mae":  # the encoder stacks the visible tokens: one count for every image
+        count = masked_count(cfg)
+        _require(
+            count is not None,
+            "mask.type",
+            k.type,
+            "random or random_unit with model.objective=mae (every image needs the same number of masked "
+            "patches; block masks vary)",
+        )
+        _require(
+            0 < count < grid * grid,  # type: ignore[operator]
+            "mask.ratio",
+            k.ratio,
+            f"a ratio that masks some but not all of the {grid * grid} patches with model.objective=mae "
+            f"(mask.type={k.type} masks {count})",
         )
 
 

@@ -10,7 +10,7 @@ ENCODERS = ("beit", "vit")
 POS_EMBEDS = ("none", "mask_sincos", "sincos", "sincos_fixed")
 REL_POS_INITS = ("zero", "locality")
 ENCODER_INITS = ("pretrained", "random")  # random: timm's initialisation of the same architecture (scratch)
-OBJECTIVES = ("conmim", "pixel")
+OBJECTIVES = ("conmim", "pixel", "mae")
 MASK_TYPES = ("random_unit", "block", "random")
 SOURCES = ("fashion_mnist", "folder", "list", "webdataset", "synthetic")
 
@@ -21,7 +21,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    objective: str = "conmim"  # conmim: denoising contrast; pixel: MAE/SimMIM-style baseline (conmim.models.pixel_mim)
+    # conmim: denoising contrast; pixel: SimMIM-style baseline (mask tokens in the encoder, conmim.models.pixel_mim);
+    # mae: MAE-style baseline (encoder sees the visible patches only, light decoder; conmim.models.mae)
+    objective: str = "conmim"
     arch: str = "vit_small"
     encoder: str = "beit"  # beit: shared relative position bias (official); vit: absolute position embedding
     # beit only: none (official: no absolute position embedding) | mask_sincos (fixed 2-D sin-cos added to
@@ -45,6 +47,12 @@ class ModelConfig:
     # continued pre-training: student and teacher start from these weights (a conmim run or checkpoint, an
     # export, a timm state dict, an official checkpoint), resized to this model's grid; "" = fresh init
     init: str = ""
+    # objective=mae only (the others ignore them): the light decoder, sized for small encoders (MAE's
+    # ViT-B/L used 8 blocks of width 512); decoder_dim a multiple of 4 (sin-cos) and of decoder_heads
+    decoder_depth: int = 2
+    decoder_dim: int = 128
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True  # target: each patch's pixels normalised by its own mean/variance (false: as given)
 
 
 @dataclass

@@ -30,9 +30,7 @@ from tqdm import tqdm
 from ..config import Config, to_yaml
 from ..data.gpu_views import device_batches, device_views
 from ..data.pretrain import read_skipped
-from ..models import pretraining_model
-from ..models.conmim import ConMIM
-from ..models.pixel_mim import PixelMIM
+from ..models import PretrainingModel, pretraining_model
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed
 from ..runtime.device import resolve_device, resolve_precision
@@ -67,7 +65,7 @@ class Run:
     out: Path
     device: torch.device
     dist: distributed.DistInfo
-    model: ConMIM | PixelMIM
+    model: PretrainingModel  # ConMIM, or a pixel baseline (pixel, mae) without EMA
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     guard: StepGuard

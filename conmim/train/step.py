@@ -66,6 +66,6 @@ def optimizer_step(
     if guard is not None:
         guard.finish(ok)
     optimizer.zero_grad(set_to_none=True)
-    if isinstance(model, ConMIM):  # the pixel baseline has no teacher of its own (no EMA)
+    if isinstance(model, ConMIM):  # the pixel baselines (pixel, mae) have no teacher of their own (no EMA)
         model.update_teacher(momentum, apply=ok, foreach=foreach)
     return grad_norm.detach(), ok
