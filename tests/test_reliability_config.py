@@ -160,3 +160,18 @@ def test_other_channel_counts_get_per_channel_normalisation_without_extra_argume
     assert load_config(None, given).data.mean == [0.1, 0.2]
     with pytest.raises(ConfigError, match="data.mean/data.std"):  # given, but for 3 channels: an error
         load_config(None, ["model.in_chans=2", "data.mean=[0.1,0.2,0.3]", "data.std=[0.3,0.4,0.5]"])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_picks_bf16_only_where_the_cpu_computes_it(monkeypatch, caplog, native):
+    """A CPU without AVX512-BF16/AMX emulates bf16 (10x slower than fp32 on an AVX2-only EPYC):
+    ``auto`` then means fp32, and an explicit bf16 is kept but warned about."""
+    from conmim.runtime import device as device_module
+
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert device_module.resolve_precision("auto", cpu) == (torch.bfloat16 if native else None)
+    assert device_module.resolve_precision("fp32", cpu) is None
+    with caplog.at_level("WARNING", logger="conmim.runtime.device"):
+        assert device_module.resolve_precision("bf16", cpu) == torch.bfloat16
+    assert ("emulated" in caplog.text) is not native

@@ -301,7 +301,7 @@ class RunConfig:
 
     seed: int = 0
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    precision: str = "auto"  # auto (bf16 on GPU and on CPUs with AVX512-BF16/AMX, else fp32) | bf16 | fp16 | fp32
     output_dir: str = "runs/default"
     dist_timeout_s: float = 600.0  # a collective waiting longer than this (dead or hung rank) fails
     # training commands: on these signals finish the step, checkpoint, exit 75 (docs/reliability.md)
