@@ -223,7 +223,7 @@ def test_list_source_reads_arrays_with_labels(tmp_path):
 
 @pytest.mark.parametrize("in_chans", [1, 5])
 def test_finetuning_transform_for_other_channel_counts(in_chans):
-    from conmim.eval.finetune import train_transform
+    from conmim.eval.augment import train_transform
 
     cfg = load_config(None, ["finetune.reprob=1.0"] + _norm(in_chans) + [f"model.in_chans={in_chans}"])
     gray = Image.fromarray(np.random.default_rng(2).integers(0, 256, (24, 24), dtype=np.uint8), "L")

@@ -166,7 +166,7 @@ def test_finetune_init_random_starts_from_timms_initialisation_not_the_source(ex
 def test_finetune_color_jitter_is_a_setting_and_zero_turns_it_off():
     from torchvision import transforms
 
-    from conmim.eval.finetune import train_transform
+    from conmim.eval.augment import train_transform
 
     def jitters(**sections) -> list:
         ops = train_transform(16, _cfg(finetune__auto_augment="", **sections)).ops.transforms

@@ -162,3 +162,93 @@ class ScalarReads(TorchDispatchMode):
         if func is torch.ops.aten._local_scalar_dense.default:
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+def _nan_loss_at(inner, steps: set[int] | None):
+    """A criterion (or ``loss_of``) that is NaN at the listed 1-based calls (every call from the first
+    listed one on when ``steps`` holds a single negative number)."""
+    calls = {"n": 0}
+
+    def loss(*args):
+        calls["n"] += 1
+        value = inner(*args)
+        bad = calls["n"] in steps if min(steps) > 0 else calls["n"] >= -min(steps)
+        return value * float("nan") if bad else value
+
+    return loss
+
+
+@pytest.mark.parametrize(("nan_calls", "stops"), [({3}, False), ({-2}, True)])
+def test_finetune_skips_a_nan_step_and_stops_when_they_persist(tmp_path, monkeypatch, nan_calls, stops):
+    """One NaN step is skipped on the device (weights and AdamW moments stay finite, the skip is in
+    metrics.jsonl); NaN from step 2 on stops after ``finetune.max_bad_steps`` with the field to change."""
+    import json
+
+    import timm
+
+    import conmim.eval.finetune as ft
+    from conmim.config import load_config
+    from conmim.eval.common import eval_sources
+    from conmim.models.conmim import encoder_spec
+    from conmim.train.guard import NonFiniteError
+
+    real = ft.mixup_and_criterion
+    monkeypatch.setattr(
+        ft, "mixup_and_criterion", lambda f, n: (lambda m, c: (m, _nan_loss_at(c, nan_calls)))(*real(f, n))
+    )
+    cfg = load_config(
+        None,
+        [*TINY, "data.source=fashion_mnist", "data.path=/usr/share/datasets/fashion-mnist", "data.train_limit=48"]
+        + ["data.test_limit=8", "finetune.epochs=1", "finetune.batch_size=8", "finetune.log_every=1"]
+        + ["finetune.max_bad_steps=3", f"output_dir={tmp_path}"],
+        command="finetune",
+        default_preset="fashion_mnist",
+    )
+    spec = encoder_spec(cfg.model)
+    encoder = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
+    train, test = eval_sources(cfg, 16)
+    if stops:
+        with pytest.raises(NonFiniteError, match="3 non-finite steps in a row up to step 4.*finetune.base_lr"):
+            ft.finetune(encoder, train, test, cfg)
+        return
+    ft.finetune(encoder, train, test, cfg)
+    lines = [json.loads(line) for line in (tmp_path / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "train_loss" in r]
+    assert [r["skipped_steps"] for r in steps] == [0, 0, 1, 1, 1, 1] and steps[2]["train_loss"] is None
+    state = torch.load(tmp_path / "finetune" / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    moments = [t for s in state["optimizer"]["state"].values() for t in s.values() if t.is_floating_point()]
+    assert all(torch.isfinite(t).all() for t in moments) and state["guard"]["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize(("nan_calls", "stops"), [({2}, False), ({-2}, True)])
+def test_the_dense_loop_skips_a_nan_iteration_and_stops_when_they_persist(tmp_path, nan_calls, stops):
+    """The loop ``conmim segment`` and ``conmim detect`` share, on a linear model: a skipped NaN
+    iteration leaves the weights as they were after the iteration before it."""
+    import json
+
+    from conmim.dense.loop import Schedule, train_iterations
+    from conmim.runtime.distributed import DistInfo
+    from conmim.train.guard import NonFiniteError
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW([{"params": model.parameters(), "lr_scale": 1.0}], lr=1e-2, fused=True)
+    data = [torch.randn(8, 4) for _ in range(6)]
+    seen = []
+
+    def loss_of(x):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return model(x).pow(2).mean()
+
+    schedule = Schedule(6, 1e-2, 0, 1.0, 1.0, 0.0, 1, 100, max_bad_steps=3)
+    args = (model, optimizer, lambda start: data[start:], _nan_loss_at(loss_of, nan_calls), lambda: {"m": 0.0})
+    rest = (("m",), schedule, tmp_path, "", torch.device("cpu"), None, "segment", DistInfo())
+    if stops:
+        with pytest.raises(NonFiniteError, match="segment.lr"):
+            train_iterations(*args, *rest)
+        return
+    train_iterations(*args, *rest)
+    assert all(torch.equal(seen[1][k], seen[2][k]) for k in seen[1])  # iteration 2 changed nothing
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in lines if "train_loss" in r] == [0, 1, 1, 1, 1, 1]

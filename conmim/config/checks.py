@@ -266,9 +266,9 @@ def check_finetune(cfg: Config) -> None:
     ft = cfg.finetune
     _require(ft.img_size >= 0, "finetune.img_size", ft.img_size, "0 (pre-training size) or a positive size")
     _require(
-        ft.epochs > 0 and ft.batch_size > 0,
-        "finetune.epochs/batch_size",
-        (ft.epochs, ft.batch_size),
+        min(ft.epochs, ft.batch_size, ft.log_every, ft.checkpoint_every, ft.max_bad_steps) > 0,
+        "finetune.epochs/batch_size/log_every/checkpoint_every/max_bad_steps",
+        (ft.epochs, ft.batch_size, ft.log_every, ft.checkpoint_every, ft.max_bad_steps),
         "positive integers",
     )
     _require(ft.init in ENCODER_INITS, "finetune.init", ft.init, " or ".join(ENCODER_INITS))
@@ -299,7 +299,7 @@ def _check_dense(name: str, s: DenseTrainConfig) -> None:
     )
     _require(not s.indices or len(s.indices) == len(s.scales), f"{name}.indices", s.indices, "[] or one per scale")
     _require(0 <= s.drop_path < 1, f"{name}.drop_path", s.drop_path, "in [0, 1)")
-    for key in ("iters", "batch_size", "log_every", "checkpoint_every"):
+    for key in ("iters", "batch_size", "log_every", "checkpoint_every", "max_bad_steps"):
         _require(getattr(s, key) > 0, f"{name}.{key}", getattr(s, key), "a positive integer")
     _require(s.lr > 0 and s.min_lr >= 0, f"{name}.lr/min_lr", (s.lr, s.min_lr), "lr positive, min_lr 0 or more")
     _require(0 < s.layer_decay <= 1, f"{name}.layer_decay", s.layer_decay, "a number in (0, 1]")

@@ -192,6 +192,11 @@ class FinetuneConfig:
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, centre-crop img_size (224/256)
     num_classes: int = 0  # 0: from the training split's labels
     log_every: int = 20
+    # steps between checkpoints (also at every epoch end): a killed or preempted run resumes from the
+    # last one and ends exactly as an uninterrupted run would
+    checkpoint_every: int = 500
+    # a non-finite step (NaN/Inf gradient) is skipped; this many in a row stop the run with an error
+    max_bad_steps: int = 20
 
 
 SEGMENT_HEADS = ("upernet", "linear")
@@ -237,6 +242,8 @@ class DenseTrainConfig:
     eval_every: int = 0  # iterations between evaluations (0: only at the end)
     log_every: int = 20
     checkpoint_every: int = 100
+    # a non-finite step (NaN/Inf gradient) is skipped; this many in a row stop the run with an error
+    max_bad_steps: int = 20
 
 
 @dataclass

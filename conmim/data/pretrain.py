@@ -13,7 +13,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
@@ -21,6 +20,7 @@ from torch.utils.data import Dataset, Sampler
 from .channels import as_channels
 from .files import DataError, Source
 from .masking import MaskGenerator
+from .seeded import sample_seed
 from .views import PairedViews
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """A generator for one sample of one epoch, independent of workers and ranks."""
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+    return torch.Generator().manual_seed(sample_seed(seed, epoch, index))
 
 
 def record_skipped(log_file: str | os.PathLike, name: str, reason: str) -> None:

@@ -30,6 +30,7 @@ from ..config import Config, to_yaml
 from ..runtime import distributed
 from ..runtime.device import resolve_precision
 from ..runtime.preemption import held_run
+from ..runtime.seeding import seed_process
 from .backbone import ViTPyramid
 from .coco import CocoInstances, coco_ap, coco_results, collate
 from .common import builtin_scenes, pyramid_of, shard, step_loader
@@ -112,9 +113,9 @@ def detect(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None) 
     backbone = pyramid_of(encoder, d, d.img_size, d.out_channels)
     model = build_detector(backbone, len(val.cat_ids), d.masks, d.anchor_scale, cfg.data.mean, cfg.data.std).to(device)
     groups = layer_decay_groups_around(model, backbone.encoder, d.weight_decay, d.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=d.lr, betas=tuple(d.betas))
+    optimizer = torch.optim.AdamW(groups, lr=d.lr, betas=tuple(d.betas), fused=True)  # fused: the guard skips NaN steps
     net = DistributedDataParallel(model) if info.enabled else model
-    torch.manual_seed(cfg.seed + info.rank)  # the same initial weights, a drop path stream per rank
+    seed_process(cfg.seed, info.rank)  # the same initial weights, a drop path stream per rank
     log.info(
         "detection: %s, %d classes, %d training / %d validation images, %d px, strides %s (blocks %s)",
         "Mask R-CNN" if d.masks else "Faster R-CNN",

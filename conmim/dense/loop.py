@@ -26,12 +26,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..runtime import checkpoint as ckpt
 from ..runtime import distributed
 from ..runtime.metrics import MetricsWriter
-from ..runtime.preemption import Preempted, Preemption
-from ..runtime.seeding import rng_state, set_rng_state
+from ..runtime.preemption import Preemption
+from ..runtime.resume import load_training_state, save_training_state
+from ..train.guard import StepGuard
 from ..train.schedules import warmup_poly
+from ..train.step import optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,13 @@ class Schedule:
     log_every: int
     checkpoint_every: int
     eval_every: int = 0  # 0: at the end only
+    max_bad_steps: int = 20  # non-finite iterations in a row before the run stops (each is skipped)
 
     @classmethod
     def of(cls, c) -> Schedule:
         """The schedule of a ``segment`` or ``detect`` configuration section."""
         fields = ("iters", "lr", "warmup_iters", "warmup_ratio", "power", "min_lr", "log_every", "checkpoint_every")
-        return cls(*(getattr(c, f) for f in fields), c.eval_every)
+        return cls(*(getattr(c, f) for f in fields), c.eval_every, c.max_bad_steps)
 
 
 def train_iterations(
@@ -82,18 +84,13 @@ def train_iterations(
     stop = stop or Preemption((), False)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step, history, last = 0, [], out / "checkpoints" / "last.pt"
-    if last.is_file():
-        state = ckpt.safe_load(last)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, history = state["step"], state["history"]
-        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-        if len(rngs) != info.world_size:
-            log.warning(
-                "%s was written by %d process(es), not %d: the resume is not exact", last, len(rngs), info.world_size
-            )
-        set_rng_state(rngs[info.rank % len(rngs)], device)  # drop path and dropout draw on as they would have
+    window = torch.zeros(2, device=device)  # loss sum and count of the finite iterations since the last log line
+    guard = StepGuard(model, optimizer, scaler, s.max_bad_steps, s.log_every)
+    stateful = {"model": model, "optimizer": optimizer, "scaler": scaler, "guard": guard}
+    if resumed := load_training_state(last, stateful, info, device):  # drop path and dropout draw on
+        (state, saved_window), step = resumed, resumed[0]["step"]
+        history = state["history"]
+        window = saved_window.to(device)
         log.info("resumed %s from %s at iteration %d", tag, last, step)
     writer = None
     if info.is_main:
@@ -109,51 +106,43 @@ def train_iterations(
         return rec
 
     def save() -> None:
-        rngs = distributed.gather_to_main(rng_state(device))
-        if info.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
-            extra = {"step": step, "history": history, "rng": rngs, "config": config_yaml}
-            ckpt.atomic_save({**state, **extra}, last)
+        extra = {"step": step, "history": history, "config": config_yaml}
+        save_training_state(last, stateful, extra, info, device, local=window.cpu())
 
     def evaluate_all() -> dict[str, Any]:
         distributed.broadcast_from_main(model)  # one set of BatchNorm statistics on every rank
         return evaluate()
 
     model.train()
-    loss_sum, since = torch.zeros((), device=device), 0
+    params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(batches(step), desc=tag, initial=step, total=s.iters, dynamic_ncols=True, disable=not info.is_main)
     for batch in bar:
         lr = warmup_poly(step, s.iters, s.lr, s.warmup_iters, s.warmup_ratio, s.power, s.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
+        guard.begin()
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = loss_of(batch)
+            loss = loss_of(batch).float()
         scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step, since = step + 1, since + 1
-        loss_sum += loss.detach().float()
+        _norm, ok = optimizer_step(model, optimizer, scaler, params, 0.0, 0.0, guard=guard)  # no clipping
+        step += 1
+        window += torch.stack((torch.where(ok, loss.detach(), 0.0), ok.float()))
+        if guard.due(step, s.iters):
+            guard.raise_if_stuck(step, f"{tag}.lr")
         if step % s.log_every == 0 or step == s.iters:
-            mean_loss = (distributed.all_mean(loss_sum) / since).item()  # every rank joins the all-reduce
+            total, finite = distributed.all_mean(window).tolist()  # every rank joins the all-reduce
+            mean_loss = total / finite if finite else None
             if writer:
-                writer.write({"step": step, "train_loss": mean_loss, "lr": lr})
-            bar.set_postfix(loss=f"{mean_loss:.3f}")
-            loss_sum.zero_()
-            since = 0
+                writer.write({"step": step, "train_loss": mean_loss, "lr": lr, "skipped_steps": int(guard.skipped)})
+            bar.set_postfix(loss="nan" if mean_loss is None else f"{mean_loss:.3f}")
+            window.zero_()
         if s.eval_every and step % s.eval_every == 0 and step < s.iters:
             history.append(record(evaluate_all()))
             model.train()
         due = step % s.checkpoint_every == 0 or step == s.iters
         if due:
             save()
-        if stop.stop_now():
-            if not due:
-                save()
-            bar.close()
-            if writer:
-                writer.close()
-            raise Preempted(stop.received or "a signal", step, str(last.parent))
+        stop.stop_if_asked(step, due, save, last.parent, bar, writer)
     bar.close()
     final = evaluate_all()
     if not history or history[-1]["step"] != step:

@@ -31,6 +31,7 @@ from ..data.sources import DataError
 from ..runtime import distributed
 from ..runtime.device import resolve_precision
 from ..runtime.preemption import held_run
+from ..runtime.seeding import seed_process
 from .common import builtin_scenes, pyramid_of, shard, step_loader
 from .data import IGNORE, EvalSegDataset, TrainSegDataset, ade20k_pairs, check_sizes, pairs_in, windows
 from .loop import Schedule, train_iterations
@@ -133,9 +134,10 @@ def segment(encoder: str | Path, cfg: Config, out_dir: str | Path | None = None)
     torch.manual_seed(cfg.seed)
     backbone = pyramid_of(encoder, s, s.crop_size)
     model = build_segmenter(backbone, s.head, k, s.channels, s.dropout, s.aux_weight).to(device)
-    optimizer = torch.optim.AdamW(optimizer_groups(model, s.weight_decay, s.layer_decay), lr=s.lr, betas=tuple(s.betas))
+    groups = optimizer_groups(model, s.weight_decay, s.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=tuple(s.betas), fused=True)  # fused: the guard skips NaN steps
     net = DistributedDataParallel(model) if info.enabled else model
-    torch.manual_seed(cfg.seed + info.rank)  # the same initial weights, a drop path stream per rank
+    seed_process(cfg.seed, info.rank)  # the same initial weights, a drop path stream per rank
     log.info(
         "segmentation: %s head%s, %d classes, %d training / %d validation images, crop %d, strides %s (blocks %s)",
         s.head,

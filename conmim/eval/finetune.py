@@ -19,29 +19,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
-from timm.data import Mixup, create_transform
-from timm.data.auto_augment import RandAugment
-from timm.data.random_erasing import RandomErasing
+from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
-from torchvision.transforms import v2 as T
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..config import Config, to_yaml
+from ..data.pretrain import EpochSampler
+from ..data.seeded import EpochSeeded
 from ..data.sources import DataError
-from ..data.views import RandomPhotometric
 from ..export.encoders import load_pretrained, random_weights, write_encoder
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed
 from ..runtime.device import resolve_precision
 from ..runtime.metrics import MetricsWriter
 from ..runtime.preemption import held_run
+from ..runtime.resume import load_training_state, save_training_state
+from ..runtime.seeding import seed_process
+from ..train.guard import StepGuard
 from ..train.schedules import warmup_cosine
-from .common import ChannelTransform, EvalTransform, LabeledDataset, check_channels, img_size_of, num_classes_of
+from ..train.step import optimizer_step
+from .augment import train_transform
+from .common import EvalTransform, LabeledDataset, check_channels, img_size_of, num_classes_of
 from .linprobe import cached_batches, train_head
 from .transfer import build_classifier, grid_of, spec_from_module
 
@@ -108,66 +110,6 @@ def probe_head_init(
         return 100.0 * (model.head(x).argmax(1) == y).float().mean().item()
 
 
-def _posterize(img: Image.Image, bits_to_keep: int, **_kwargs) -> Image.Image:
-    """timm's posterize, accepting 0 bits (a black image, as older Pillow gave); Pillow 13 raises."""
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep >= 1:
-        return ImageOps.posterize(img, bits_to_keep)
-    return img.point([0] * 256 * len(img.getbands()))
-
-
-def train_transform(img_size: int, cfg: Config) -> ChannelTransform:
-    """timm's training transform: RandomResizedCrop (bicubic) + flip, RandAugment (or, without it,
-    colour jitter of strength ``finetune.color_jitter``), random erasing.
-
-    With ``mstd0.5`` the RandAugment magnitude reaches 10 in about 2 % of draws, where timm's
-    increasing posterize keeps 0 bits and Pillow 13 raises; those ops get :func:`_posterize`.
-    RandAugment works on PIL RGB images only: other channel counts get :func:`tensor_train_transform`.
-    """
-    f, d = cfg.finetune, cfg.data
-    if len(d.mean) != 3:
-        return tensor_train_transform(img_size, cfg)
-    ops = create_transform(
-        img_size,
-        is_training=True,
-        scale=(f.crop_scale_min, 1.0),
-        auto_augment=f.auto_augment or None,
-        color_jitter=f.color_jitter or None,
-        interpolation="bicubic",
-        re_prob=f.reprob,
-        re_mode="pixel",
-        re_count=1,
-        mean=tuple(d.mean),
-        std=tuple(d.std),
-    )
-    for t in ops.transforms:
-        for op in getattr(t, "ops", []) if isinstance(t, RandAugment) else []:
-            if op.name.startswith("Posterize"):
-                op.aug_fn = _posterize
-    return ChannelTransform(ops)
-
-
-def tensor_train_transform(img_size: int, cfg: Config) -> ChannelTransform:
-    """Fine-tuning's training transform for ``model.in_chans != 3``, on uint8 (C, H, W) tensors:
-    RandomResizedCrop (bicubic, ``finetune.crop_scale_min``) + flip; when ``finetune.auto_augment`` is
-    set, instead of RandAugment the pre-training strong view's per-channel photometric ops
-    (:class:`conmim.data.views.RandomPhotometric`: brightness, contrast, blur, solarize); then
-    normalisation and random erasing (``finetune.reprob``, per-pixel noise), as in timm's transform."""
-    f, d = cfg.finetune, cfg.data
-    ops: list = [
-        T.RandomResizedCrop(img_size, (f.crop_scale_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.PILToTensor(),  # a gray photo (in_chans=1) becomes a tensor; arrays pass through
-    ]
-    if f.auto_augment:
-        ops.append(RandomPhotometric())
-    ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(list(d.mean), list(d.std))]
-    if f.reprob > 0:
-        ops.append(RandomErasing(f.reprob, mode="pixel", device="cpu"))
-    return ChannelTransform(T.Compose(ops), len(d.mean))
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module, dataset, batch_size: int, device: torch.device, amp_dtype=None, num_workers: int = 0
@@ -182,7 +124,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, device=device)  # top-1 hits, top-5 hits, loss sum, count
-    for images, labels in DataLoader(shard, batch_size=batch_size, num_workers=num_workers):
+    loader = DataLoader(shard, batch_size, num_workers=num_workers, generator=torch.Generator())  # global RNG untouched
+    for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images).float()
@@ -223,7 +166,9 @@ def mixup_and_criterion(f, num_classes: int) -> tuple[Mixup | None, nn.Module]:
 
 @dataclass
 class _Run:
-    """What one fine-tuning run carries from step to step."""
+    """What one fine-tuning run carries from step to step; ``window``: the training loss summed over
+    the finite steps since the last log line, and their count (checkpointed, so a resumed run logs the
+    same lines)."""
 
     net: nn.Module
     optimizer: torch.optim.Optimizer
@@ -235,39 +180,39 @@ class _Run:
     peak: float
     total: int
     warmup: int
+    steps_per_epoch: int
+    guard: StepGuard
     step: int = 0
+    window: torch.Tensor | None = None
 
 
-def _train_epoch(run: _Run, loader: DataLoader, f, writer: MetricsWriter | None, desc: str) -> None:
-    run.net.train()
-    sums, since = torch.zeros(1, device=run.device), 0
+def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, f, writer: MetricsWriter | None) -> None:
+    """One optimizer step (warm-up + cosine lr per step, mixup, autocast; a non-finite step is skipped
+    on the device by the guard), then the log line when due."""
+    images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
+    if run.mixup:
+        images, labels = run.mixup(images, labels)
+    lr = warmup_cosine(run.step, run.total, run.peak, f.min_lr, run.warmup)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    run.guard.begin()
+    with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+        loss = run.criterion(run.net(images), labels).float()
+    run.scaler.scale(loss).backward()
     params = [p for p in run.net.parameters() if p.requires_grad]
-    for images, labels in tqdm(loader, desc=desc, disable=writer is None, dynamic_ncols=True):
-        images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
-        if run.mixup:
-            images, labels = run.mixup(images, labels)
-        lr = warmup_cosine(run.step, run.total, run.peak, f.min_lr, run.warmup)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
-            loss = run.criterion(run.net(images), labels)
-        run.scaler.scale(loss).backward()
-        run.scaler.unscale_(run.optimizer)
-        if f.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(params, f.clip_grad)
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.optimizer.zero_grad(set_to_none=True)
-        run.step, since = run.step + 1, since + 1
-        sums += loss.detach().float()
-        if run.step % f.log_every == 0:
-            train_loss = (distributed.all_mean(sums) / since).item()  # every rank joins the all-reduce
-            if writer:
-                writer.write(
-                    {"step": run.step, "epoch": round(run.step / len(loader), 4), "train_loss": train_loss, "lr": lr}
-                )
-            sums.zero_()
-            since = 0
+    _norm, ok = optimizer_step(run.net, run.optimizer, run.scaler, params, f.clip_grad, 0.0, guard=run.guard)
+    run.step += 1
+    run.window += torch.stack((torch.where(ok, loss.detach(), 0.0), ok.float()))  # finite steps only
+    if run.guard.due(run.step, run.total):
+        run.guard.raise_if_stuck(run.step, "finetune.base_lr")
+    if run.step % f.log_every == 0:
+        total, finite = distributed.all_mean(run.window).tolist()  # every rank joins the all-reduce
+        if writer:
+            epoch = round(run.step / run.steps_per_epoch, 4)
+            train_loss = total / finite if finite else None
+            record = {"step": run.step, "epoch": epoch, "train_loss": train_loss, "lr": lr}
+            writer.write({**record, "skipped_steps": int(run.guard.skipped)})
+        run.window.zero_()
 
 
 def finetune(
@@ -292,7 +237,7 @@ def finetune(
     f, start = cfg.finetune, time.perf_counter()
     dist, device, owns_group = distributed.setup_process(cfg.device, cfg.dist_timeout_s)
     out = Path(out_dir or Path(cfg.output_dir) / "finetune")
-    torch.manual_seed(cfg.seed + dist.rank)
+    seed_process(cfg.seed, dist.rank)
 
     weights, spec = pretrained_of(encoder, cfg.finetune.which)
     if f.init == "random":
@@ -308,58 +253,48 @@ def finetune(
     size = img_size_of(model)
     train_set = LabeledDataset(train_source, train_transform(size, cfg))
     test_set = LabeledDataset(test_source, EvalTransform(size, cfg.data.mean, cfg.data.std, f.crop_pct))
-    sampler = (
-        DistributedSampler(train_set, dist.world_size, dist.rank, seed=cfg.seed, drop_last=True)
-        if dist.enabled
-        else None
-    )
-    loader = DataLoader(
-        train_set,
-        f.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    if len(loader) == 0:
+    world, per_rank = dist.world_size, f.batch_size
+    if len(train_set) // world // per_rank == 0:
         raise DataError(
-            f"{len(train_set)} training images cannot fill one batch of finetune.batch_size={f.batch_size} per process"
+            f"{len(train_set)} training images cannot fill one batch of finetune.batch_size={per_rank} per process"
         )
+    steps_per_epoch = len(train_set) // world // per_rank
     optimizer = torch.optim.AdamW(
         layer_decay_groups(model, f.weight_decay, f.layer_decay, f.decay_rel_pos),
         lr=f.base_lr,
         betas=tuple(f.betas),
-        **({"fused": True} if device.type == "cuda" else {"foreach": True}),
+        fused=True,  # the guard skips a non-finite step inside the fused kernel
     )
     amp_dtype = resolve_precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     run = _Run(
         model,
         optimizer,
-        torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        scaler,
         *mixup_and_criterion(f, classes),
         device,
         amp_dtype,
-        f.base_lr * f.batch_size * dist.world_size / 256,
-        f.epochs * len(loader),
-        int(round(f.warmup_epochs * len(loader))),
+        f.base_lr * per_rank * world / 256,
+        f.epochs * steps_per_epoch,
+        int(round(f.warmup_epochs * steps_per_epoch)),
+        steps_per_epoch,
+        StepGuard(model, optimizer, scaler, f.max_bad_steps, f.log_every),
+        window=torch.zeros(2, device=device),
     )
 
-    epoch, best, history = 0, {"top1": -1.0, "top5": None, "epoch": 0}, []
+    best, history = {"top1": -1.0, "top5": None, "epoch": 0}, []
     last = out / "checkpoints" / "last.pt"
     if f.probe_head_epochs and not last.is_file():
         head_images, repeats = head_source or (train_source, 1)
         top1 = probe_head_init(model, head_images, cfg, device, amp_dtype, repeats)
         log.info("head fitted on frozen features for %d epochs: training top-1 %.2f%%", f.probe_head_epochs, top1)
-    if last.is_file():
-        state = ckpt.safe_load(last)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        run.scaler.load_state_dict(state["scaler"])
-        epoch, best, history = state["epoch"], state["best"], state["history"]
-        log.info("resumed fine-tuning from %s at epoch %d", last, epoch)
-    run.step = epoch * len(loader)
+    stateful = {"model": model, "optimizer": optimizer, "scaler": run.scaler}
+    if resumed := load_training_state(last, stateful, dist, device):
+        (state, window), run.step = resumed, resumed[0]["step"]
+        best, history = state["best"], state["history"]
+        run.guard.load_state_dict(state["guard"])
+        run.window = window.to(device)
+        log.info("resumed fine-tuning from %s at step %d (epoch %.2f)", last, run.step, run.step / steps_per_epoch)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
@@ -370,55 +305,63 @@ def finetune(
             grid_of(spec),
             classes,
             len(train_set),
-            len(loader),
+            steps_per_epoch,
             run.peak,
         )
-    with held_run(out, (), dist.is_main, False):  # one run per folder; no stop signals: epoch checkpoints
+    # batches are a function of the step: (epoch, index) keys, each sample's augmentation seeded by its key
+    sampler = EpochSampler(len(train_set), per_rank, dist.rank, world, cfg.seed, start_step=run.step)
+    loader = DataLoader(
+        EpochSeeded(train_set, cfg.seed),
+        per_rank,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),  # its base seed is not drawn from the global RNG
+    )
+
+    def save() -> None:
+        extra = {"step": run.step, "best": best, "history": history, "guard": run.guard.state_dict()}
+        extra["spec"] = json.dumps(model_spec)
+        local = run.window.cpu()
+        save_training_state(last, stateful, {**extra, "config": to_yaml(cfg)}, dist, device, local=local)
+
+    held = held_run(out, cfg.stop_signals, dist.is_main, dist.enabled, cfg.dist_timeout_s)
+    with held as stop:  # one run per folder; a stop signal checkpoints after the step in flight
         writer = MetricsWriter(out, run.step, tag="finetune") if dist.is_main else None
         run.net = DistributedDataParallel(model) if dist.enabled else model
-        while epoch < f.epochs:
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            _train_epoch(run, loader, f, writer, f"finetune epoch {epoch + 1}/{f.epochs}")
-            epoch += 1
-            metrics = evaluate(model, test_set, f.batch_size * 3 // 2, device, amp_dtype, cfg.data.num_workers)
-            history.append({"epoch": epoch, **metrics})
-            is_best = metrics["top1"] > best["top1"]
-            if is_best:
-                best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch}
-            if writer:
-                writer.write(
-                    {
-                        "step": run.step,
-                        "epoch": epoch,
-                        **{f"test_{k}": v for k, v in metrics.items()},
-                        "best_top1": best["top1"],
-                    }
-                )
-                log.info(
-                    "epoch %d: top-1 %.2f%%, top-5 %.2f%% (best %.2f%% at epoch %d)",
-                    epoch,
-                    metrics["top1"],
-                    metrics["top5"],
-                    best["top1"],
-                    best["epoch"],
-                )
-                state = {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": run.scaler.state_dict(),
-                    "epoch": epoch,
-                    "best": best,
-                    "history": history,
-                    "spec": json.dumps(model_spec),
-                    "config": to_yaml(cfg),
-                }
-                ckpt.atomic_save(state, last)
+        run.net.train()
+        bar = tqdm(total=run.total, initial=run.step, desc="finetune", disable=writer is None, dynamic_ncols=True)
+        batches = iter(loader)
+        while run.step < run.total:
+            _train_step(run, *next(batches), f, writer)
+            bar.update()
+            epoch_end = run.step % steps_per_epoch == 0
+            if epoch_end:
+                epoch = run.step // steps_per_epoch
+                metrics = evaluate(model, test_set, per_rank * 3 // 2, device, amp_dtype, cfg.data.num_workers)
+                history.append({"epoch": epoch, **metrics})
+                is_best = metrics["top1"] > best["top1"]
                 if is_best:
+                    best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch}
+                if writer:
+                    test = {f"test_{k}": v for k, v in metrics.items()}
+                    writer.write({"step": run.step, "epoch": epoch, **test, "best_top1": best["top1"]})
+                    log.info(
+                        "epoch %d: top-1 %.2f%%, top-5 %.2f%% (best %.2f%% at epoch %d)",
+                        *(epoch, metrics["top1"], metrics["top5"], best["top1"], best["epoch"]),
+                    )
+            due = epoch_end or run.step % f.checkpoint_every == 0
+            if due:
+                save()
+                if epoch_end and is_best and dist.is_main:
                     ckpt.atomic_save(
-                        {k: state[k] for k in ("model", "epoch", "best", "spec", "config")},
+                        {"model": model.state_dict(), "epoch": epoch, "best": best, "spec": json.dumps(model_spec)}
+                        | {"config": to_yaml(cfg)},
                         out / "checkpoints" / "best.pt",
                     )
+            stop.stop_if_asked(run.step, due, save, last.parent, bar, writer)
+        bar.close()
     result = {
         "top1": history[-1]["top1"],
         "top5": history[-1]["top5"],

@@ -17,10 +17,11 @@ import datetime
 import logging
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,18 @@ class Preemption:
         if self.received is None:
             self.received = signal.Signals(number).name
             log.warning("%s received: stopping after this step with a checkpoint", self.received)
+
+    def stop_if_asked(self, step: int, saved: bool, save: Callable[[], None], folder: Path, *closing: Any) -> None:
+        """After a step: on an (agreed) stop signal, checkpoint unless ``saved`` already did at this
+        step, close ``closing`` (progress bar, metrics writer; None is skipped) and raise :class:`Preempted`."""
+        if not self.stop_now():
+            return
+        if not saved:
+            save()
+        for thing in closing:
+            if thing is not None:
+                thing.close()
+        raise Preempted(self.received or "a signal", step, str(folder))
 
     def stop_now(self) -> bool:
         """Whether the loop should checkpoint and stop after the step it just finished (the same

@@ -10,8 +10,11 @@ import torch
 
 
 def seed_process(seed: int, rank: int = 0) -> None:
-    """Seed this process's torch RNG; ranks get different streams (``seed + rank``)."""
+    """Seed this process's torch, ``random`` and NumPy RNGs (timm's mixup draws from NumPy's); ranks get
+    different streams (``seed + rank``)."""
     torch.manual_seed(seed + rank)
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

@@ -81,6 +81,15 @@ class StepGuard:
         """Whether the host reads the counters after ``step``: at most ``max_bad_steps`` steps apart."""
         return step % self.log_every == 0 or step % self.max_bad_steps == 0 or step == last_step
 
+    def raise_if_stuck(self, step: int, lr_field: str) -> None:
+        """For loops without pre-training's restore policy (fine-tuning, dense): stop once
+        ``max_bad_steps`` steps in a row were non-finite (reads one scalar from the device)."""
+        if int(self.bad_run) >= self.max_bad_steps:
+            raise NonFiniteError(
+                f"{self.max_bad_steps} non-finite steps in a row up to step {step}, each skipped: lower {lr_field} "
+                "or use precision=bf16/fp32 instead of fp16; the same command then resumes from the last checkpoint"
+            )
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "skipped_steps": int(self.skipped),

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from conmim.config import load_config
+from conmim.eval.augment import train_transform
 from conmim.eval.common import EvalTransform
-from conmim.eval.finetune import layer_decay_groups, pretrained_of, train_transform
+from conmim.eval.finetune import layer_decay_groups, pretrained_of
 from conmim.eval.transfer import build_classifier, fresh_stream_factor, rescale_stream
 from conmim.models.conmim import ConMIM, init_position
 from lab.study import _random_encoder, load_study, study_splits, variant_config
