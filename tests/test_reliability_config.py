@@ -164,7 +164,7 @@ def test_other_channel_counts_get_per_channel_normalisation_without_extra_argume
 
 @pytest.mark.parametrize("native", [True, False])
 def test_precision_auto_picks_bf16_only_where_the_cpu_computes_it(monkeypatch, caplog, native):
-    """A CPU without AVX512-BF16/AMX emulates bf16 (10x slower than fp32 on an AVX2-only EPYC):
+    """A CPU without AVX512-BF16/AMX emulates bf16 (6x the CPU time of fp32 on an AVX2-only EPYC):
     ``auto`` then means fp32, and an explicit bf16 is kept but warned about."""
     from conmim.runtime import device as device_module
 

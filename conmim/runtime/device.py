@@ -18,8 +18,9 @@ def resolve_device(name: str) -> torch.device:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 matrix products natively (AVX512-BF16 or AMX). Without either,
-    oneDNN emulates them: on a 2-core AVX2-only AMD EPYC a ViT-T training step took 10x longer in bf16
-    autocast than in fp32 (docs/results.md), while AMX made the same step about 2x faster than fp32."""
+    oneDNN emulates them: on a 2-core AVX2-only AMD EPYC the built-in pre-training step took 6x the CPU
+    time in bf16 autocast that it took in fp32 (docs/results.md, Speed), while on an Intel Xeon with AMX
+    bf16 made it about 2x faster than fp32."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own (private) checks
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
