@@ -689,3 +689,37 @@ def test_segmentation_models_pytorch_dpt_takes_an_export(tmp_path):
     state = model.encoder.model.state_dict()
     assert state.keys() == weights.keys() and all(torch.equal(state[k], v) for k, v in weights.items())
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10, 32, 32)
+
+
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_segment_killed_at_a_random_iteration_resumes_bitwise(tiny_run, scenes_dir, tmp_path, ranks):
+    """``kill -9`` of the whole process group (with two ranks: torchrun's agent and both workers) after
+    a random iteration, then the same command again: the weights and metrics lines of an uninterrupted
+    run with as many ranks, bit for bit (drop path draws from the checkpointed RNG states)."""
+    import os
+    import random
+    import signal
+
+    from reliability_utils import PYTHON, SEED, kill_group, last_step, records, run, start, wait_for, worker_pids
+
+    launcher = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    launcher = launcher if ranks > 1 else [PYTHON]
+
+    def command(out: Path) -> list[str]:
+        extra = ("segment.iters=24", "segment.checkpoint_every=3", "segment.batch_size=4", "data.num_workers=0")
+        return [*launcher, "-m", "conmim.cli", *_segment_args(tiny_run, scenes_dir, out, *extra)]
+
+    done = run(command(tmp_path / "reference"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    at = random.Random(SEED + ranks).randint(4, 12)
+    proc = start(command(tmp_path / "run"), tmp_path / "log.txt")
+    wait_for(lambda: last_step(tmp_path / "run" / "segment") >= at, proc, timeout=240)
+    for pid in worker_pids(proc).values():  # torchrun's workers run in a session of their own
+        os.kill(pid, signal.SIGKILL)
+    kill_group(proc)
+    assert not (tmp_path / "run" / "segment" / "results.json").exists()  # the kill landed before the end
+    done = run(command(tmp_path / "run"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed segment from" in done.stderr, f"(CONMIM_FAULT_SEED={SEED}, killed after {at})"
+    _assert_same_end(tmp_path / "reference" / "segment", tmp_path / "run" / "segment")
+    assert records(tmp_path / "run" / "segment") == records(tmp_path / "reference" / "segment")

@@ -92,6 +92,7 @@ def train_iterations(
         history = state["history"]
         window = saved_window.to(device)
         log.info("resumed %s from %s at iteration %d", tag, last, step)
+    finished_before = step == s.iters
     writer = None
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +146,7 @@ def train_iterations(
         stop.stop_if_asked(step, due, save, last.parent, bar, writer)
     bar.close()
     final = evaluate_all()
-    if not history or history[-1]["step"] != step:
+    if not finished_before and (not history or history[-1]["step"] != step):  # a rerun of a finished run adds none
         record(final)
     if writer:
         writer.close()
