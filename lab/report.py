@@ -186,7 +186,7 @@ def write_fraction_report(summary: dict[str, Any], study, out: Path) -> dict[str
     labels = {v.name: v.label or v.name for v in study.variants}
     if study.references:
         labels[REFERENCE] = "raw pixels"
-    objectives = {v.name: "pixel" if "model.objective=pixel" in v.overrides else "conmim" for v in study.variants}
+    objectives = {v.name: loss_kind(v.overrides) for v in study.variants}
     rows = aggregate_fractions(summary["runs"], list(labels), fractions)
     missing = [f"{name}_s{seed} {_percent(fraction)}" for name, seed, fraction in summary["not_run"]]
     paths = {
@@ -236,6 +236,12 @@ def read_curves(out: Path, runs: list[dict[str, Any]]) -> dict[str, list[dict[st
         if path.is_file():
             curves[key] = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
     return curves
+
+
+def loss_kind(overrides: list[str]) -> str:
+    """Which loss a variant's pre-training curve shows: ``pixel`` (pixel and MAE objectives) or ``conmim``."""
+    pixel = {"model.objective=pixel", "model.objective=mae"}
+    return "pixel" if pixel.intersection(overrides) else "conmim"
 
 
 def plot_curves(curves: dict[str, list[dict[str, Any]]], objectives: dict[str, str], path: Path) -> None:
@@ -314,7 +320,7 @@ def write_report(summary: dict[str, Any], study, out: Path) -> dict[str, Path]:
     docs.mkdir(parents=True, exist_ok=True)
     order = [v.name for v in study.variants]
     labels = {v.name: v.label or v.name for v in study.variants}
-    objectives = {v.name: "pixel" if "model.objective=pixel" in v.overrides else "conmim" for v in study.variants}
+    objectives = {v.name: loss_kind(v.overrides) for v in study.variants}
     rows = aggregate(summary["runs"], order)
     done = {(r["variant"], r["seed"]) for r in summary["runs"]}
     missing = [f"{v.name}_s{s}" for v in study.variants for s in (v.seeds or study.seeds) if (v.name, s) not in done]
