@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 from conmim.config import ConfigError, load_config
 from conmim.data.sources import ArraySource, fashion_mnist
 from conmim.eval.finetune import finetune
+from lab.diagnostics.step_cost import cpu_name
 from lab.study import _random_encoder, balanced_subset, lab_preset, tile
 
 log = logging.getLogger("lab.sweep")
@@ -136,8 +137,19 @@ def run_trial(
         "val_best_top1": result["best_top1"],
         "val_history_top1": [h["top1"] for h in result["history"]],
         "seconds": round(time.perf_counter() - start, 1),
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()},
+        "machine": {
+            "cpu": cpu_name(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "commit": _commit(),  # fine-tuning's data order changed at ce7a524 (per-sample seeded, resumable)
     }
+
+
+def _commit() -> str:
+    """The repository's HEAD, so a record says which code made it."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    return done.stdout.strip() or "unknown"
 
 
 def run_sweep(path: str) -> list[dict[str, Any]]:
