@@ -4,8 +4,9 @@ Layer-wise lr decay (timm's ``param_groups_layer_decay``), AdamW, per-step warm-
 drop path, timm's RandAugment / random erasing transform and Mixup/CutMix with label smoothing
 (soft-target cross-entropy), a mean-pooled fc_norm head initialised at scale 0.001 (see
 :mod:`conmim.eval.transfer`). Evaluation is resize + centre crop, top-1 / top-5 after every epoch;
-``checkpoints/last.pt`` (resumed from automatically) and ``checkpoints/best.pt`` are written
-atomically, and the best model is also exported as timm-loadable ``best.safetensors``.
+``checkpoints/last.pt`` (every ``finetune.checkpoint_every`` steps and at every epoch end; a rerun
+resumes from it bitwise, mid-epoch) and ``checkpoints/best.pt`` are written atomically, and the best
+model is also exported as timm-loadable ``best.safetensors``.
 """
 
 from __future__ import annotations
