@@ -87,7 +87,9 @@ PRESETS = Path(__file__).parent / "presets"
 
 
 def lab_preset(name: str) -> Path:
-    """``lab/presets/NAME.yaml``; the error lists the presets there."""
+    """The YAML file ``name``, else ``lab/presets/NAME.yaml``; the error lists the presets there."""
+    if os.path.isfile(name):
+        return Path(name)
     path = PRESETS / f"{name}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in PRESETS.glob("*.yaml"))
@@ -97,9 +99,7 @@ def lab_preset(name: str) -> Path:
 
 def load_study(path: str | os.PathLike) -> tuple[StudySettings, Any]:
     """(typed study settings, the untyped ``base`` section); a preset name also works."""
-    path = str(path)
-    if not os.path.isfile(path):
-        path = str(lab_preset(path))
+    path = str(lab_preset(str(path)))
     try:
         raw = OmegaConf.load(path)
         unknown = set(raw.keys()) - {"study", "base"}

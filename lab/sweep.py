@@ -59,7 +59,7 @@ class SweepSettings:
 
 
 def load_sweep(path: str) -> SweepSettings:
-    source = path if Path(path).is_file() else str(lab_preset(path))
+    source = str(lab_preset(path))
     try:
         raw = OmegaConf.load(source)
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepSettings), raw.get("sweep", {})))

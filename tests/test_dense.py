@@ -17,12 +17,12 @@ from conftest import FASHION_MNIST, TINY
 from PIL import Image
 
 from conmim.cli import main
+from conmim.data.scenes import SceneParams, generate, scene
 from conmim.data.sources import DataError
 from conmim.dense.backbone import block_indices, build_backbone
 from conmim.dense.data import ade20k_pairs, check_sizes, read_target
 from conmim.dense.metrics import confusion, scores
 from conmim.dense.model import build_segmenter, optimizer_groups
-from conmim.dense.scenes import SceneParams, generate, scene
 from conmim.models.conmim import timm_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -189,7 +189,7 @@ def cmd_detect(args: argparse.Namespace, cfg) -> int:
 
 
 def cmd_scenes(args: argparse.Namespace) -> int:
-    from ..dense.scenes import SceneParams, generate
+    from ..data.scenes import SceneParams, generate
 
     params = SceneParams(args.train, args.val, args.size, args.seed)
     print(f"wrote {generate(args.out, params, args.fashion_mnist)}")
@@ -243,10 +243,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg, "stats"), end="")
         return 0
-    from ..data.sources import build_source
+    from ..data.scenes import source_for
 
     split = d.split if args.split is None else args.split
-    source = limit_source(build_source(d, cfg.model.img_size, split, c), args.limit, cfg.seed)
+    source = limit_source(source_for(cfg, split), args.limit, cfg.seed)
     stats = channel_stats(source, c, d.num_workers, d.on_error)
     stats = {**stats, "in_chans": c, "data": d.source, "path": d.path, "split": split}
     if args.out:

@@ -185,6 +185,12 @@ def check_data(cfg: Config) -> None:
         "0 (all images) or a positive count",
     )
     _require(
+        d.source != "scenes" or chans == 3,
+        "model.in_chans",
+        chans,
+        "3 with data.source=scenes (the scenes are RGB)",
+    )
+    _require(
         not d.gpu_aug or chans == 3,
         "data.gpu_aug",
         d.gpu_aug,
@@ -196,10 +202,10 @@ def check_data_files(cfg: Config) -> None:
     """``data.gpu_aug`` reads encoded files: only from the file sources (``bench`` brings its own)."""
     d = cfg.data
     _require(
-        not d.gpu_aug or d.source in ("folder", "list", "webdataset"),
+        not d.gpu_aug or d.source in ("folder", "list", "webdataset", "scenes"),
         "data.gpu_aug",
         d.gpu_aug,
-        f"false with data.source={d.source!r}; the device data path reads files (folder, list or webdataset)",
+        f"false with data.source={d.source!r}; the device data path reads files (folder, list, webdataset, scenes)",
     )
 
 
@@ -408,7 +414,7 @@ Check = Callable[[Config], None]
 # Each command's checks, in order (the sections it reads: conmim.config.commands.COMMAND_KEYS).
 _PRETRAIN: tuple[Check, ...] = (check_run, check_model, check_mask, check_data, check_train, check_eval, check_linprobe)
 COMMAND_CHECKS: dict[str, tuple[Check, ...]] = {
-    "pretrain": (*_PRETRAIN, check_data_files),
+    "pretrain": (*_PRETRAIN, check_data_files, check_scenes),
     "bench": (*_PRETRAIN, check_bench),
     "knn": (check_run, check_shape, check_data, check_eval),
     "linprobe": (check_run, check_shape, check_data, check_eval, check_linprobe),

@@ -10,6 +10,7 @@ _PRETRAIN = (
     "model",
     "mask",
     "data",
+    "scenes",  # data.source=scenes: which built-in scenes
     "train",
     # the online k-NN monitor and the final evaluation after pre-training
     "eval.knn_k",
@@ -32,5 +33,5 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "finetune": (*RUN_KEYS, "model.img_size", "model.in_chans", "data", "finetune"),
     "segment": (*RUN_KEYS, "data", "scenes", "segment"),
     "detect": (*RUN_KEYS, "data", "scenes", "detect"),
-    "stats": (*RUN_KEYS, "model.img_size", "model.in_chans", "data"),
+    "stats": (*RUN_KEYS, "model.img_size", "model.in_chans", "data", "scenes"),
 }

@@ -12,7 +12,7 @@ REL_POS_INITS = ("zero", "locality")
 ENCODER_INITS = ("pretrained", "random")  # random: timm's initialisation of the same architecture (scratch)
 OBJECTIVES = ("conmim", "pixel", "mae")
 MASK_TYPES = ("random_unit", "block", "random")
-SOURCES = ("fashion_mnist", "folder", "list", "webdataset", "synthetic")
+SOURCES = ("fashion_mnist", "folder", "list", "webdataset", "synthetic", "scenes")
 
 
 class ConfigError(ValueError):
@@ -204,7 +204,7 @@ SEGMENT_HEADS = ("upernet", "linear")
 
 @dataclass
 class ScenesConfig:
-    """The built-in dense data (``conmim/dense/scenes.py``), used by ``conmim segment`` and ``conmim
+    """The built-in dense data (``conmim/data/scenes.py``), used by ``conmim segment`` and ``conmim
     detect`` when they are given no data: generated into ``dir`` on first use from ``data.path``'s
     Fashion-MNIST files, reused after."""
 

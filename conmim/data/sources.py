@@ -47,6 +47,11 @@ __all__ = [  # the names of files.py and splits.py are read from here too
 ]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+SCENES_UNLABELLED = (
+    "the built-in scenes' images carry no image labels and serve pre-training only (conmim pretrain, "
+    "conmim stats); knn, linprobe and finetune need labelled images, and segment / detect read the "
+    "scenes' masks and boxes themselves"
+)
 FASHION_MNIST_HINT = "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or set data.path"
 
 
@@ -219,6 +224,8 @@ def split_missing(data_cfg, split: str) -> str | None:
         return None
     if src == "synthetic":
         return None
+    if src == "scenes":
+        return SCENES_UNLABELLED
     if src in ("folder", "list", "webdataset"):
         return describe_missing(data_cfg, split) if find_split(data_cfg, split) is None else None
     return _unknown_source(src)
@@ -248,8 +255,10 @@ def build_source(data_cfg, img_size: int, split: str | None = None, in_chans: in
         return open_shards(split_location(data_cfg, split), data_cfg.on_error)
     if src == "synthetic":
         return SyntheticSource(data_cfg.synthetic_size, img_size, in_chans=in_chans)
+    if src == "scenes":  # pre-training reads them through conmim.data.scenes.source_for
+        raise DataError(f"data.source=scenes: {SCENES_UNLABELLED}")
     raise DataError(_unknown_source(src))
 
 
 def _unknown_source(src: str) -> str:
-    return f"data.source={src!r}: choose fashion_mnist, folder, list, webdataset or synthetic"
+    return f"data.source={src!r}: choose fashion_mnist, folder, list, webdataset, synthetic or scenes"

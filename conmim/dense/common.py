@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config, DenseTrainConfig
-from ..data.sources import FASHION_MNIST_DIR, DataError
+from ..data import scenes
+from ..data.sources import DataError
 from ..export.encoders import load_pretrained, random_weights
 from ..runtime import distributed
-from . import scenes
 from .backbone import ViTPyramid, build_backbone
 from .data import StepSampler
-
-log = logging.getLogger(__name__)
 
 
 def pyramid_of(encoder: str | Path, s: DenseTrainConfig, img_size: int, out_channels: int = 0) -> ViTPyramid:
@@ -33,15 +30,8 @@ def pyramid_of(encoder: str | Path, s: DenseTrainConfig, img_size: int, out_chan
 
 
 def builtin_scenes(cfg: Config) -> Path:
-    """The folder of the built-in scenes of ``cfg.scenes``, generated on first use (under torchrun by
-    rank 0, while the others wait, so that no two processes write the same files)."""
-    sc = cfg.scenes
-    params = scenes.SceneParams(sc.train, sc.val, sc.size, sc.seed)
-    fm = cfg.data.path if cfg.data.source == "fashion_mnist" else FASHION_MNIST_DIR
-    with distributed.main_first():
-        if not Path(sc.dir).exists():
-            log.info("writing the built-in scenes to %s (%d training, %d validation)", sc.dir, sc.train, sc.val)
-        return scenes.ensure(sc.dir, params, fm)
+    """The folder of the built-in scenes of ``cfg.scenes`` (:func:`conmim.data.scenes.builtin`)."""
+    return scenes.builtin(cfg.scenes, cfg.data)
 
 
 def shard(count: int, info: distributed.DistInfo) -> range:

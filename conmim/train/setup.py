@@ -15,7 +15,7 @@ from ..data.channels import check_first_images
 from ..data.gpu_views import EncodedPretrainDataset, collate_encoded
 from ..data.masking import MaskGenerator
 from ..data.pretrain import EpochSampler, PretrainDataset
-from ..data.sources import build_source
+from ..data.scenes import source_for
 from ..data.views import PairedViews
 from ..runtime import distributed
 
@@ -70,7 +70,7 @@ def preflight(cfg: Config, dist: distributed.DistInfo, device: torch.device):
         raise ConfigError(f"resume={cfg.resume!r} is not allowed: no such checkpoint file")
     if cfg.model.init and not Path(cfg.model.init).exists():
         raise ConfigError(f"model.init={cfg.model.init!r} is not allowed: no such file or folder")
-    source = build_source(cfg.data, cfg.model.img_size, in_chans=cfg.model.in_chans)
+    source = source_for(cfg)
     check_first_images(source, cfg.model.in_chans)
     b, w = cfg.train.batch_size, dist.world_size
     if len(source) // w < b:
@@ -89,7 +89,7 @@ def build_loader(
     """The pre-training loader. Its own generator keeps the main process's torch RNG untouched when
     an iterator starts (a resumed run must draw drop-path masks from exactly the saved RNG state)."""
     m, d = cfg.model, cfg.data
-    source = source if source is not None else build_source(d, m.img_size, in_chans=m.in_chans)
+    source = source if source is not None else source_for(cfg)
     views = PairedViews(
         m.img_size, (d.crop_scale_min, 1.0), tuple(d.mean), tuple(d.std), d.strong_aug, d.weak_aug_strong
     )

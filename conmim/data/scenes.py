@@ -13,6 +13,9 @@ scored on naming each garment pixel's class. Visible fragments smaller than ``MI
 function of the seed: scene ``i`` of a split draws from ``numpy.random.default_rng([seed, split, i])``;
 training scenes use Fashion-MNIST's training images, validation scenes its test images.
 
+``data.source=scenes`` makes the training scenes' images (no labels) the pre-training data
+(:func:`scene_images`): the same folder the dense commands read, generated on first use.
+
 Written layouts, both read by the ordinary loaders:
 ``images/{training,validation}/scene_NNNNN.png`` + ``annotations/{training,validation}/scene_NNNNN.png``
 (ADE20K's, for ``conmim segment``) and ``coco/instances_{training,validation}.json`` (COCO: boxes as
@@ -23,6 +26,7 @@ plus ``scenes.json`` with the parameters and class names.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -32,9 +36,24 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..data.sources import FASHION_CLASSES, DataError, fashion_mnist
+from ..runtime import distributed
+from .sources import (
+    FASHION_CLASSES,
+    FASHION_MNIST_DIR,
+    DataError,
+    FileSource,
+    Source,
+    build_source,
+    fashion_mnist,
+    image_folder,
+)
+
+log = logging.getLogger(__name__)
 
 SPLITS = {"training": "train", "validation": "test"}  # scene split -> Fashion-MNIST split
+# data.split / data.eval_split -> scene split, for data.source=scenes
+SPLIT_NAMES = {"train": "training", "test": "validation", "val": "validation"}
+SPLIT_NAMES.update({name: name for name in SPLITS})
 ITEM_THRESHOLD = 0.1  # of full brightness: a garment's pixels
 MIN_AREA = 16  # visible pixels an instance needs to be kept
 
@@ -189,3 +208,38 @@ def ensure(out: str | os.PathLike, params: SceneParams, fashion_mnist_dir: str |
             "choose another scenes.dir or delete that folder"
         )
     return out
+
+
+def builtin(sc, data_cfg) -> Path:
+    """The folder of the scenes a ``scenes`` section asks for, generated on first use from the garments
+    of ``data.path`` (when ``data.source`` is ``fashion_mnist`` or ``scenes``; else Debian's copy).
+    Under torchrun rank 0 writes them while the others wait, so no two processes write the same files."""
+    params = SceneParams(sc.train, sc.val, sc.size, sc.seed)
+    garments = data_cfg.path if data_cfg.source in ("fashion_mnist", "scenes") else FASHION_MNIST_DIR
+    with distributed.main_first():
+        if not Path(sc.dir).exists():
+            log.info("writing the built-in scenes to %s (%d training, %d validation)", sc.dir, sc.train, sc.val)
+        return ensure(sc.dir, params, garments)
+
+
+def scene_split(split: str) -> str:
+    """The scene split (training | validation) that a ``data.split`` name stands for."""
+    if split not in SPLIT_NAMES:
+        raise DataError(f"data.split={split!r}: the scenes have the splits {', '.join(SPLIT_NAMES)}")
+    return SPLIT_NAMES[split]
+
+
+def scene_images(sc, data_cfg, split: str) -> FileSource:
+    """The images of one split of the built-in scenes, unlabelled (label -1): pre-training data."""
+    return image_folder(builtin(sc, data_cfg) / "images" / scene_split(split))
+
+
+def source_for(cfg, split: str | None = None) -> Source:
+    """The images ``cfg.data`` names for ``split`` (default ``data.split``): the built-in scenes of
+    ``cfg.scenes`` for ``data.source=scenes``, else :func:`conmim.data.sources.build_source`.
+    Pre-training and ``conmim stats`` read their data through it; the labelled commands do not, since
+    the scenes carry no image labels."""
+    split = cfg.data.split if split is None else split
+    if cfg.data.source == "scenes":
+        return scene_images(cfg.scenes, cfg.data, split)
+    return build_source(cfg.data, cfg.model.img_size, split, cfg.model.in_chans)

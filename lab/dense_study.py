@@ -1,0 +1,263 @@
+"""Dense transfer in domain: pre-train on the built-in scenes without labels, segment with a few labels.
+
+    python -m lab.dense_study [dense_scenes] [--sweep | --report-only]
+
+Every step is an ordinary ``conmim`` command run as a subprocess (``conmim pretrain --config scenes``,
+``conmim segment``), its output folder under ``study.output_dir``, its log beside it. A finished
+command appends one JSON line to ``records_dir`` (``runs.jsonl``, or ``sweep.jsonl`` for the recipe
+sweep) holding the command, its result, the seconds, the machine and the commit; a command already in
+the records is skipped, an interrupted one resumes from its own checkpoints when run again. The
+labelled subsets are the first N training scenes (scene i is a pure function of the scenes' seed),
+linked into folders that ``conmim segment`` reads as its own data; the table is scored on the 200
+validation scenes, whose garments come from Fashion-MNIST's test split. The sweep scores on training
+scenes that no labelled subset holds, so the validation scenes never choose the recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from conmim.config import load_config
+from lab.diagnostics.step_cost import cpu_name
+from lab.study import lab_preset
+from lab.sweep import _commit
+
+log = logging.getLogger("lab.dense_study")
+
+
+@dataclass
+class Sweep:
+    labelled: int = 200
+    holdout: list[int] = field(default_factory=lambda: [19800, 20000])
+    recipes: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
+class DenseStudy:
+    output_dir: str = "runs/dense_study"
+    records_dir: str = "lab/records/dense_study"
+    threads: int = 1
+    pretrain_preset: str = "scenes"
+    pretrain_overrides: list[str] = field(default_factory=list)  # on every pre-training (and the scenes)
+    variants: list[dict[str, Any]] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    labelled: list[int] = field(default_factory=lambda: [200, 2000])
+    segment_preset: str = "segment_cpu"
+    recipe: list[str] = field(default_factory=list)
+    linear: list[str] = field(default_factory=list)
+    sweep: Sweep = field(default_factory=Sweep)
+
+
+def load(name: str) -> DenseStudy:
+    merged = OmegaConf.merge(OmegaConf.structured(DenseStudy), OmegaConf.load(lab_preset(name))["study"])
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+class Records:
+    """One JSON line per finished command, keyed by the command's arguments."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        lines = path.read_text().splitlines() if path.is_file() else []
+        self.rows = {row["key"]: row for row in map(json.loads, lines)}
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.rows[row["key"]] = row
+
+
+def conmim(args: list[str], out: Path, threads: int) -> float:
+    """Run ``conmim ARGS`` (its log in ``out.log``); the seconds it took. A failure stops the study."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    with open(f"{out}.log", "a") as logfile:
+        done = subprocess.run([sys.executable, "-m", "conmim.cli", *args], stdout=logfile, stderr=logfile, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"lab.dense_study: `conmim {' '.join(args)}` failed ({done.returncode}); see {out}.log")
+    return round(time.perf_counter() - start, 1)
+
+
+def scenes_config(study: DenseStudy):
+    """The ``scenes`` section of the pre-trainings: the scenes every command of the study reads."""
+    return load_config(study.pretrain_preset, study.pretrain_overrides, command="pretrain").scenes
+
+
+def linked_scenes(study: DenseStudy, name: str, split: str, indices: range) -> tuple[Path, Path]:
+    """Folders ``images`` and ``masks`` of links to scenes ``indices`` of ``split`` (the scenes made first)."""
+    root = Path(scenes_config(study).dir).resolve()
+    folder = Path(study.output_dir) / "data" / name
+    for kind, source in (("images", "images"), ("masks", "annotations")):
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        for i in indices:
+            link = folder / kind / f"scene_{i:05d}.png"
+            if not link.is_symlink():
+                link.symlink_to(root / source / split / link.name)
+    return folder / "images", folder / "masks"
+
+
+def machine() -> dict[str, Any]:
+    return {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def pretrain(study: DenseStudy, variant: dict[str, Any], seed: int, records: Records) -> Path:
+    out = Path(study.output_dir) / f"{variant['name']}_s{seed}" / "pretrain"
+    args = ["pretrain", "--config", study.pretrain_preset, f"seed={seed}", f"output_dir={out}"]
+    args += [*study.pretrain_overrides, *variant["overrides"]]
+    key = json.dumps(args)
+    if key not in records.rows:
+        log.info("pre-training %s seed %d", variant["name"], seed)
+        seconds = conmim(args, out, study.threads)
+        last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        keep = Path(study.records_dir) / "pretrain" / f"{variant['name']}_s{seed}"
+        keep.mkdir(parents=True, exist_ok=True)
+        for name in ("config.yaml", "metrics.jsonl"):
+            (keep / name).write_text((out / name).read_text())
+        records.add({"key": key, "stage": "pretrain", "variant": variant["name"], "seed": seed,
+                     "command": "conmim " + " ".join(args), "final": last, "seconds": seconds,
+                     "machine": machine(), "commit": _commit()})  # fmt: skip
+    return out
+
+
+def segment(
+    study: DenseStudy, source: Path, start: str, seed: int, train: tuple[Path, Path], val: tuple[Path, Path],
+    recipe: list[str], tag: str, records: Records, **fields: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """``conmim segment`` of ``source`` (``start`` scratch: its architecture, timm's initialisation)."""
+    out = Path(study.output_dir) / "segment" / f"{start}_s{seed}_{tag}"
+    init = "random" if start == "scratch" else "pretrained"
+    args = [
+        "segment", str(source), "--config", study.segment_preset, f"seed={seed}", f"output_dir={out}",
+        f"segment.init={init}", f"segment.images={train[0]}", f"segment.masks={train[1]}",
+        f"segment.val_images={val[0]}", f"segment.val_masks={val[1]}", "segment.num_classes=10", *recipe,
+    ]  # fmt: skip
+    key = json.dumps([start, seed, tag, args[6:]])
+    if key not in records.rows:
+        log.info("segment %s seed %d %s", start, seed, tag)
+        seconds = conmim(args, out, study.threads)
+        result = json.loads((out / "segment" / "results.json").read_text())
+        records.add({"key": key, "start": start, "seed": seed, "tag": tag, **fields, "recipe": recipe,
+                     "mIoU": result["mIoU"], "mAcc": result["mAcc"], "aAcc": result["aAcc"],
+                     "command": "conmim " + " ".join(args), "seconds": seconds,
+                     "machine": machine(), "commit": _commit()})  # fmt: skip
+    return records.rows[key]
+
+
+def architecture(study: DenseStudy) -> Path:
+    """A one-step pre-training: the encoder shape scratch starts from (its weights are never used)."""
+    out = Path(study.output_dir) / "architecture"
+    if not (out / "checkpoints" / "last.pt").is_file():
+        args = ["pretrain", "--config", study.pretrain_preset, *study.pretrain_overrides, "train.max_steps=1"]
+        conmim([*args, f"output_dir={out}"], out, 1)
+    return out
+
+
+def run_sweep(study: DenseStudy) -> list[dict[str, Any]]:
+    records = Records(Path(study.records_dir) / "sweep.jsonl")
+    sw = study.sweep
+    train = linked_scenes(study, f"train_{sw.labelled}", "training", range(sw.labelled))
+    val = linked_scenes(study, "holdout", "training", range(*sw.holdout))
+    source, seed = architecture(study), study.seeds[0]
+    return [
+        segment(study, source, "scratch", seed, train, val, recipe, f"sweep{i}", records, labelled=sw.labelled)
+        for i, recipe in enumerate(sw.recipes)
+    ]
+
+
+def run_table(study: DenseStudy, starts: list[str] | None = None) -> None:
+    """Seed by seed: the pre-trainings, then every start's segmentations (``starts``: only these)."""
+    records = Records(Path(study.records_dir) / "runs.jsonl")
+    val = linked_scenes(study, "validation", "validation", range(scenes_config(study).val))
+    for seed in study.seeds:
+        sources = {"scratch": architecture(study)}
+        for variant in study.variants:
+            if starts is None or variant["name"] in starts:
+                sources[variant["name"]] = pretrain(study, variant, seed, records)
+        sources = {k: v for k, v in sources.items() if starts is None or k in starts}
+        for n in study.labelled:
+            train = linked_scenes(study, f"train_{n}", "training", range(n))
+            for start, source in sources.items():
+                segment(study, source, start, seed, train, val, study.recipe, f"upernet_{n}", records,
+                        labelled=n, head="upernet")  # fmt: skip
+                if start != "scratch" or n == study.labelled[0]:
+                    segment(study, source, start, seed, train, val, study.linear, f"linear_{n}", records,
+                            labelled=n, head="linear")  # fmt: skip
+
+
+def write_pictures(study: DenseStudy, seed: int, tag: str) -> Path | None:
+    """``predictions_{tag}.png``: the validation scenes' image and truth, then each start's prediction
+    (scratch first), one column each, cut from the runs' own ``predictions.png`` (same scenes, same order)."""
+    starts = ["scratch", *(v["name"] for v in study.variants)]
+    paths = [Path(study.output_dir) / "segment" / f"{s}_s{seed}_{tag}" / "segment" / "predictions.png" for s in starts]
+    if not all(p.is_file() for p in paths):
+        return None
+    from PIL import Image
+
+    pictures = [Image.open(p).convert("RGB") for p in paths]
+    third = pictures[0].width // 3  # each picture: image | truth | prediction
+    columns = [pictures[0].crop((0, 0, 2 * third, pictures[0].height))]
+    columns += [p.crop((2 * third, 0, p.width, p.height)) for p in pictures]
+    out = Image.new("RGB", (sum(c.width for c in columns), pictures[0].height), "white")
+    for i, column in enumerate(columns):
+        out.paste(column, (sum(c.width for c in columns[:i]), 0))
+    path = Path(study.records_dir) / f"predictions_{tag}.png"
+    out.save(path)
+    log.info("wrote %s (columns: image, truth, %s)", path, ", ".join(starts))
+    return path
+
+
+def report(study: DenseStudy) -> dict[str, Any]:
+    """The pictures of the first seed's runs, then ``dense_summary.json``."""
+    for n in study.labelled:
+        write_pictures(study, study.seeds[0], f"upernet_{n}")
+    return write_summary(study)
+
+
+def write_summary(study: DenseStudy) -> dict[str, Any]:
+    """``dense_summary.json``: mIoU per start and labelled count, one value per seed."""
+    rows = Records(Path(study.records_dir) / "runs.jsonl").rows.values()
+    summary: dict[str, Any] = {"segment_miou": {}, "segment_linear_miou": {}}
+    for row in sorted((r for r in rows if "head" in r), key=lambda r: r["seed"]):
+        table = summary["segment_miou" if row["head"] == "upernet" else "segment_linear_miou"]
+        table.setdefault(row["start"], {}).setdefault(str(row["labelled"]), []).append(round(row["mIoU"], 2))
+    path = Path(study.records_dir) / "dense_summary.json"
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lab.dense_study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", nargs="?", default="dense_scenes", help="study YAML file or lab preset name")
+    parser.add_argument("--sweep", action="store_true", help="run the scratch recipe sweep instead of the table")
+    parser.add_argument("--report-only", action="store_true", help="rewrite dense_summary.json from the records")
+    parser.add_argument("--starts", help="comma-separated starts to run (scratch, variants)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    study = load(args.config)
+    if args.sweep:
+        for row in run_sweep(study):
+            print(f"{row['recipe']}: held-out mIoU {row['mIoU']:.2f}")
+    elif args.report_only:
+        print(json.dumps(report(study), indent=1))
+    else:
+        run_table(study, args.starts.split(",") if args.starts else None)
+        print(json.dumps(report(study), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The dense study harness end to end on tiny scenes: real `conmim pretrain` and `conmim segment`
+subprocesses, records, the summary, the side-by-side picture, and skip on rerun."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import FASHION_MNIST
+from PIL import Image
+from tiny import TINY
+
+from lab.dense_study import main
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+
+SEGMENT = ["segment.crop_size=32", "segment.base_size=32", "segment.channels=16", "segment.batch_size=4",
+           "segment.warmup_iters=1", "segment.log_every=1", "segment.checkpoint_every=2", "precision=fp32",
+           "data.num_workers=0", "segment.pictures=2"]  # fmt: skip
+
+
+def _study(tmp_path) -> str:
+    scenes = [f"scenes.dir={tmp_path / 'scenes'}", "scenes.train=24", "scenes.val=4", "scenes.size=32"]
+    study = {
+        "study": {
+            "output_dir": str(tmp_path / "runs"),
+            "records_dir": str(tmp_path / "records"),
+            "pretrain_overrides": [*TINY, f"data.path={FASHION_MNIST}", *scenes, "train.max_steps=2"],
+            "variants": [{"name": "conmim", "overrides": []}],
+            "seeds": [0],
+            "labelled": [8],
+            "recipe": [*SEGMENT, "segment.iters=2"],
+            "linear": [*SEGMENT, "segment.iters=2", "segment.head=linear"],
+            "sweep": {"labelled": 8, "holdout": [20, 24], "recipes": [[*SEGMENT, "segment.iters=1"]]},
+        }
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(json.dumps(study))  # JSON is YAML
+    return str(path)
+
+
+def test_dense_study_runs_reports_and_skips_finished_commands(tmp_path):
+    config = _study(tmp_path)
+    assert main([config, "--sweep"]) == 0
+    sweep = [json.loads(line) for line in (tmp_path / "records" / "sweep.jsonl").read_text().splitlines()]
+    assert len(sweep) == 1 and sweep[0]["start"] == "scratch" and 0 <= sweep[0]["mIoU"] <= 100
+    # the sweep scores on held-out training scenes 20-23, never on the validation scenes
+    assert (
+        "runs/data/holdout/images" in sweep[0]["command"]
+        and len(list((tmp_path / "runs/data/holdout/images").iterdir())) == 4
+    )
+
+    assert main([config]) == 0
+    records = tmp_path / "records"
+    rows = [json.loads(line) for line in (records / "runs.jsonl").read_text().splitlines()]
+    assert [r.get("stage", r.get("tag")) for r in rows] == [
+        "pretrain",
+        "upernet_8",
+        "linear_8",
+        "upernet_8",
+        "linear_8",
+    ]
+    assert [r.get("start") for r in rows[1:]] == ["scratch", "scratch", "conmim", "conmim"]
+    assert all(r["command"].startswith("conmim ") and r["commit"] for r in rows)
+    summary = json.loads((records / "dense_summary.json").read_text())
+    assert set(summary["segment_miou"]) == {"scratch", "conmim"}
+    assert len(summary["segment_miou"]["conmim"]["8"]) == 1 and set(summary["segment_linear_miou"]) == {
+        "scratch",
+        "conmim",
+    }
+    # the picture: image, truth, then scratch's and ConMIM's predictions, one column each
+    one = Image.open(tmp_path / "runs/segment/scratch_s0_upernet_8/segment/predictions.png")
+    both = Image.open(records / "predictions_upernet_8.png")
+    assert both.size == (one.width // 3 * 4, one.height)
+    assert (records / "pretrain" / "conmim_s0" / "metrics.jsonl").is_file()
+
+    before = (records / "runs.jsonl").read_text()
+    assert main([config]) == 0  # everything recorded: nothing runs again
+    assert (records / "runs.jsonl").read_text() == before
