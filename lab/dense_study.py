@@ -245,9 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="run the scratch recipe sweep instead of the table")
     parser.add_argument("--report-only", action="store_true", help="rewrite dense_summary.json from the records")
     parser.add_argument("--starts", help="comma-separated starts to run (scratch, variants)")
+    parser.add_argument("--seeds", help="comma-separated seeds to run (default: the study's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     study = load(args.config)
+    if args.seeds:
+        study.seeds = [int(s) for s in args.seeds.split(",")]
     if args.sweep:
         for row in run_sweep(study):
             print(f"{row['recipe']}: held-out mIoU {row['mIoU']:.2f}")
