@@ -41,7 +41,8 @@ log = logging.getLogger("lab.dense_study")
 class Sweep:
     labelled: int = 200
     holdout: list[int] = field(default_factory=lambda: [19800, 20000])
-    recipes: list[list[str]] = field(default_factory=list)
+    recipes: list[list[str]] = field(default_factory=list)  # from scratch
+    pretrained: list[list[str]] = field(default_factory=list)  # from each variant's first-seed pre-training
 
 
 @dataclass
@@ -166,16 +167,26 @@ def architecture(study: DenseStudy) -> Path:
     return out
 
 
-def run_sweep(study: DenseStudy) -> list[dict[str, Any]]:
+def run_sweep(study: DenseStudy, starts: list[str] | None = None) -> list[dict[str, Any]]:
+    """The scratch recipes, then the pre-trained ones from each variant (``starts``: only these)."""
     records = Records(Path(study.records_dir) / "sweep.jsonl")
     sw = study.sweep
     train = linked_scenes(study, f"train_{sw.labelled}", "training", range(sw.labelled))
     val = linked_scenes(study, "holdout", "training", range(*sw.holdout))
     source, seed = architecture(study), study.seeds[0]
-    return [
+    rows = [
         segment(study, source, "scratch", seed, train, val, recipe, f"sweep{i}", records, labelled=sw.labelled)
-        for i, recipe in enumerate(sw.recipes)
+        for i, recipe in enumerate(sw.recipes if starts is None or "scratch" in starts else [])
     ]
+    pretrainings = Records(Path(study.records_dir) / "runs.jsonl")
+    for variant in [v for v in study.variants if sw.pretrained and (starts is None or v["name"] in starts)]:
+        source = pretrain(study, variant, seed, pretrainings)
+        for i, recipe in enumerate(sw.pretrained):
+            tag = f"sweep_{variant['name']}{i}"
+            rows.append(
+                segment(study, source, variant["name"], seed, train, val, recipe, tag, records, labelled=sw.labelled)
+            )
+    return rows
 
 
 def run_table(study: DenseStudy, starts: list[str] | None = None) -> None:
@@ -249,15 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     study = load(args.config)
+    starts = args.starts.split(",") if args.starts else None
     if args.seeds:
         study.seeds = [int(s) for s in args.seeds.split(",")]
     if args.sweep:
-        for row in run_sweep(study):
-            print(f"{row['recipe']}: held-out mIoU {row['mIoU']:.2f}")
+        for row in run_sweep(study, starts):
+            print(f"{row['start']} {row['recipe']}: held-out mIoU {row['mIoU']:.2f}")
     elif args.report_only:
         print(json.dumps(report(study), indent=1))
     else:
-        run_table(study, args.starts.split(",") if args.starts else None)
+        run_table(study, starts)
         print(json.dumps(report(study), indent=1))
     return 0
 

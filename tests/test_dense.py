@@ -71,6 +71,20 @@ def test_pyramid_shapes_and_strides(encoder, depth, size, patch, new_size, strid
         bb(torch.randn(1, 3, side + patch, side))
 
 
+def test_fresh_scale_gives_a_pretrained_pyramid_a_fresh_patch_embedding():
+    """``segment.fresh_scale`` / ``detect.fresh_scale``: a small pre-trained patch embedding (as ConMIM's
+    official initialisation leaves it) is scaled, with the rest of the stream, to a fresh one's size."""
+    weights, spec = _encoder("beit", 2, 16, 4)
+    fresh_rms = weights["patch_embed.proj.weight"].pow(2).mean().sqrt().item()
+    small = {k: v * 0.125 if k.startswith("patch_embed.") else v for k, v in weights.items()}
+    rms = {}
+    for fresh in (False, True):
+        weight = build_backbone(small, spec, fresh_scale=fresh).encoder.patch_embed.proj.weight
+        rms[fresh] = weight.pow(2).mean().sqrt().item()
+    assert rms[False] == pytest.approx(fresh_rms * 0.125, rel=1e-5)
+    assert rms[True] == pytest.approx(fresh_rms, rel=0.05)
+
+
 def test_pyramid_levels_are_the_encoders_blocks():
     """Levels 2 and 3 of a 6-block BEiT are block 3's token map and block 5's max-pooled by 2, as the
     pre-trained encoder (one shared relative position table) computes them block by block."""

@@ -226,6 +226,9 @@ class DenseTrainConfig:
     indices: list[int] = field(default_factory=list)
     scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
     drop_path: float = 0.1
+    # Rescale a pre-trained encoder's residual stream to a fresh patch embedding's size, as
+    # finetune.fresh_scale (ConMIM's teacher keeps the official init's small weights; docs/dense.md).
+    fresh_scale: bool = False
     flip: bool = True  # horizontal flips in training
     # Iterations of AdamW with layer-wise lr decay, linear warm-up from lr * warmup_ratio, then poly.
     iters: int = 300

@@ -140,16 +140,19 @@ def build_backbone(
     indices: Sequence[int] = (),
     drop_path: float = 0.1,
     out_channels: int = 0,
+    fresh_scale: bool = False,
 ) -> ViTPyramid:
     """The pyramid of pre-trained encoder weights (``conmim.export.encoders.load_pretrained``).
 
     ``img_size`` 0 keeps the pre-training resolution; another one resizes the relative position
     tables and absolute embeddings as fine-tuning does. ``indices`` empty: :func:`block_indices`.
+    ``fresh_scale``: the residual stream rescaled to a fresh patch embedding's size, as
+    ``finetune.fresh_scale`` does (:func:`conmim.eval.transfer.build_classifier`).
     """
     patch = spec["kwargs"].get("patch_size", 16)
     if img_size and img_size % patch:
         raise ValueError(f"resolution {img_size} is not a multiple of the encoder's patch size {patch}")
-    encoder, _spec = build_classifier(weights, spec, 0, img_size, drop_path, fc_norm=False)
+    encoder, _spec = build_classifier(weights, spec, 0, img_size, drop_path, fc_norm=False, fresh_scale=fresh_scale)
     depth = len(encoder.blocks)
     indices = list(indices) or block_indices(depth, len(scales))
     if any(not 0 <= i < depth for i in indices):

@@ -24,7 +24,8 @@ def pyramid_of(encoder: str | Path, s: DenseTrainConfig, img_size: int, out_chan
     if s.init == "random":
         weights = random_weights(spec)
     try:
-        return build_backbone(weights, spec, img_size, s.scales, s.indices, s.drop_path, out_channels)
+        fresh = s.fresh_scale and s.init != "random"
+        return build_backbone(weights, spec, img_size, s.scales, s.indices, s.drop_path, out_channels, fresh)
     except ValueError as err:  # scales or indices that do not fit this encoder
         raise DataError(f"{encoder}: {err}") from None
 
