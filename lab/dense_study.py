@@ -26,13 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import OmegaConf
 
 from conmim.config import load_config
-from lab.diagnostics.step_cost import cpu_name
+from lab.provenance import commit, machine
 from lab.study import lab_preset
-from lab.sweep import _commit
 
 log = logging.getLogger("lab.dense_study")
 
@@ -111,10 +109,6 @@ def linked_scenes(study: DenseStudy, name: str, split: str, indices: range) -> t
     return folder / "images", folder / "masks"
 
 
-def machine() -> dict[str, Any]:
-    return {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-
-
 def pretrain(study: DenseStudy, variant: dict[str, Any], seed: int, records: Records) -> Path:
     out = Path(study.output_dir) / f"{variant['name']}_s{seed}" / "pretrain"
     args = ["pretrain", "--config", study.pretrain_preset, f"seed={seed}", f"output_dir={out}"]
@@ -130,7 +124,7 @@ def pretrain(study: DenseStudy, variant: dict[str, Any], seed: int, records: Rec
             (keep / name).write_text((out / name).read_text())
         records.add({"key": key, "stage": "pretrain", "variant": variant["name"], "seed": seed,
                      "command": "conmim " + " ".join(args), "final": last, "seconds": seconds,
-                     "machine": machine(), "commit": _commit()})  # fmt: skip
+                     "machine": machine(), "commit": commit()})  # fmt: skip
     return out
 
 
@@ -154,7 +148,7 @@ def segment(
         records.add({"key": key, "start": start, "seed": seed, "tag": tag, **fields, "recipe": recipe,
                      "mIoU": result["mIoU"], "mAcc": result["mAcc"], "aAcc": result["aAcc"],
                      "command": "conmim " + " ".join(args), "seconds": seconds,
-                     "machine": machine(), "commit": _commit()})  # fmt: skip
+                     "machine": machine(), "commit": commit()})  # fmt: skip
     return records.rows[key]
 
 

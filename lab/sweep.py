@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from conmim.config import ConfigError, load_config
 from conmim.data.sources import ArraySource, fashion_mnist
 from conmim.eval.finetune import finetune
-from lab.diagnostics.step_cost import cpu_name
+from lab.provenance import commit, cpu_name
 from lab.study import _random_encoder, balanced_subset, lab_preset, tile
 
 log = logging.getLogger("lab.sweep")
@@ -142,14 +141,8 @@ def run_trial(
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_threads": torch.get_num_threads(),
         },
-        "commit": _commit(),  # fine-tuning's data order changed at ce7a524 (per-sample seeded, resumable)
+        "commit": commit(),  # fine-tuning's data order changed at ce7a524 (per-sample seeded, resumable)
     }
-
-
-def _commit() -> str:
-    """The repository's HEAD, so a record says which code made it."""
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    return done.stdout.strip() or "unknown"
 
 
 def run_sweep(path: str) -> list[dict[str, Any]]:

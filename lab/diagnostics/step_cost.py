@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -24,16 +23,10 @@ import torch
 
 from conmim.models import pretraining_model
 from conmim.runtime.device import cpu_has_native_bf16
+from lab.provenance import cpu_name
 from lab.study import load_study, variant_config
 
 RECORDS = Path("lab/records/step_cost")
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def main(preset: str = "study_labels", rounds: int = 5) -> None:
