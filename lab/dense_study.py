@@ -1,6 +1,6 @@
 """Dense transfer in domain: pre-train on the built-in scenes without labels, segment with a few labels.
 
-    python -m lab.dense_study [dense_scenes] [--sweep | --report-only]
+    python -m lab.dense_study [dense_scenes] [--sweep | --curve | --report-only]
 
 Every step is an ordinary ``conmim`` command run as a subprocess (``conmim pretrain --config scenes``,
 ``conmim segment``), its output folder under ``study.output_dir``, its log beside it. A finished
@@ -41,6 +41,8 @@ class Sweep:
     holdout: list[int] = field(default_factory=lambda: [19800, 20000])
     recipes: list[list[str]] = field(default_factory=list)  # from scratch
     pretrained: list[list[str]] = field(default_factory=list)  # from each variant's first-seed pre-training
+    # --curve: every start with this recipe (a longer one, evaluated along the way) on the same scenes
+    curve: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -147,7 +149,7 @@ def segment(
         result = json.loads((out / "segment" / "results.json").read_text())
         records.add({"key": key, "start": start, "seed": seed, "tag": tag, **fields, "recipe": recipe,
                      "mIoU": result["mIoU"], "mAcc": result["mAcc"], "aAcc": result["aAcc"],
-                     "command": "conmim " + " ".join(args), "seconds": seconds,
+                     "history": result["history"], "command": "conmim " + " ".join(args), "seconds": seconds,
                      "machine": machine(), "commit": commit()})  # fmt: skip
     return records.rows[key]
 
@@ -181,6 +183,24 @@ def run_sweep(study: DenseStudy, starts: list[str] | None = None) -> list[dict[s
                 segment(study, source, variant["name"], seed, train, val, recipe, tag, records, labelled=sw.labelled)
             )
     return rows
+
+
+def run_curve(study: DenseStudy, starts: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every start (first seed) with the sweep's curve recipe on its labelled and held-out scenes: the
+    mIoU along fine-tuning, to see whether a pre-trained start leads early or catches up late."""
+    records = Records(Path(study.records_dir) / "curve.jsonl")
+    sw = study.sweep
+    train = linked_scenes(study, f"train_{sw.labelled}", "training", range(sw.labelled))
+    val = linked_scenes(study, "holdout", "training", range(*sw.holdout))
+    seed, pretrainings = study.seeds[0], Records(Path(study.records_dir) / "runs.jsonl")
+    sources = {"scratch": architecture(study)}
+    for variant in [v for v in study.variants if starts is None or v["name"] in starts]:
+        sources[variant["name"]] = pretrain(study, variant, seed, pretrainings)
+    return [
+        segment(study, source, start, seed, train, val, sw.curve, "curve", records, labelled=sw.labelled)
+        for start, source in sources.items()
+        if starts is None or start in starts
+    ]
 
 
 def run_table(study: DenseStudy, starts: list[str] | None = None) -> None:
@@ -248,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.dense_study", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", default="dense_scenes", help="study YAML file or lab preset name")
     parser.add_argument("--sweep", action="store_true", help="run the scratch recipe sweep instead of the table")
+    parser.add_argument("--curve", action="store_true", help="run every start with the sweep's curve recipe")
     parser.add_argument("--report-only", action="store_true", help="rewrite dense_summary.json from the records")
     parser.add_argument("--starts", help="comma-separated starts to run (scratch, variants)")
     parser.add_argument("--seeds", help="comma-separated seeds to run (default: the study's)")
@@ -260,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         for row in run_sweep(study, starts):
             print(f"{row['start']} {row['recipe']}: held-out mIoU {row['mIoU']:.2f}")
+    elif args.curve:
+        for row in run_curve(study, starts):
+            points = [f"{h['step']}: {h['val_mIoU']:.2f}" for h in row["history"]] + [f"end: {row['mIoU']:.2f}"]
+            print(f"{row['start']} held-out mIoU by iteration {', '.join(points)}")
     elif args.report_only:
         print(json.dumps(report(study), indent=1))
     else:

@@ -31,7 +31,12 @@ def _study(tmp_path) -> str:
             "labelled": [8],
             "recipe": [*SEGMENT, "segment.iters=2"],
             "linear": [*SEGMENT, "segment.iters=2", "segment.head=linear"],
-            "sweep": {"labelled": 8, "holdout": [20, 24], "recipes": [[*SEGMENT, "segment.iters=1"]]},
+            "sweep": {
+                "labelled": 8,
+                "holdout": [20, 24],
+                "recipes": [[*SEGMENT, "segment.iters=1"]],
+                "curve": [*SEGMENT, "segment.iters=2", "segment.eval_every=1"],
+            },
         }
     }
     path = tmp_path / "study.yaml"
@@ -77,3 +82,8 @@ def test_dense_study_runs_reports_and_skips_finished_commands(tmp_path):
     before = (records / "runs.jsonl").read_text()
     assert main([config]) == 0  # everything recorded: nothing runs again
     assert (records / "runs.jsonl").read_text() == before
+
+    assert main([config, "--curve"]) == 0  # every start, evaluated along the way on the held-out scenes
+    curve = [json.loads(line) for line in (records / "curve.jsonl").read_text().splitlines()]
+    assert [r["start"] for r in curve] == ["scratch", "conmim"]
+    assert all([h["step"] for h in r["history"]] == [1] and "holdout" in r["command"] for r in curve)
