@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -19,11 +20,21 @@ def cpu_name() -> str:
 
 
 def machine() -> dict[str, Any]:
-    """The CPU and the kernels torch picks on it (AVX2, AVX512, AMX differ by factors in step time)."""
-    return {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    """The CPU and the kernels torch picks on it (AVX2, AVX512, AMX differ by factors in step time), and
+    the GPU where there is one."""
+    found = {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if torch.cuda.is_available():
+        found["gpu"] = torch.cuda.get_device_name(0)
+    return found
 
 
 def commit() -> str:
-    """The repository's HEAD, so a record says which code made it."""
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    """The repository's HEAD, so a record says which code made it; ``LAB_COMMIT`` names it where the
+    checkout has no git (a copy of the working tree on another machine)."""
+    if os.environ.get("LAB_COMMIT"):
+        return os.environ["LAB_COMMIT"]
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    except OSError:
+        return "unknown"
     return done.stdout.strip() or "unknown"

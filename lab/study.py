@@ -19,6 +19,7 @@ pixels) run once per (fraction, seed) in ``reference_sSEED``. Fraction 1 runs fo
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -55,6 +56,8 @@ class Variant:
     # a `conmim pretrain` run directory: its teacher encoder instead of pre-training here; "{seed}" in it
     # names one run per seed (e.g. runs/fashion_mnist_seed{seed}), else every seed shares the one run
     pretrained: str = ""
+    fractions: list[float] = field(default_factory=list)  # label fractions run (empty: all of the study's)
+    full_label_seeds: int = 0  # how many of its seeds run fraction 1 (0: study.full_label_seeds)
 
     def pretrained_at(self, seed: int) -> str:
         return self.pretrained.replace("{seed}", str(seed))
@@ -81,6 +84,12 @@ class StudySettings:
     fraction_overrides: list[list[str]] = field(default_factory=list)  # per fraction: dotted overrides
     finetune_evals: int = 1  # test evaluations per fine-tuning (the last one is the result); divides its epochs
     references: bool = True  # raw-pixel k-NN and linear probe at each fraction
+    full_label_seeds: int = 1  # how many of a variant's seeds (the first ones) also run fraction 1
+    # A lab.sweep records file: each fraction's recipe is then the best validation trial of `recipe_start`
+    # at seed `recipe_seed` there (its overrides and passes), instead of fraction_overrides / finetune_epochs
+    recipe_sweep: str = ""
+    recipe_start: str = "random"
+    recipe_seed: int = 0
 
 
 PRESETS = Path(__file__).parent / "presets"
@@ -120,8 +129,11 @@ def load_study(path: str | os.PathLike) -> tuple[StudySettings, Any]:
             if v.pretrained and not os.path.exists(v.pretrained_at(seed)):
                 raise ConfigError(f"{path}: variant {v.name!r}: pretrained={v.pretrained_at(seed)!r} does not exist")
         cfg = variant_config(base, v, (v.seeds or study.seeds)[0], Path(study.output_dir), Path(study.output_dir))
-        for i in range(len(study.label_fractions)):
-            fraction_config(cfg, study, i)
+        for i, fraction in enumerate(study.label_fractions):
+            if not study.recipe_sweep or swept_recipe(study, fraction) is not None:
+                fraction_config(cfg, study, i)
+        if any(f not in study.label_fractions for f in v.fractions):
+            raise ConfigError(f"{path}: variant {v.name!r}: fractions {v.fractions} not all in {study.label_fractions}")
     return study, base
 
 
@@ -146,6 +158,22 @@ def fraction_tag(fraction: float) -> str:
     return f"f{fraction:g}"
 
 
+def swept_recipe(study: StudySettings, fraction: float) -> tuple[list[str], int, float] | None:
+    """(overrides, passes, validation top-1) of the best trial of ``study.recipe_start`` at
+    ``study.recipe_seed`` and ``fraction`` in ``study.recipe_sweep``; None while there is none."""
+    path = Path(study.recipe_sweep)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    mine = [
+        r
+        for r in rows
+        if r["start"] == study.recipe_start and r["seed"] == study.recipe_seed and r["fraction"] == fraction
+    ]
+    if not mine:
+        return None
+    best = max(mine, key=lambda r: r["val_top1"])
+    return list(best["overrides"]), int(best["passes"]), float(best["val_top1"])
+
+
 def fraction_config(cfg: Config, study: StudySettings, index: int) -> tuple[Config, int]:
     """(a copy of ``cfg`` for the fraction ``study.label_fractions[index]``, its fine-tuning passes): the
     fraction's overrides, probe epochs and passes. ``finetune.epochs`` and ``finetune.warmup_epochs`` are
@@ -156,6 +184,14 @@ def fraction_config(cfg: Config, study: StudySettings, index: int) -> tuple[Conf
         overrides.append(f"linprobe.epochs={study.probe_epochs[index]}")
     if study.finetune_epochs:
         overrides.append(f"finetune.epochs={study.finetune_epochs[index]}")
+    if study.recipe_sweep:
+        swept = swept_recipe(study, study.label_fractions[index])
+        if swept is None:
+            raise ConfigError(
+                f"study.recipe_sweep={study.recipe_sweep}: no trial of {study.recipe_start!r} at seed "
+                f"{study.recipe_seed} and fraction {study.label_fractions[index]} yet (run lab.sweep first)"
+            )
+        overrides += [*swept[0], f"finetune.epochs={swept[1]}"]
     try:
         merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as err:
@@ -271,11 +307,17 @@ class Stages:
         if name not in self.done:
             start = time.perf_counter()
             value = fn()
-            self.done[name] = {"result": value, "seconds": round(time.perf_counter() - start, 1)}
+            entry = {"result": value, "seconds": round(time.perf_counter() - start, 1)}
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.done, indent=2) + "\n")
-            os.replace(tmp, self.path)
+            # parts of one run may go side by side (one process per label fraction): under a lock,
+            # merge with what the file holds now rather than overwrite the other processes' stages
+            with open(self.path.with_suffix(".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+                self.done = {**on_disk, **self.done, name: entry}
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(self.done, indent=2) + "\n")
+                os.replace(tmp, self.path)
         return self.done[name]["result"]
 
 
@@ -366,9 +408,12 @@ def record_of(name: str, seed: int, done: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def fractions_at(study: StudySettings, seeds: list[int], seed: int) -> list[int]:
-    """Indices of the label fractions run at ``seed``: those below 1 always, 1 at the first of ``seeds`` only."""
-    return [i for i, f in enumerate(study.label_fractions) if f < 1 or seed == seeds[0]]
+def fractions_at(study: StudySettings, seeds: list[int], seed: int, variant: Variant | None = None) -> list[int]:
+    """Indices of the label fractions run at ``seed``: those of the variant (default: all), fraction 1 only
+    at the first ``study.full_label_seeds`` of ``seeds``."""
+    full = seed in seeds[: (variant.full_label_seeds if variant else 0) or study.full_label_seeds]
+    wanted = variant.fractions if variant and variant.fractions else study.label_fractions
+    return [i for i, f in enumerate(study.label_fractions) if f in wanted and (f < 1 or full)]
 
 
 def _stage_names(study: StudySettings, finetunes: bool, fraction: float) -> list[str]:
@@ -443,6 +488,7 @@ def run_fractions(
     train: ArraySource,
     test: ArraySource,
     data_dir: Path,
+    only: Selection | None = None,
 ) -> list[dict[str, Any]]:
     """Label-efficiency protocol of one (variant, seed): the encoder once, then per label fraction a
     linear probe and a k-NN on cached features and, for variants that fine-tune, a fine-tuning."""
@@ -455,11 +501,17 @@ def run_fractions(
     cfg = variant_config(base, variant, seed, run_dir, data_dir)
     device = resolve_device(cfg.device)
     stages = Stages(run_dir)
-    todo = fractions_at(study, seeds, seed)
+    todo = [
+        i
+        for i in fractions_at(study, seeds, seed, variant)
+        if only is None or not only.fractions or study.label_fractions[i] in only.fractions
+    ]
     names = [n for i in todo for n in _stage_names(study, variant.finetune, study.label_fractions[i])]
     if all(n in stages.done for n in names):
         return fraction_records(variant.name, seed, stages.done, study.label_fractions)
     encoder = study_encoder(variant, seed, cfg, stages, run_dir).to(device)
+    if only is not None and only.pretrain_only:
+        return []
     p, d = cfg.linprobe, cfg.data
     transform = EvalTransform(cfg.model.img_size, d.mean, d.std)
     amp_dtype = resolve_precision(cfg.precision, device)
@@ -583,10 +635,13 @@ def plan(study: StudySettings) -> list[tuple[Variant, int]]:
     return order
 
 
-def _fraction_study(study: StudySettings, base: Any, root: str, report_only: bool) -> list[dict[str, Any]]:
-    """Every stage of the label-efficiency protocol, seed by seed (references first); the rows of the results."""
+def _fraction_study(
+    study: StudySettings, base: Any, root: str, report_only: bool, only: Selection | None = None
+) -> list[dict[str, Any]]:
+    """Every stage of the label-efficiency protocol, seed by seed (references first); the rows of the results.
+    ``only``: just these variants / seeds (and, with ``pretrain_only``, just their pre-training)."""
     out, records = Path(study.output_dir), []
-    order = plan(study)
+    order = [(v, s) for v, s in plan(study) if only is None or only.wants(v.name, s)]
     reference_seeds = list(dict.fromkeys(seed for _v, seed in order))
     if not report_only:
         train, test, data_dir = prepare_data(study, root)
@@ -607,7 +662,7 @@ def _fraction_study(study: StudySettings, base: Any, root: str, report_only: boo
             )
         else:
             log.info("study: %s seed %d", variant.name, seed)
-            records += run_fractions(study, base, variant, seed, seeds, train, test, data_dir)
+            records += run_fractions(study, base, variant, seed, seeds, train, test, data_dir, only)
     return records
 
 
@@ -618,19 +673,44 @@ def not_run(study: StudySettings, records: list[dict[str, Any]]) -> list[tuple[s
         (v.name, s, study.label_fractions[i])
         for v in study.variants
         for s in (v.seeds or study.seeds)
-        for i in fractions_at(study, v.seeds or study.seeds, s)
+        for i in fractions_at(study, v.seeds or study.seeds, s, v)
         if (v.name, s, study.label_fractions[i]) not in done
     ]
 
 
-def run_study(path: str | os.PathLike, fashion_root: str | None = None, report_only: bool = False) -> dict:
-    """Run (or continue) every (variant, seed) of a study, then write the report; returns the summary."""
+@dataclass
+class Selection:
+    """A part of a study, for running parts side by side (e.g. one process per variant on one GPU)."""
+
+    variants: list[str] = field(default_factory=list)  # empty: all
+    seeds: list[int] = field(default_factory=list)  # empty: all
+    pretrain_only: bool = False
+    fractions: list[float] = field(default_factory=list)  # label fractions (empty: all)
+
+    def wants(self, variant: str, seed: int) -> bool:
+        return (not self.variants or variant in self.variants) and (not self.seeds or seed in self.seeds)
+
+
+def run_study(
+    path: str | os.PathLike, fashion_root: str | None = None, report_only: bool = False, only: Selection | None = None
+) -> dict:
+    """Run (or continue) every (variant, seed) of a study, then write the report; returns the summary.
+    With ``only`` just that part runs and no report is written (``--report-only`` writes it later)."""
     study, base = load_study(path)
     if study.threads:
         torch.set_num_threads(study.threads)
     root = fashion_root or OmegaConf.select(base, "data.path", default=None) or Config().data.path
     out = Path(study.output_dir)
     records, start = [], time.perf_counter()
+    if only is not None:
+        unknown = set(only.variants) - {v.name for v in study.variants}
+        if unknown:
+            names = [v.name for v in study.variants]
+            raise ConfigError(f"{path}: no variant(s) {sorted(unknown)}; the study has {names}")
+        if not study.label_fractions:
+            raise ConfigError(f"{path}: --variants / --seeds / --pretrain-only need study.label_fractions")
+        records = _fraction_study(study, base, root, report_only, only)
+        return {"runs": records, "study": {"records_dir": "(no report: a part of the study)"}}
     if study.label_fractions:
         records = _fraction_study(study, base, root, report_only)
     elif not report_only:
@@ -676,10 +756,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("config", nargs="?", default="study_labels", help="study YAML file or lab preset name")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from finished stages")
+    parser.add_argument("--variants", nargs="+", default=[], help="run only these variants (no report)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[], help="run only these seeds (no report)")
+    parser.add_argument("--pretrain-only", action="store_true", help="only the pre-training stage (no report)")
+    parser.add_argument("--fractions", nargs="+", type=float, default=[], help="only these label fractions")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    part = args.variants or args.seeds or args.pretrain_only or args.fractions
+    only = Selection(args.variants, args.seeds, args.pretrain_only, args.fractions)
+    only = only if part and not args.report_only else None
     try:
-        summary = run_study(args.config, report_only=args.report_only)
+        summary = run_study(args.config, report_only=args.report_only, only=only)
     except ConfigError as err:
         print(f"lab.study: error: {err}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from conmim.config import ConfigError, load_config
 from conmim.data.sources import ArraySource, fashion_mnist
 from conmim.eval.finetune import finetune
-from lab.provenance import commit, cpu_name
+from lab.provenance import commit, machine
 from lab.study import _random_encoder, balanced_subset, lab_preset, tile
 
 log = logging.getLogger("lab.sweep")
@@ -41,6 +41,7 @@ class FractionTrials:
     passes: list[int]  # fine-tuning lengths, in passes over the labelled images
     evals: int = 4  # validation evaluations per trial (each passes / evals passes)
     overrides: list[str] = field(default_factory=list)  # for every trial of this fraction (e.g. batch size)
+    recipes: list[list[str]] = field(default_factory=list)  # this fraction's recipes (empty: the sweep's)
 
 
 @dataclass
@@ -55,13 +56,22 @@ class SweepSettings:
     base: list[str] = field(default_factory=list)  # overrides for every trial
     fractions: list[FractionTrials] = field(default_factory=list)
     recipes: list[list[str]] = field(default_factory=lambda: [[]])  # crossed with every fraction and length
+    # also score each trial's final model on the test split (recorded as test_top1, never used to choose:
+    # a start's best-of-sweep figure is the test top-1 of its best validation trial)
+    test: bool = False
 
 
-def load_sweep(path: str) -> SweepSettings:
+def load_sweep(path: str, overrides: list[str] | None = None) -> SweepSettings:
+    """The preset ``path`` (a file or a lab preset name), then dotted ``sweep.KEY=VALUE`` overrides."""
     source = str(lab_preset(path))
     try:
         raw = OmegaConf.load(source)
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepSettings), raw.get("sweep", {})))
+        merged = OmegaConf.merge(
+            OmegaConf.structured(SweepSettings),
+            raw.get("sweep", {}),
+            OmegaConf.from_dotlist(overrides or []).get("sweep", {}),
+        )
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(f"bad sweep configuration {source}: {err}") from None
 
@@ -93,6 +103,7 @@ def run_trial(
     train: ArraySource,
     val: ArraySource,
     labelled: np.ndarray,
+    test: ArraySource | None = None,
 ) -> dict[str, Any]:
     overrides = [*settings.base, *trials.overrides, *recipe]
     if passes % trials.evals:
@@ -119,6 +130,7 @@ def run_trial(
         encoder, tile(train, labelled, tiles), val, cfg, out, head_source=(tile(train, labelled, 1), tiles)
     )
     (out / "checkpoints" / "last.pt").unlink(missing_ok=True)  # finished: the record holds what counts
+    scored = {"test_top1": final_test_top1(out, result, test, cfg)} if test is not None else {}
     steps = trials.evals * (len(labelled) * tiles // cfg.finetune.batch_size)
     return {
         "key": trial_key(settings, trials.fraction, passes, recipe),
@@ -135,36 +147,74 @@ def run_trial(
         "val_top1": result["top1"],
         "val_best_top1": result["best_top1"],
         "val_history_top1": [h["top1"] for h in result["history"]],
+        **scored,
         "seconds": round(time.perf_counter() - start, 1),
-        "machine": {
-            "cpu": cpu_name(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch_threads": torch.get_num_threads(),
-        },
+        "machine": {**machine(), "torch_threads": torch.get_num_threads()},
         "commit": commit(),  # fine-tuning's data order changed at ce7a524 (per-sample seeded, resumable)
     }
 
 
-def run_sweep(path: str) -> list[dict[str, Any]]:
-    settings = load_sweep(path)
+def final_test_top1(out: Path, result: dict[str, Any], test: ArraySource, cfg) -> float:
+    """Test top-1 of a trial's final model: ``best.safetensors`` when the best validation epoch is the
+    last (always so with one evaluation), which is the model the trial ends with."""
+    from conmim.eval.common import EvalTransform, LabeledDataset
+    from conmim.eval.finetune import evaluate
+    from conmim.export.encoders import load_encoder
+    from conmim.runtime.device import resolve_device, resolve_precision
+
+    if result["best_epoch"] != result["history"][-1]["epoch"]:
+        raise ConfigError(f"{out}: the best validation epoch is not the last; score a trial with evals=1")
+    device = resolve_device(cfg.device)
+    model = load_encoder(out / "best.safetensors").to(device)
+    dataset = LabeledDataset(
+        test, EvalTransform(cfg.model.img_size, cfg.data.mean, cfg.data.std, cfg.finetune.crop_pct)
+    )
+    amp = resolve_precision(cfg.precision, device)
+    return evaluate(model, dataset, 512, device, amp, cfg.data.num_workers)["top1"]
+
+
+def sweep_splits(settings: SweepSettings, train: ArraySource) -> tuple[dict[float, np.ndarray], ArraySource]:
+    """(the labelled indices of every fraction, the validation images). Validation images come from
+    outside the largest fraction below 1; fraction 1 is every other training image."""
+    subsets = {t.fraction: balanced_subset(train, t.fraction, settings.seed) for t in settings.fractions}
+    partial = [idx for f, idx in subsets.items() if f < 1]
+    used = max(partial, key=len) if partial else np.zeros(0, dtype=np.int64)
+    val_idx = validation_indices(train, used, settings.val_per_class, settings.seed)
+    for fraction in subsets:
+        if fraction >= 1:
+            subsets[fraction] = np.setdiff1d(np.arange(len(train)), val_idx)
+    return subsets, ArraySource(train.images[val_idx], train.labels[val_idx], train.classes)
+
+
+def run_sweep(
+    path: str,
+    overrides: list[str] | None = None,
+    fractions: list[float] | None = None,
+    recipes: list[int] | None = None,
+) -> list[dict]:
+    """Every trial of the preset not yet recorded (only ``fractions`` and the recipes at positions
+    ``recipes`` when given); the new records."""
+    settings = load_sweep(path, overrides)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     cfg = load_config(settings.preset, settings.base, command="finetune")
     train = fashion_mnist(cfg.data.path, "train")
-    subsets = {t.fraction: balanced_subset(train, t.fraction, settings.seed) for t in settings.fractions}
-    largest = max(subsets.values(), key=len)
-    val_idx = validation_indices(train, largest, settings.val_per_class, settings.seed)
-    val = ArraySource(train.images[val_idx], train.labels[val_idx], train.classes)
+    test = fashion_mnist(cfg.data.path, "test") if settings.test else None
+    subsets, val = sweep_splits(settings, train)
     records = Path(settings.records)
     records.parent.mkdir(parents=True, exist_ok=True)
     done, rows = done_keys(records), []
     for trials in settings.fractions:
+        if fractions and trials.fraction not in fractions:
+            continue
         for passes in trials.passes:
-            for recipe in settings.recipes:
+            for position, recipe in enumerate(trials.recipes or settings.recipes):
+                if recipes and position not in recipes:
+                    continue
                 if trial_key(settings, trials.fraction, passes, recipe) in done:
                     continue
                 log.info("sweep: fraction %g, %d passes, %s", trials.fraction, passes, recipe or "base recipe")
-                row = run_trial(settings, trials, passes, recipe, train, val, subsets[trials.fraction])
+                row = run_trial(settings, trials, passes, recipe, train, val, subsets[trials.fraction], test)
                 with records.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 rows.append(row)
@@ -174,10 +224,13 @@ def run_sweep(path: str) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", default="recipe_sweep", help="sweep YAML file or lab preset name")
+    parser.add_argument("overrides", nargs="*", help="sweep.KEY=VALUE, e.g. sweep.start=runs/x/pretrain")
+    parser.add_argument("--fractions", nargs="+", type=float, default=[], help="only these label fractions")
+    parser.add_argument("--recipes", nargs="+", type=int, default=[], help="only the recipes at these positions")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
-        rows = run_sweep(args.config)
+        rows = run_sweep(args.config, args.overrides, args.fractions, args.recipes)
     except ConfigError as err:
         print(f"lab.sweep: error: {err}", file=sys.stderr)
         return 2
