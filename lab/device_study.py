@@ -27,7 +27,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lab.study import lab_preset, load_study, swept_recipe
+from lab.study import load_study, swept_recipe
+from lab.sweep import load_sweep
 
 STUDY = "study_labels_gpu"  # python -m lab.device_study --study / --sweep pick others (the tests' small ones)
 SWEEP = "recipe_sweep_gpu"
@@ -52,8 +53,8 @@ def study_jobs(study_preset: str = STUDY, sweep_preset: str = SWEEP) -> list[Job
     study, _base = load_study(study_preset)
     root = Path(study.output_dir).parent
     py = [sys.executable, "-m"]
-    sweep = OmegaConf.load(lab_preset(sweep_preset)).sweep
-    count = {t.fraction: len(t.get("recipes") or sweep.recipes) for t in sweep.fractions}
+    sweep = load_sweep(sweep_preset)
+    count = {t.fraction: len(t.recipes or sweep.recipes) for t in sweep.fractions}
     sweeps = {f: [f"sweep_f{f:g}_r{r}" for r in range(count[f])] for f in study.label_fractions}
     jobs = [
         Job(name, [*py, "lab.sweep", sweep_preset, "--fractions", str(f), "--recipes", str(r)], 0)
@@ -104,7 +105,7 @@ def write_own_sweep(study_preset: str, sweep_preset: str, name: str, fraction: f
     recipe, half its learning rate, and layer decay 0.75, each scored on validation and test images."""
     study, _base = load_study(study_preset)
     overrides, passes, _val = swept_recipe(study, fraction)
-    sweep = OmegaConf.load(lab_preset(sweep_preset)).sweep
+    sweep = load_sweep(sweep_preset)
     trials = next(t for t in sweep.fractions if t.fraction == fraction)
     lr = next(float(o.split("=")[1]) for o in reversed(overrides) if o.startswith("finetune.base_lr="))
     sweep.start = str(Path(study.output_dir) / f"{name}_s0" / "pretrain")
@@ -112,10 +113,11 @@ def write_own_sweep(study_preset: str, sweep_preset: str, name: str, fraction: f
     sweep.records = str(Path(sweep.records).with_name("pretrained_trials.jsonl"))
     sweep.test = True
     sweep.base = [o for o in overrides if o not in trials.overrides]
-    sweep.fractions = [{**OmegaConf.to_container(trials), "passes": [passes]}]
+    trials.passes, trials.recipes = [passes], []
+    sweep.fractions = [trials]
     sweep.recipes = [[], [f"finetune.base_lr={lr / 2:g}"], ["finetune.layer_decay=0.75"]]
     preset.parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create({"sweep": sweep}), preset)
+    OmegaConf.save(OmegaConf.create({"sweep": OmegaConf.structured(sweep)}), preset)
 
 
 def run_jobs(jobs: list[Job], root: Path, slots: int, deadline: float, stop_at: float) -> None:

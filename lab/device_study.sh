@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The one-GPU label-efficiency study (python -m lab.device_study) on a bare GPU machine that reaches no
-# package registry: it needs python3 with torch, torchvision, timm, safetensors, tqdm, tensorboard and
-# matplotlib there, omegaconf and antlr4 as wheels in .whl/, and Fashion-MNIST's four .gz files in
-# .fmnist/ (both git-ignored; this repository's own set-up has both). Everything it measured comes back
-# as one archive: OUT=/some/folder LAB_COMMIT=$(git rev-parse --short HEAD) bash lab/device_study.sh
+# package registry: it needs python3 with torch, torchvision, safetensors, tqdm, tensorboard and
+# matplotlib there; the wheels of omegaconf, antlr4-python3-runtime and timm >= 1.0.31 (an image with
+# timm 1.0.29 fails every fine-tuning: it records no model arguments) in .whl/; Fashion-MNIST's four .gz
+# files in .fmnist/ (both git-ignored). Everything it measured comes back as one archive:
+#   mkdir -p .whl .fmnist && cp /usr/share/datasets/fashion-mnist/*.gz .fmnist/
+#   pip download --no-deps -d .whl omegaconf==2.3.0 timm==1.0.31 && pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
+#   OUT=/some/folder LAB_COMMIT=$(git rev-parse --short HEAD) bash lab/device_study.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_out}

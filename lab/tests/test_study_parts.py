@@ -1,0 +1,133 @@
+"""Running a study in parts side by side (lab.device_study): the recipe taken from a sweep, the parts'
+selection, stages merged across processes, the sweep's test scoring and its 100 % split, the job graph."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conmim.config import ConfigError
+from lab.study import Stages, Variant, fraction_config, fractions_at, load_study, swept_recipe, variant_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _trial(fraction: float, passes: int, lr: str, val: float, start: str = "random") -> dict:
+    overrides = ["finetune.warmup_epochs=2", f"finetune.base_lr={lr}"]
+    return {"start": start, "seed": 0, "fraction": fraction, "passes": passes, "overrides": overrides, "val_top1": val}
+
+
+def test_each_fraction_takes_the_best_validation_trial_of_scratch(tmp_path):
+    records = tmp_path / "trials.jsonl"
+    study, base = load_study("study_labels_gpu")
+    study.recipe_sweep = str(records)
+    assert swept_recipe(study, 0.01) is None  # no trial yet: the preset still loads (pre-training can start)
+    cfg = variant_config(base, study.variants[0], 0, tmp_path, tmp_path)
+    with pytest.raises(ConfigError, match="no trial of 'random'"):
+        fraction_config(cfg, study, 0)
+    rows = [
+        _trial(0.01, 250, "1.0e-3", 61.0),
+        _trial(0.01, 250, "2.0e-3", 63.5),
+        _trial(0.01, 250, "4.0e-3", 70.0, start="runs/x/pretrain"),  # another start's trial never counts
+        _trial(0.1, 50, "1.0e-3", 80.0),
+    ]
+    records.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert swept_recipe(study, 0.01) == (["finetune.warmup_epochs=2", "finetune.base_lr=2.0e-3"], 250, 63.5)
+    f, passes = fraction_config(cfg, study, 0)
+    assert (passes, f.finetune.base_lr, f.finetune.epochs) == (250, 2.0e-3, 1)  # one evaluated epoch of 250 passes
+    assert fraction_config(cfg, study, 1)[0].finetune.base_lr == 1.0e-3
+
+
+def test_parts_select_fractions_and_seeds_per_variant():
+    study, _base = load_study("study_labels_gpu")
+    by_name = {v.name: v for v in study.variants}
+    fractions = study.label_fractions
+    assert [fractions[i] for i in fractions_at(study, [0, 1], 1, by_name["conmim"])] == [0.01, 0.1, 1.0]
+    assert [fractions[i] for i in fractions_at(study, [0, 1], 1, by_name["pixel"])] == [0.01, 0.1]
+    assert [fractions[i] for i in fractions_at(study, [0], 0, by_name["conmim_9x"])] == [0.01, 0.1]
+    assert [fractions[i] for i in fractions_at(study, [0, 1], 0, Variant("x"))] == [0.01, 0.1, 1.0]
+
+
+def _write_stage(path: str, name: str) -> None:
+    Stages(Path(path)).run(name, lambda: {"top1": float(len(name))})
+
+
+def test_stages_of_processes_side_by_side_are_merged(tmp_path):
+    Stages(tmp_path).run("pretrain", lambda: {"steps": 3})
+    names = [f"finetune_f{i}" for i in range(6)]
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(3) as pool:
+        pool.starmap(_write_stage, [(str(tmp_path), n) for n in names])
+    done = json.loads((tmp_path / "stages.json").read_text())
+    assert set(done) == {"pretrain", *names}
+
+
+def test_sweep_at_all_labels_holds_out_the_validation_images(fashion_mnist_dir):
+    from conmim.data.sources import fashion_mnist
+    from lab.sweep import FractionTrials, SweepSettings, sweep_splits
+
+    train = fashion_mnist(fashion_mnist_dir, "train")
+    settings = SweepSettings(fractions=[FractionTrials(0.1, [1]), FractionTrials(1.0, [1])])
+    subsets, val = sweep_splits(settings, train)
+    assert len(val) == 5000 and len(subsets[1.0]) == 55_000 and len(subsets[0.1]) == 6000
+    assert set(subsets[0.1]) <= set(subsets[1.0])
+    held_out = np.setdiff1d(np.arange(len(train)), subsets[1.0])
+    assert np.array_equal(
+        np.sort(val.images.reshape(5000, -1), 0), np.sort(train.images[held_out].reshape(5000, -1), 0)
+    )
+
+
+def test_sweep_trial_scores_its_final_model_on_the_test_split(tmp_path):
+    from lab.sweep import main as sweep_main
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(
+        f"""
+sweep:
+  output_dir: {tmp_path}/runs
+  records: {tmp_path}/trials.jsonl
+  val_per_class: 3
+  test: true
+  base: [model.depth=2, model.img_size=16, model.patch_size=4, model.pos_embed=none, model.rel_pos_init=zero,
+         precision=fp32, data.num_workers=0, finetune.probe_head_epochs=0, finetune.warmup_epochs=1]
+  fractions: [{{fraction: 0.002, passes: [2], evals: 1, overrides: [finetune.batch_size=16],
+                recipes: [[finetune.base_lr=2.0e-3]]}}]
+  recipes: [[finetune.base_lr=1.0e-3], [finetune.base_lr=4.0e-3]]
+"""
+    )
+    assert sweep_main([str(config), "--recipes", "0"]) == 0
+    (row,) = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    assert row["overrides"][-1] == "finetune.base_lr=2.0e-3"  # the fraction's own recipe list
+    assert 0 <= row["test_top1"] <= 100 and row["val_images"] == 30 and row["machine"]["cpu"]
+
+
+def test_device_jobs_wait_for_their_pre_training_and_their_fraction_sweep(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lab.device_study import study_jobs, write_own_sweep
+
+    jobs = {j.name: j for j in study_jobs()}
+    assert all(n in jobs for j in jobs.values() for n in j.needs)
+    ft = jobs["ft_conmim_s1_f0.1"]
+    assert "pre_conmim_s1" in ft.needs and {n for n in ft.needs if n.startswith("sweep_")} == {
+        f"sweep_f0.1_r{r}" for r in range(4)
+    }
+    assert {n for n in jobs["ft_scratch_s0_f1"].needs} == {"sweep_f1_r0", "sweep_f1_r1"}
+    assert "ft_pixel_s1_f1" not in jobs and "ft_conmim_9x_s0_f1" not in jobs
+    assert min(jobs.values(), key=lambda j: j.priority).name.startswith("pre_conmim_")
+    study_file = tmp_path / "study.yaml"
+    records = tmp_path / "trials.jsonl"
+    raw = OmegaConf.load("lab/presets/study_labels_gpu.yaml")
+    raw.study.recipe_sweep = str(records)
+    OmegaConf.save(raw, study_file)
+    records.write_text(json.dumps(_trial(0.1, 50, "2.0e-3", 80.0)) + "\n")
+    preset = tmp_path / "own.yaml"
+    write_own_sweep(str(study_file), "recipe_sweep_gpu", "mae", 0.1, preset)
+    own = OmegaConf.load(preset).sweep
+    assert own.start.endswith("mae_s0/pretrain") and own.test and list(own.fractions[0].passes) == [50]
+    assert [list(r) for r in own.recipes] == [[], ["finetune.base_lr=0.001"], ["finetune.layer_decay=0.75"]]
+    assert list(own.base) == ["finetune.warmup_epochs=2", "finetune.base_lr=2.0e-3"]
