@@ -199,13 +199,14 @@ def check_data(cfg: Config) -> None:
 
 
 def check_data_files(cfg: Config) -> None:
-    """``data.gpu_aug`` reads encoded files: only from the file sources (``bench`` brings its own)."""
+    """``data.gpu_aug`` reads encoded files or images held in memory (``bench`` brings its own)."""
     d = cfg.data
     _require(
-        not d.gpu_aug or d.source in ("folder", "list", "webdataset", "scenes"),
+        not d.gpu_aug or d.source in ("folder", "list", "webdataset", "scenes", "fashion_mnist"),
         "data.gpu_aug",
         d.gpu_aug,
-        f"false with data.source={d.source!r}; the device data path reads files (folder, list, webdataset, scenes)",
+        f"false with data.source={d.source!r}; the device data path reads files (folder, list, webdataset, "
+        "scenes) or images in memory (fashion_mnist)",
     )
 
 
