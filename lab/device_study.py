@@ -11,7 +11,8 @@ recipe, half its learning rate, layer decay 0.75; scored on validation images, t
 Jobs start in priority order (the longest pre-trainings first); none starts after ``--deadline``
 seconds, and at ``--stop-at`` the rest get SIGTERM (each checkpoints and exits 75; a later call resumes
 them). Beside the study's output folder (``runs/gpu/``): every job's log in ``logs/``, and ``jobs.json``
-with each job's command, exit code and seconds. Then the study's report is written (``--report-only``).
+with each job's command, exit code and seconds. Then the study's report is written (``--report-only``)
+and ``label_efficiency_summary.json`` beside it (``python -m lab.summary``).
 """
 
 from __future__ import annotations
@@ -184,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     (root / "jobs.json").write_text(json.dumps(rows, indent=1) + "\n")
     report = subprocess.run([sys.executable, "-m", "lab.study", args.study, "--report-only"], check=False)
+    records_dir = load_study(args.study)[0].records_dir
+    subprocess.run([sys.executable, "-m", "lab.summary", records_dir], check=False)
     done = sum(j.returncode == 0 for j in jobs)
     print(f"{done} of {len(jobs)} jobs finished; report exit {report.returncode}")
     return 0 if done == len(jobs) else 1

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from conmim.config import BenchRunConfig, ConfigError, ModelConfig, load_config
+from conmim.runtime.device import cpu_has_native_bf16
 from conmim.tools.bench import flops_per_image, run_bench, write_jpeg_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +95,8 @@ def test_cli_bench_jpeg_mode_prints_one_json_line_per_variant():
 def test_synthetic_mode_alternates_the_variants():
     cfg = load_config(None, [*TINY, "bench.steps=3", "bench.repeats=3"], schema_cls=BenchRunConfig)
     fast, plain = run_bench(cfg)
-    assert (fast["data_path"], fast["precision"], plain["precision"]) == ("synthetic", "fp32", "fp32")
+    auto = "bf16" if cpu_has_native_bf16() else "fp32"  # precision=auto: bf16 only where the CPU computes it
+    assert (fast["data_path"], fast["precision"], plain["precision"]) == ("synthetic", auto, "fp32")
     assert (fast["optimizer"], plain["optimizer"]) == ("fused", "for-loop")
     assert len(fast["img_per_s_chunks"]) == len(plain["img_per_s_chunks"]) == 3
 

@@ -131,3 +131,34 @@ def test_device_jobs_wait_for_their_pre_training_and_their_fraction_sweep(tmp_pa
     assert own.start.endswith("mae_s0/pretrain") and own.test and list(own.fractions[0].passes) == [50]
     assert [list(r) for r in own.recipes] == [[], ["finetune.base_lr=0.001"], ["finetune.layer_decay=0.75"]]
     assert list(own.base) == ["finetune.warmup_epochs=2", "finetune.base_lr=2.0e-3"]
+
+
+def test_summary_holds_one_value_per_seed_and_the_length_curve():
+    from lab.summary import summarize
+
+    def run(variant, seed, fraction, ft, lin):
+        return {"variant": variant, "seed": seed, "fraction": fraction, "finetune_top1": ft, "linprobe_top1": lin}
+
+    runs = [
+        run("conmim", 1, 0.01, 61.0, 50.0),
+        run("conmim", 0, 0.01, 60.0, 51.0),
+        run("conmim", 0, 1.0, 90.0, 80.0),
+        run("scratch", 0, 0.01, 55.0, 30.0),
+        run("conmim_3x", 0, 0.01, 63.0, 55.0),
+        run("conmim_9x", 0, 0.01, 65.456, 57.0),
+        {"variant": "raw_pixels", "seed": 0, "fraction": 0.01, "linprobe_top1": 77.0},
+    ]
+    refs = [{"method": "raw_svm", "fraction": 0.01, "seed": s, "test_top1": 79.0 + s} for s in (1, 0)]
+    own = [
+        {"start": "runs/gpu/study_labels/conmim_s0/pretrain", "fraction": 0.01, "val_top1": v, "test_top1": t}
+        | {"overrides": [f"finetune.base_lr={lr}"], "passes": 250}
+        for v, t, lr in ((62.0, 61.5, "2e-3"), (64.0, 60.9, "1e-3"))
+    ]
+    out = summarize({"runs": runs}, refs, own)
+    assert out["finetune"] == {"conmim": {"0.01": [60.0, 61.0], "1.0": [90.0]}, "scratch": {"0.01": [55.0]}}
+    assert out["linear"]["conmim"] == {"0.01": [51.0, 50.0], "1.0": [80.0]}
+    assert out["length_curve"] == {
+        "conmim": {"936": {"0.01": [60.0, 61.0]}, "2808": {"0.01": [63.0]}, "8424": {"0.01": [65.46]}}
+    }
+    assert out["references"] == {"raw_svm": {"0.01": [79.0, 80.0]}}
+    assert out["best_of_sweep"]["conmim_s0"]["0.01"]["test_top1"] == 60.9  # chosen by validation, not by test
