@@ -69,7 +69,7 @@ def study_jobs(study_preset: str = STUDY, sweep_preset: str = SWEEP) -> list[Job
             long_run = any(o.startswith("train.epochs=") for o in v.overrides)  # the length curve's
             needs = []
             if v.pretrain:  # the longest first: the 9x and 3x ConMIM pre-trainings are the critical path
-                first = -1 if long_run and v.name.startswith("conmim") else 1
+                first = -1 if long_run and v.name.startswith("conmim") else 5 if v.name.endswith("_vit") else 1
                 pre = [*py, "lab.study", study_preset, "--variants", v.name, "--seeds", str(seed), "--pretrain-only"]
                 jobs.append(Job(f"pre_{tag}", pre, first if position == 0 else 3))
                 needs = [f"pre_{tag}"]
@@ -88,7 +88,8 @@ def study_jobs(study_preset: str = STUDY, sweep_preset: str = SWEEP) -> list[Job
                     "--fractions",
                     str(f),
                 ]
-                jobs.append(Job(f"ft_{tag}_f{f:g}", cmd, 3 if long_run else 2 + 2 * position, [*needs, *sweeps[f]]))
+                order = 3 if long_run else 5 if v.name.endswith("_vit") else 2 + 2 * position
+                jobs.append(Job(f"ft_{tag}_f{f:g}", cmd, order, [*needs, *sweeps[f]]))
     for name in BEST_OF:
         for f in (x for x in study.label_fractions if x < 1):
             preset = root / f"sweep_{name}_f{f:g}.yaml"
