@@ -112,9 +112,12 @@ def linked_scenes(study: DenseStudy, name: str, split: str, indices: range) -> t
 
 
 def pretrain(study: DenseStudy, variant: dict[str, Any], seed: int, records: Records) -> Path:
+    """A variant's pre-training: on the scenes (``study.pretrain_preset``), or with the variant's own
+    ``preset`` (out of domain, e.g. ``fashion_mnist``), which then takes no ``pretrain_overrides``."""
     out = Path(study.output_dir) / f"{variant['name']}_s{seed}" / "pretrain"
-    args = ["pretrain", "--config", study.pretrain_preset, f"seed={seed}", f"output_dir={out}"]
-    args += [*study.pretrain_overrides, *variant["overrides"]]
+    preset = variant.get("preset", study.pretrain_preset)
+    args = ["pretrain", "--config", preset, f"seed={seed}", f"output_dir={out}"]
+    args += [*(study.pretrain_overrides if preset == study.pretrain_preset else []), *variant["overrides"]]
     key = json.dumps(args)
     if key not in records.rows:
         log.info("pre-training %s seed %d", variant["name"], seed)
@@ -225,10 +228,15 @@ def run_table(study: DenseStudy, starts: list[str] | None = None) -> None:
 
 def write_pictures(study: DenseStudy, seed: int, tag: str) -> Path | None:
     """``predictions_{tag}.png``: the validation scenes' image and truth, then each start's prediction
-    (scratch first), one column each, cut from the runs' own ``predictions.png`` (same scenes, same order)."""
+    (scratch first, then every start that ran), one column each, cut from the runs' own ``predictions.png``
+    (same scenes, same order)."""
     starts = ["scratch", *(v["name"] for v in study.variants)]
-    paths = [Path(study.output_dir) / "segment" / f"{s}_s{seed}_{tag}" / "segment" / "predictions.png" for s in starts]
-    if not all(p.is_file() for p in paths):
+    found = {
+        s: Path(study.output_dir) / "segment" / f"{s}_s{seed}_{tag}" / "segment" / "predictions.png" for s in starts
+    }
+    starts = [s for s in starts if found[s].is_file()]  # the starts that ran (scratch first)
+    paths = [found[s] for s in starts]
+    if len(paths) < 2 or starts[0] != "scratch":
         return None
     from PIL import Image
 
