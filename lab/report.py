@@ -106,7 +106,7 @@ def fraction_table(
     single = [_percent(f) for f in fractions if f >= 1]
     text = (
         "Top-1 (%) on the test split: mean ± sample std over seeds (the seeds' values)"
-        + (f"; {single[0]} of the labels ran for the first seed only" if single else "")
+        + (f"; {single[0]} of the labels ran for the seeds each cell names" if single else "")
         + ". Raw-pixel rows: the named classifier on flattened normalised pixels.\n\n"
         + "\n".join(out)
         + "\n"
