@@ -43,9 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     cfg = load_config(args.config, args.overrides, command="pretrain")
     m, d = cfg.model, cfg.data
-    views = PairedViews(
-        m.img_size, (d.crop_scale_min, 1.0), tuple(d.mean), tuple(d.std), d.strong_aug, d.weak_aug_strong
-    )
+    views = PairedViews.from_config(m, d)
     masks = MaskGenerator.from_config(cfg.mask, m.img_size, m.patch_size)
     source = source_for(cfg)
     row = {"config": args.config, "overrides": args.overrides, "samples": args.samples, "img_size": m.img_size}

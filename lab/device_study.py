@@ -141,22 +141,17 @@ def run_jobs(jobs: list[Job], root: Path, slots: int, deadline: float, stop_at: 
             stopping = True
             for j in running:
                 j.process.send_signal(signal.SIGTERM)
-        ready = [
-            j for j in jobs if j.process is None and all(by_name[n].returncode == 0 for n in j.needs if n in by_name)
-        ]
-        failed_needs = [
-            j for j in jobs if j.process is None and any(by_name[n].returncode not in (None, 0) for n in j.needs)
-        ]
-        for j in failed_needs:
-            j.returncode = -1  # never started: something it needs failed
+        needed = {j.name: [by_name[n] for n in j.needs if n in by_name] for j in jobs}  # --only may leave some out
+        for j in jobs:  # never started: something it needs failed
+            if j.process is None and any(n.returncode not in (None, 0) for n in needed[j.name]):
+                j.returncode = -1
+        ready = [j for j in jobs if j.process is None and all(n.returncode == 0 for n in needed[j.name])]
         if not stopping and now < deadline:
             for j in sorted(ready, key=lambda j: j.priority)[: max(0, slots - len(running))]:
-                if j.returncode is not None:
-                    continue
                 if callable(j.prepare):
                     j.prepare()
-                log = open(logs / f"{j.name}.log", "w")
-                j.process = subprocess.Popen(j.command, stdout=log, stderr=subprocess.STDOUT)
+                with open(logs / f"{j.name}.log", "w") as log:  # the child keeps its own copy of the handle
+                    j.process = subprocess.Popen(j.command, stdout=log, stderr=subprocess.STDOUT)
                 j.started = time.monotonic()
                 print(f"[{now:6.0f}s] start {j.name}", flush=True)
         running = [j for j in jobs if j.process is not None and j.returncode is None]

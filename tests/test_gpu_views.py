@@ -144,7 +144,7 @@ def test_fashion_mnist_in_memory_takes_the_device_path(fashion_mnist_dir):
     cfg = load_config(None, ["data.gpu_aug=true"], default_preset="fashion_mnist")
     d, size = cfg.data, cfg.model.img_size
     source = fashion_mnist(fashion_mnist_dir, "test")
-    views = PairedViews(size, (d.crop_scale_min, 1.0), tuple(d.mean), tuple(d.std), d.strong_aug, d.weak_aug_strong)
+    views = PairedViews.from_config(cfg.model, d)
     masks = MaskGenerator((size // cfg.model.patch_size,) * 2)
     cpu, encoded = PretrainDataset(source, views, masks, 3), EncodedPretrainDataset(source, views, masks, 3)
     keys = [(1, i) for i in range(0, 10_000, 625)]

@@ -1,8 +1,8 @@
 """Device data path (``data.gpu_aug``): workers only read file bytes, the device does the rest.
 
 Images held in memory (Fashion-MNIST) travel as their uint8 pixels instead: the workers' cost per
-image falls from two augmented views (about 0.75 ms of CPU for a 28-px image) to a copy and a draw of
-parameters, which is what keeps a GPU fed when several runs share the machine's cores.
+image falls from two augmented views (about 1.1 ms of CPU for a 28-px image) to a copy and a draw of
+parameters (4.4x less, ``benchmarks/worker_cost.py``), which matters when a few cores feed a GPU.
 
 A worker reads a file, parses its header for the size, and draws the sample's crop, flip, strong
 photometric ops and mask with :meth:`PairedViews.sample` and the same per-sample generator as the

@@ -178,6 +178,14 @@ class PairedViews:
         self.in_chans = len(self.mean)
         self.strong, self.weak_strong = strong, weak_strong
 
+    @classmethod
+    def from_config(cls, model_cfg, data_cfg) -> PairedViews:
+        """The views a pre-training of ``model`` / ``data`` sections draws (crops from ``data.crop_scale_min``)."""
+        d = data_cfg
+        return cls(
+            model_cfg.img_size, (d.crop_scale_min, 1.0), tuple(d.mean), tuple(d.std), d.strong_aug, d.weak_aug_strong
+        )
+
     def crop(self, img: Image.Image | torch.Tensor, p: ViewParams) -> torch.Tensor:
         out = TF.resized_crop(
             img,

@@ -90,9 +90,7 @@ def build_loader(
     an iterator starts (a resumed run must draw drop-path masks from exactly the saved RNG state)."""
     m, d = cfg.model, cfg.data
     source = source if source is not None else source_for(cfg)
-    views = PairedViews(
-        m.img_size, (d.crop_scale_min, 1.0), tuple(d.mean), tuple(d.std), d.strong_aug, d.weak_aug_strong
-    )
+    views = PairedViews.from_config(m, d)
     masks = MaskGenerator.from_config(cfg.mask, m.img_size, m.patch_size)
     dataset_cls = EncodedPretrainDataset if d.gpu_aug else PretrainDataset
     dataset = dataset_cls(source, views, masks, cfg.seed, d.on_error, skip_log)

@@ -35,7 +35,7 @@ def main(run: str, images: int = 500) -> None:
     model = ConMIM.from_config(cfg.model).eval()
     model.load_state_dict(state["model"])
     m, d = cfg.model, cfg.data
-    views = PairedViews(m.img_size, (d.crop_scale_min, 1.0), tuple(d.mean), tuple(d.std), d.strong_aug)
+    views = PairedViews.from_config(m, d)
     data = PretrainDataset(
         build_source(d, m.img_size, d.eval_split), views, MaskGenerator.from_config(cfg.mask, m.img_size, m.patch_size)
     )

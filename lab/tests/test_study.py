@@ -263,23 +263,10 @@ def test_every_lab_preset_loads_and_each_variant_validates():
             variant_config(base, variant, 0, Path("/tmp/unused"), Path("/tmp/unused"))
 
 
-def test_recipe_sweep_records_every_trial_on_validation_images_and_skips_them_on_rerun(tmp_path):
+def test_recipe_sweep_records_every_trial_on_validation_images_and_skips_them_on_rerun(tmp_path, tiny_sweep):
     from lab.sweep import main as sweep_main
 
-    config = tmp_path / "sweep.yaml"
-    model = "model.depth=2 model.img_size=16 model.patch_size=4 model.pos_embed=none model.rel_pos_init=zero"
-    config.write_text(
-        f"""
-sweep:
-  output_dir: {tmp_path}/runs
-  records: {tmp_path}/trials.jsonl
-  val_per_class: 3
-  base: [{", ".join(model.split())}, precision=fp32, data.num_workers=0, finetune.probe_head_epochs=0,
-         finetune.warmup_epochs=1]
-  fractions: [{{fraction: 0.002, passes: [2], evals: 2, overrides: [finetune.batch_size=16]}}]
-  recipes: [[finetune.base_lr=1.0e-3], [finetune.base_lr=4.0e-3]]
-"""
-    )
+    config = tiny_sweep("{fraction: 0.002, passes: [2], evals: 2, overrides: [finetune.batch_size=16]}")
     assert sweep_main([str(config)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
     assert [r["overrides"][-1] for r in rows] == ["finetune.base_lr=1.0e-3", "finetune.base_lr=4.0e-3"]

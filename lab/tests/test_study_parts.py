@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -81,24 +82,12 @@ def test_sweep_at_all_labels_holds_out_the_validation_images(fashion_mnist_dir):
     )
 
 
-def test_sweep_trial_scores_its_final_model_on_the_test_split(tmp_path):
+def test_sweep_trial_scores_its_final_model_on_the_test_split(tmp_path, tiny_sweep):
     from lab.sweep import main as sweep_main
 
-    config = tmp_path / "sweep.yaml"
-    config.write_text(
-        f"""
-sweep:
-  output_dir: {tmp_path}/runs
-  records: {tmp_path}/trials.jsonl
-  val_per_class: 3
-  test: true
-  base: [model.depth=2, model.img_size=16, model.patch_size=4, model.pos_embed=none, model.rel_pos_init=zero,
-         precision=fp32, data.num_workers=0, finetune.probe_head_epochs=0, finetune.warmup_epochs=1]
-  fractions: [{{fraction: 0.002, passes: [2], evals: 1, overrides: [finetune.batch_size=16],
-                recipes: [[finetune.base_lr=2.0e-3]]}}]
-  recipes: [[finetune.base_lr=1.0e-3], [finetune.base_lr=4.0e-3]]
-"""
-    )
+    own_recipes = "recipes: [[finetune.base_lr=2.0e-3]]"  # replace the sweep's two
+    fraction = f"{{fraction: 0.002, passes: [2], evals: 1, overrides: [finetune.batch_size=16], {own_recipes}}}"
+    config = tiny_sweep(fraction, "  test: true\n")
     assert sweep_main([str(config), "--recipes", "0"]) == 0
     (row,) = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
     assert row["overrides"][-1] == "finetune.base_lr=2.0e-3"  # the fraction's own recipe list
@@ -162,3 +151,17 @@ def test_summary_holds_one_value_per_seed_and_the_length_curve():
     }
     assert out["references"] == {"raw_svm": {"0.01": [79.0, 80.0]}}
     assert out["best_of_sweep"]["conmim_s0"]["0.01"]["test_top1"] == 60.9  # chosen by validation, not by test
+
+
+def test_jobs_start_after_what_they_need_and_never_after_a_failure(tmp_path):
+    from lab.device_study import Job, run_jobs
+
+    def job(name: str, code: int, needs: list[str], priority: int = 0) -> Job:
+        stamp = f"open({str(tmp_path / name)!r}, 'w').write(str(__import__('time').monotonic()))"
+        return Job(name, [sys.executable, "-c", f"{stamp}; raise SystemExit({code})"], priority, needs)
+
+    jobs = [job("a", 0, []), job("b", 3, []), job("c", 0, ["b"]), job("d", 0, ["a", "left_out"], 1)]
+    run_jobs(jobs, tmp_path, slots=1, deadline=60, stop_at=120)
+    assert [j.returncode for j in jobs] == [0, 3, -1, 0]
+    assert not (tmp_path / "c").exists() and float((tmp_path / "d").read_text()) > float((tmp_path / "a").read_text())
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["a.log", "b.log", "d.log"]
