@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 REFERENCE = "raw_pixels"  # the raw-pixel reference rows of a label-fraction report
+# Raw-pixel classifiers with settings chosen on validation images (python -m lab.references), per fraction and seed
+PIXEL_REFERENCES = Path("lab/records/references/raw_pixels.jsonl")
+PIXEL_METHODS = {"raw_logreg": "logistic regression", "raw_svm": "RBF SVM", "raw_knn": "k-NN"}
 
 METRIC_NAMES = {"finetune_top1": "fine-tune", "linprobe_top1": "linear probe", "knn_top1": "k-NN"}
 
@@ -77,15 +81,43 @@ def aggregate_fractions(runs: list[dict[str, Any]], order: list[str], fractions:
     return rows
 
 
+def pixel_references(path: Path, fractions: list[float]) -> list[dict[str, Any]]:
+    """One row per raw-pixel method of ``path`` and fraction: labels, seeds and ``test_top1`` over seeds."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = []
+    for method in PIXEL_METHODS:
+        for fraction in fractions:
+            mine = sorted(
+                (r for r in records if r["method"] == method and r["fraction"] == fraction), key=lambda r: r["seed"]
+            )
+            if mine:
+                rows.append(
+                    {
+                        "variant": method,
+                        "fraction": fraction,
+                        "labels": mine[0]["labels"],
+                        "seeds": [r["seed"] for r in mine],
+                        "test_top1": _stat([r["test_top1"] for r in mine]),
+                    }
+                )
+    return rows
+
+
 def _percent(fraction: float) -> str:
     return f"{100 * fraction:g} %"
 
 
 def fraction_table(
-    rows: list[dict[str, Any]], labels: dict[str, str], fractions: list[float], reference: str, knn_k: int
+    rows: list[dict[str, Any]],
+    labels: dict[str, str],
+    fractions: list[float],
+    reference: str,
+    knn_k: int,
+    references: Sequence[dict[str, Any]] = (),
 ) -> str:
-    """Fine-tune and linear-probe top-1 per fraction (variants, then the raw-pixel reference lines),
-    then the k-NN top-1 of every encoder and of raw pixels."""
+    """Fine-tune and linear-probe top-1 per fraction (variants, then the raw-pixel reference lines), the
+    raw-pixel classifiers of ``references`` (see :func:`pixel_references`), then the k-NN top-1 of every
+    encoder and of raw pixels."""
     cell = {(r["variant"], r["fraction"]): r for r in rows}
     counts = {r["fraction"]: r["labels"] for r in rows}
     names = [n for n in labels if n != reference and any((n, f) in cell for f in fractions)]
@@ -98,19 +130,33 @@ def fraction_table(
         cells = [_cell(cell.get((name, f), {}).get(m)) if m else "—" for f in fractions for m in metrics]
         return f"| {title} | " + " | ".join(cells) + " |"
 
+    has_reference = any(r["variant"] == reference for r in rows)
     out = head(["fine-tune", "linear probe"])
     out += [line(labels[n], n, ["finetune_top1", "linprobe_top1"]) for n in names]
-    if any(r["variant"] == reference for r in rows):
+    if has_reference:
         out.append(line(f"raw pixels: k-NN (k={knn_k}, cosine)", reference, [None, "knn_top1"]))
         out.append(line("raw pixels: linear (BatchNorm + linear head)", reference, [None, "linprobe_top1"]))
     single = [_percent(f) for f in fractions if f >= 1]
     text = (
         "Top-1 (%) on the test split: mean ± sample std over seeds (the seeds' values)"
         + (f"; {single[0]} of the labels ran for the seeds each cell names" if single else "")
-        + ". Raw-pixel rows: the named classifier on flattened normalised pixels.\n\n"
+        + (". Raw-pixel rows: the named classifier on flattened normalised pixels" if has_reference else "")
+        + ".\n\n"
         + "\n".join(out)
         + "\n"
     )
+    if references:
+        cell.update({(r["variant"], r["fraction"]): r for r in references})
+        pixel = head(["test top-1"])
+        pixel += [
+            line(title, m, ["test_top1"])
+            for m, title in PIXEL_METHODS.items()
+            if any(r["variant"] == m for r in references)
+        ]
+        text += (
+            "\nRaw pixels (28 x 28 in [0, 1]), each classifier's setting chosen on validation images "
+            f"({PIXEL_REFERENCES}):\n\n" + "\n".join(pixel) + "\n"
+        )
     if any("knn_top1" in r for r in rows):
         knn = head(["k-NN"])
         knn += [
@@ -127,10 +173,16 @@ def fraction_table(
 
 
 def plot_label_efficiency(
-    rows: list[dict[str, Any]], labels: dict[str, str], fractions: list[float], reference: str, path: Path
+    rows: list[dict[str, Any]],
+    labels: dict[str, str],
+    fractions: list[float],
+    reference: str,
+    path: Path,
+    references: Sequence[dict[str, Any]] = (),
 ) -> None:
     """Top-1 against the fraction of labels (log x): per variant fine-tuning (solid) and linear probe
-    (dashed), mean over seeds with min-max error bars; raw-pixel k-NN and linear head in grey."""
+    (dashed), mean over seeds with min-max error bars; raw pixels (the study's own k-NN and linear head,
+    and the classifiers of ``references``) in grey."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,9 +200,14 @@ def plot_label_efficiency(
         (reference, "knn_top1", "k-NN", {"color": "0.45", "ls": ":", "marker": "^"}),
         (reference, "linprobe_top1", "linear", {"color": "0.6", "ls": "-.", "marker": "v"}),
     ]
+    greys = ("0.2", "0.4", "0.6")
+    styles += [
+        (m, "test_top1", title, {"color": grey, "ls": ":", "marker": "x"})
+        for (m, title), grey in zip(PIXEL_METHODS.items(), greys, strict=True)
+    ]
     values = []
     for name, metric, kind, style in styles:
-        points = [(r["fraction"], r[metric]) for r in rows if r["variant"] == name and metric in r]
+        points = [(r["fraction"], r[metric]) for r in [*rows, *references] if r["variant"] == name and metric in r]
         if not points:
             continue
         points.sort()
@@ -158,7 +215,7 @@ def plot_label_efficiency(
         means = [s["mean"] for _, s in points]
         err = [[s["mean"] - s["min"] for _, s in points], [s["max"] - s["mean"] for _, s in points]]
         values += [v for _, s in points for v in s["values"]]
-        title = f"raw pixels: {kind}" if name == reference else f"{labels[name]}: {kind}"
+        title = f"raw pixels: {kind}" if name in (reference, *PIXEL_METHODS) else f"{labels[name]}: {kind}"
         ax.errorbar(xs, means, yerr=err, capsize=3, lw=1.5, ms=4, label=title, **style)
     counts = {r["fraction"]: r["labels"] for r in rows}
     ax.set_xscale("log")
@@ -197,11 +254,13 @@ def write_fraction_report(summary: dict[str, Any], study, out: Path) -> dict[str
     }
     paths["json"].write_text(json.dumps({**summary, "aggregate": rows}, indent=2) + "\n")
     knn_k = summary.get("base", {}).get("eval", {}).get("knn_k", 20)
-    table = fraction_table(rows, labels, fractions, REFERENCE, knn_k)
+    fractions = [f for f in fractions if any(r["fraction"] == f for r in rows)]  # a study in parts: what ran
+    references = pixel_references(PIXEL_REFERENCES, fractions)
+    table = fraction_table(rows, labels, fractions, REFERENCE, knn_k, references)
     if missing:
         table += f"\nNot finished when this report was written: {', '.join(missing)}\n"
     paths["table"].write_text(table)
-    plot_label_efficiency(rows, labels, fractions, REFERENCE, paths["plot"])
+    plot_label_efficiency(rows, labels, fractions, REFERENCE, paths["plot"], references)
     plot_curves(read_curves(out, summary["runs"]), objectives, paths["curves"])
     return paths
 

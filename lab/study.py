@@ -264,11 +264,13 @@ def fixed_subset(source: ArraySource, count: int, seed: int) -> ArraySource:
 
 
 def write_idx(images: np.ndarray, labels: np.ndarray, folder: Path, prefix: str = "train") -> None:
-    """Fashion-MNIST-layout IDX files, so the pre-training engine reads the subset like the real thing."""
+    """Fashion-MNIST-layout IDX files, so the pre-training engine reads the subset like the real thing.
+    Each file appears at once (written aside, then renamed; the aside name is the process's own), so parts
+    of a study started together may all write them while others read."""
     folder.mkdir(parents=True, exist_ok=True)
     for kind, arr in (("images-idx3-ubyte", images), ("labels-idx1-ubyte", labels)):
         header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
-        tmp = folder / f".{prefix}-{kind}.tmp"
+        tmp = folder / f".{prefix}-{kind}.{os.getpid()}.tmp"
         tmp.write_bytes(header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes())
         os.replace(tmp, folder / f"{prefix}-{kind}")
 

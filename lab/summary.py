@@ -19,9 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lab.report import PIXEL_REFERENCES
+
 BASE_STEPS = 936  # the built-in default pre-training, which the 1x variants run
 LENGTHS = {"": 1, "_3x": 3, "_9x": 9}
-REFERENCES = Path("lab/records/references/raw_pixels.jsonl")
 OWN_SWEEPS = Path("lab/records/recipe_sweep_gpu/pretrained_trials.jsonl")
 
 
@@ -76,7 +77,7 @@ def _length_variants(table: dict[str, Any]) -> set[str]:
 def write_summary(records_dir: str | Path) -> Path:
     records_dir = Path(records_dir)
     results = json.loads((records_dir / "results.json").read_text())
-    summary = summarize(results, _lines(REFERENCES), _lines(OWN_SWEEPS))
+    summary = summarize(results, _lines(PIXEL_REFERENCES), _lines(OWN_SWEEPS))
     out = records_dir / "label_efficiency_summary.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")
     return out

@@ -193,26 +193,33 @@ def test_label_fraction_study_runs_resumes_and_reports(tmp_path):
     assert all(reused[stage]["result"] == original[stage]["result"] for stage in reused)
 
 
-def test_label_preset_is_the_default_pretraining_with_equal_fine_tuning_steps(tmp_path):
+def test_label_preset_is_the_default_pretraining_under_the_swept_scratch_recipe(tmp_path):
     from omegaconf import OmegaConf
 
     from conmim.config import preset_path
-    from lab.study import fraction_config, variant_config
+    from lab.study import fraction_config, swept_recipe, variant_config
 
     study, base = load_study("study_labels")
     default = OmegaConf.load(preset_path("fashion_mnist"))
     for section in ("model", "mask", "data", "train"):  # ConMIM here is the built-in default run
         assert OmegaConf.to_container(base[section]) == OmegaConf.to_container(default[section]), section
+    # the sweep fine-tunes from the fashion_mnist preset's recipe: the swept overrides mean the same here
+    assert OmegaConf.to_container(base.finetune) == OmegaConf.to_container(default.finetune)
     assert study.label_fractions == [0.01, 0.1, 1.0] and study.seeds == [0, 1]
     steps = {}
     for variant in study.variants:
         cfg = variant_config(base, variant, 0, tmp_path, tmp_path)
-        for i, labels in enumerate((600, 6000, 60000)):
-            f, passes = fraction_config(cfg, study, i)
-            tiles = passes // study.finetune_evals
-            steps.setdefault(variant.name, []).append(f.finetune.epochs * (labels * tiles // f.finetune.batch_size))
-            assert f.finetune.epochs * tiles == passes and f.finetune.warmup_epochs * tiles * labels < 300 * 128
-    assert steps["scratch"] == steps["conmim"] == steps["pixel"] == [750, 703, 1406]
+        for i, labels in enumerate((600, 6000)):  # the fractions the sweep has measured
+            overrides, passes, _ = swept_recipe(study, study.label_fractions[i])
+            f, got = fraction_config(cfg, study, i)
+            assert got == passes
+            for override in overrides:  # warm-up is rescaled from passes to the tiled epochs
+                key = override.split("=")[0]
+                if key != "finetune.warmup_epochs":
+                    swept = OmegaConf.select(OmegaConf.from_dotlist([override]), key)
+                    assert OmegaConf.select(OmegaConf.structured(f), key) == swept, override
+            steps.setdefault(variant.name, []).append(f.finetune.epochs * (labels * passes // f.finetune.batch_size))
+    assert steps["scratch"] == steps["conmim"] == steps["pixel"] == steps["mae"] == [1425, 1125]
 
 
 def test_fine_tuning_passes_split_into_evaluated_epochs(tmp_path):

@@ -153,6 +153,31 @@ def test_summary_holds_one_value_per_seed_and_the_length_curve():
     assert out["best_of_sweep"]["conmim_s0"]["0.01"]["test_top1"] == 60.9  # chosen by validation, not by test
 
 
+def test_report_shows_the_validation_chosen_pixel_references_of_the_fractions_that_ran(tmp_path):
+    from lab.report import fraction_table, pixel_references
+
+    records = tmp_path / "raw_pixels.jsonl"
+    lines = [
+        {"method": m, "fraction": f, "seed": s, "labels": int(60000 * f), "test_top1": t + s}
+        for m, t in (("raw_svm", 79.0), ("raw_logreg", 78.0))
+        for f in (0.01, 0.1)
+        for s in (1, 0)
+    ]
+    records.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    refs = pixel_references(records, [0.01])
+    assert [(r["variant"], r["fraction"], r["seeds"], r["test_top1"]["values"]) for r in refs] == [
+        ("raw_logreg", 0.01, [0, 1], [78.0, 79.0]),
+        ("raw_svm", 0.01, [0, 1], [79.0, 80.0]),
+    ]
+    row = {"variant": "scratch", "fraction": 0.01, "labels": 600, "seeds": [0]}
+    row["finetune_top1"] = {"values": [57.4], "mean": 57.4, "std": None, "min": 57.4, "max": 57.4}
+    table = fraction_table([row], {"scratch": "scratch"}, [0.01], "raw_pixels", 20, refs)
+    assert "| scratch | 57.40 (1 seed) | — |" in table
+    assert "| logistic regression | 78.50 ± 0.71 (78.00, 79.00) |" in table and "| RBF SVM | 79.50" in table
+    assert "k-NN |" not in table and "10 %" not in table  # no k-NN record here; only the fraction that ran
+    assert pixel_references(tmp_path / "absent.jsonl", [0.01]) == []
+
+
 def test_jobs_start_after_what_they_need_and_never_after_a_failure(tmp_path):
     from lab.device_study import Job, run_jobs
 
