@@ -219,7 +219,15 @@ def test_label_preset_is_the_default_pretraining_under_the_swept_scratch_recipe(
                     swept = OmegaConf.select(OmegaConf.from_dotlist([override]), key)
                     assert OmegaConf.select(OmegaConf.structured(f), key) == swept, override
             steps.setdefault(variant.name, []).append(f.finetune.epochs * (labels * passes // f.finetune.batch_size))
-    assert steps["scratch"] == steps["conmim"] == steps["pixel"] == steps["mae"] == steps["scratch_vit"] == [1425, 1125]
+    assert (
+        steps["scratch"]
+        == steps["conmim"]
+        == steps["pixel"]
+        == steps["mae"]
+        == steps["scratch_vit"]
+        == steps["conmim_vit"]
+        == [1425, 1125]
+    )
 
 
 def test_fine_tuning_passes_split_into_evaluated_epochs(tmp_path):
