@@ -260,7 +260,11 @@ def write_fraction_report(summary: dict[str, Any], study, out: Path) -> dict[str
     if missing:
         table += f"\nNot finished when this report was written: {', '.join(missing)}\n"
     paths["table"].write_text(table)
-    plot_label_efficiency(rows, labels, fractions, REFERENCE, paths["plot"], references)
+    if len(fractions) == 1:  # one fraction: bars per variant, not a column of points
+        title = f"Fashion-MNIST, {_percent(fractions[0])} of the labels: mean over seeds, dots = seeds, bars = min-max"
+        plot_bars(rows, labels, paths["plot"], references, title)
+    else:
+        plot_label_efficiency(rows, labels, fractions, REFERENCE, paths["plot"], references)
     plot_curves(read_curves(out, summary["runs"]), objectives, paths["curves"])
     return paths
 
@@ -332,8 +336,15 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], objectives: dict[str, s
     plt.close(fig)
 
 
-def plot_bars(rows: list[dict[str, Any]], labels: dict[str, str], path: Path) -> None:
-    """Grouped top-1 bars per variant: the mean, one dot per seed, min-max as the error bar."""
+def plot_bars(
+    rows: list[dict[str, Any]],
+    labels: dict[str, str],
+    path: Path,
+    references: Sequence[dict[str, Any]] = (),
+    title: str = "Fashion-MNIST study: mean over seeds, dots = seeds, bars = min-max",
+) -> None:
+    """Grouped top-1 bars per variant: the mean, one dot per seed, min-max as the error bar; the raw-pixel
+    classifiers of ``references`` (one fraction) as grey horizontal lines at their mean."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -341,7 +352,7 @@ def plot_bars(rows: list[dict[str, Any]], labels: dict[str, str], path: Path) ->
 
     metrics = [m for m in METRIC_NAMES if any(m in row for row in rows)]
     width = 0.8 / max(len(metrics), 1)
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.8))
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)) + 3, 4.8))
     for i, metric in enumerate(metrics):
         xs, means, low, high = [], [], [], []
         for j, row in enumerate(rows):
@@ -357,15 +368,16 @@ def plot_bars(rows: list[dict[str, Any]], labels: dict[str, str], path: Path) ->
     ax.set_xticks(
         range(len(rows)), [labels.get(r["variant"], r["variant"]) for r in rows], rotation=25, ha="right", fontsize=8
     )
+    for ref, grey in zip(references, ("0.2", "0.4", "0.6"), strict=False):
+        mean = ref["test_top1"]["mean"]
+        ax.axhline(mean, color=grey, ls=":", lw=1.2, label=f"raw pixels: {PIXEL_METHODS[ref['variant']]} ({mean:.1f})")
     values = [v for row in rows for m in metrics if m in row for v in row[m]["values"]]
+    values += [ref["test_top1"]["mean"] for ref in references]
     if values:
         ax.set_ylim(max(0.0, min(values) - 5), min(100.0, max(values) + 3))
-    ax.set(
-        ylabel="top-1 on the test subset (%)",
-        title="Fashion-MNIST study: mean over seeds, dots = seeds, bars = min-max",
-    )
+    ax.set(ylabel="top-1 on the test images (%)", title=title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no line hidden
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -154,7 +154,9 @@ def test_summary_holds_one_value_per_seed_and_the_length_curve():
 
 
 def test_report_shows_the_validation_chosen_pixel_references_of_the_fractions_that_ran(tmp_path):
-    from lab.report import fraction_table, pixel_references
+    from PIL import Image
+
+    from lab.report import fraction_table, pixel_references, plot_bars
 
     records = tmp_path / "raw_pixels.jsonl"
     lines = [
@@ -176,6 +178,9 @@ def test_report_shows_the_validation_chosen_pixel_references_of_the_fractions_th
     assert "| logistic regression | 78.50 ± 0.71 (78.00, 79.00) |" in table and "| RBF SVM | 79.50" in table
     assert "k-NN |" not in table and "10 %" not in table  # no k-NN record here; only the fraction that ran
     assert pixel_references(tmp_path / "absent.jsonl", [0.01]) == []
+    plot_bars([row], {"scratch": "scratch"}, tmp_path / "bars.png", refs, "one fraction")  # the plot of one fraction
+    with Image.open(tmp_path / "bars.png") as im:
+        assert im.width > im.height > 300
 
 
 def test_jobs_start_after_what_they_need_and_never_after_a_failure(tmp_path):
