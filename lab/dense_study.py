@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 
 from conmim.config import load_config
 from lab.provenance import commit, machine
+from lab.report import keep_pretraining
 from lab.study import lab_preset
 
 log = logging.getLogger("lab.dense_study")
@@ -123,10 +124,7 @@ def pretrain(study: DenseStudy, variant: dict[str, Any], seed: int, records: Rec
         log.info("pre-training %s seed %d", variant["name"], seed)
         seconds = conmim(args, out, study.threads)
         last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-        keep = Path(study.records_dir) / "pretrain" / f"{variant['name']}_s{seed}"
-        keep.mkdir(parents=True, exist_ok=True)
-        for name in ("config.yaml", "metrics.jsonl"):
-            (keep / name).write_text((out / name).read_text())
+        keep_pretraining(out, Path(study.records_dir) / "pretrain" / f"{variant['name']}_s{seed}")
         records.add({"key": key, "stage": "pretrain", "variant": variant["name"], "seed": seed,
                      "command": "conmim " + " ".join(args), "final": last, "seconds": seconds,
                      "machine": machine(), "commit": commit()})  # fmt: skip

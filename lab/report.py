@@ -265,7 +265,10 @@ def write_fraction_report(summary: dict[str, Any], study, out: Path) -> dict[str
         plot_bars(rows, labels, paths["plot"], references, title)
     else:
         plot_label_efficiency(rows, labels, fractions, REFERENCE, paths["plot"], references)
-    plot_curves(read_curves(out, summary["runs"]), objectives, paths["curves"])
+    curves = read_curves(out, summary["runs"])
+    plot_curves(curves, objectives, paths["curves"])
+    for key in curves:
+        keep_pretraining(out / key / "pretrain", docs / "pretrain" / key)
     return paths
 
 
@@ -288,6 +291,14 @@ def markdown_table(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
             f"| {labels.get(row['variant'], row['variant'])} | {len(row['seeds'])} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def keep_pretraining(run: Path, keep: Path) -> None:
+    """A pre-training's ``config.yaml`` and ``metrics.jsonl`` copied into the records: its loss and
+    retrieval curve stay with the results when the run folder is gone."""
+    keep.mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "metrics.jsonl"):
+        (keep / name).write_text((run / name).read_text())
 
 
 def read_curves(out: Path, runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -149,6 +149,9 @@ def test_label_fraction_study_runs_resumes_and_reports(tmp_path):
         assert im.width > 400 and im.height > 300
     assert not (tmp_path / "runs" / "scratch_s1" / "finetune_f1").exists()
     assert not (tmp_path / "runs" / "scratch_s0" / "pretrain").exists()
+    kept = tmp_path / "docs" / "pretrain" / "conmim_s1" / "metrics.jsonl"  # the curve outlives the run folder
+    assert kept.read_text() == (tmp_path / "runs" / "conmim_s1" / "pretrain" / "metrics.jsonl").read_text()
+    assert sorted(p.name for p in (tmp_path / "docs" / "pretrain").iterdir()) == ["conmim_s0", "conmim_s1"]
 
     stages = {p: p.read_text() for p in (tmp_path / "runs").glob("*/stages.json")}
     start = time.perf_counter()
