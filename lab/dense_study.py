@@ -1,16 +1,17 @@
-"""Dense transfer in domain: pre-train on the built-in scenes without labels, segment with a few labels.
+"""Dense transfer in domain: pre-train on the built-in scenes without labels, segment and detect with few labels.
 
-    python -m lab.dense_study [dense_scenes] [--sweep | --curve | --report-only]
+    python -m lab.dense_study [dense_scenes] [--sweep | --curve | --detect-sweep | --detect | --report-only]
 
 Every step is an ordinary ``conmim`` command run as a subprocess (``conmim pretrain --config scenes``,
-``conmim segment``), its output folder under ``study.output_dir``, its log beside it. A finished
+``conmim segment``, ``conmim detect``), its output folder under ``study.output_dir``, its log beside it. A finished
 command appends one JSON line to ``records_dir`` (``runs.jsonl``, or ``sweep.jsonl`` for the recipe
 sweep) holding the command, its result, the seconds, the machine and the commit; a command already in
 the records is skipped, an interrupted one resumes from its own checkpoints when run again. The
 labelled subsets are the first N training scenes (scene i is a pure function of the scenes' seed),
-linked into folders that ``conmim segment`` reads as its own data; the table is scored on the 200
-validation scenes, whose garments come from Fashion-MNIST's test split. The sweep scores on training
-scenes that no labelled subset holds, so the validation scenes never choose the recipe.
+linked into folders that ``conmim segment`` reads as its own data (for ``conmim detect``: a COCO file of
+those scenes); the tables are scored on the 200 validation scenes, whose garments come from
+Fashion-MNIST's test split. The sweeps score on training scenes that no labelled subset holds, so the
+validation scenes never choose a recipe.
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ class Sweep:
 
 
 @dataclass
+class Detection:
+    """``conmim detect`` (box AP): trained on the first ``labelled`` training scenes with ``recipe``;
+    ``sweep``: the scratch recipes tried first, scored on the segmentation sweep's held-out scenes."""
+
+    labelled: int = 2000
+    recipe: list[str] = field(default_factory=list)
+    sweep: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
 class DenseStudy:
     output_dir: str = "runs/dense_study"
     records_dir: str = "lab/records/dense_study"
@@ -60,6 +71,7 @@ class DenseStudy:
     recipe: list[str] = field(default_factory=list)
     linear: list[str] = field(default_factory=list)
     sweep: Sweep = field(default_factory=Sweep)
+    detect: Detection = field(default_factory=Detection)
 
 
 def load(name: str) -> DenseStudy:
@@ -112,6 +124,26 @@ def linked_scenes(study: DenseStudy, name: str, split: str, indices: range) -> t
     return folder / "images", folder / "masks"
 
 
+def coco_scenes(study: DenseStudy, name: str, split: str, indices: range) -> tuple[Path, Path]:
+    """The images folder and a COCO instances file of scenes ``indices`` of ``split`` (cut from the
+    scenes' own ``coco/instances_{split}.json``), for ``conmim detect``'s ``train_*`` / ``val_*``."""
+    root = Path(scenes_config(study).dir).resolve()
+    path = Path(study.output_dir) / "data" / f"coco_{name}.json"
+    if not path.is_file():
+        coco = json.loads((root / "coco" / f"instances_{split}.json").read_text())
+        wanted = {f"{split}/scene_{i:05d}.png" for i in indices}
+        images = [image for image in coco["images"] if image["file_name"] in wanted]
+        if len(images) != len(indices):
+            raise SystemExit(
+                f"lab.dense_study: {root} holds {len(images)} of the {len(indices)} {split} scenes {indices}"
+            )
+        ids = {image["id"] for image in images}
+        coco.update(images=images, annotations=[a for a in coco["annotations"] if a["image_id"] in ids])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(coco))
+    return root / "images", path
+
+
 def pretrain(study: DenseStudy, variant: dict[str, Any], seed: int, records: Records) -> Path:
     """A variant's pre-training: on the scenes (``study.pretrain_preset``), or with the variant's own
     ``preset`` (out of domain, e.g. ``fashion_mnist``), which then takes no ``pretrain_overrides``."""
@@ -131,28 +163,60 @@ def pretrain(study: DenseStudy, variant: dict[str, Any], seed: int, records: Rec
     return out
 
 
+SCORES = {"segment": ("mIoU", "mAcc", "aAcc"), "detect": ("bbox_AP", "bbox_AP50", "bbox_AP75")}
+
+
+def dense(
+    study: DenseStudy, command: str, source: Path, start: str, seed: int, data: list[str], recipe: list[str],
+    tag: str, records: Records, **fields: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """``conmim segment`` or ``conmim detect`` (``command``) of ``source`` with the ``data`` settings
+    (``start`` scratch: its architecture, timm's initialisation); its scores go into ``records``."""
+    out = Path(study.output_dir) / command / f"{start}_s{seed}_{tag}"
+    init = "random" if start == "scratch" else "pretrained"
+    preset = ["--config", study.segment_preset] if command == "segment" else []  # detect: its CPU-sized defaults
+    args = [
+        command,
+        str(source),
+        *preset,
+        f"seed={seed}",
+        f"output_dir={out}",
+        f"{command}.init={init}",
+        *data,
+        *recipe,
+    ]
+    key = json.dumps(
+        [start, seed, tag, args[len(preset) + 4 :]] if command == "segment" else [command, start, seed, tag, args[4:]]
+    )
+    if key not in records.rows:
+        log.info("%s %s seed %d %s", command, start, seed, tag)
+        seconds = conmim(args, out, study.threads)
+        result = json.loads((out / command / "results.json").read_text())
+        records.add({"key": key, "start": start, "seed": seed, "tag": tag, **fields, "recipe": recipe,
+                     **{k: result[k] for k in SCORES[command]}, "history": result["history"],
+                     "command": "conmim " + " ".join(args), "seconds": seconds,
+                     "machine": machine(), "commit": commit()})  # fmt: skip
+    return records.rows[key]
+
+
 def segment(
     study: DenseStudy, source: Path, start: str, seed: int, train: tuple[Path, Path], val: tuple[Path, Path],
     recipe: list[str], tag: str, records: Records, **fields: Any,
 ) -> dict[str, Any]:  # fmt: skip
-    """``conmim segment`` of ``source`` (``start`` scratch: its architecture, timm's initialisation)."""
-    out = Path(study.output_dir) / "segment" / f"{start}_s{seed}_{tag}"
-    init = "random" if start == "scratch" else "pretrained"
-    args = [
-        "segment", str(source), "--config", study.segment_preset, f"seed={seed}", f"output_dir={out}",
-        f"segment.init={init}", f"segment.images={train[0]}", f"segment.masks={train[1]}",
-        f"segment.val_images={val[0]}", f"segment.val_masks={val[1]}", "segment.num_classes=10", *recipe,
-    ]  # fmt: skip
-    key = json.dumps([start, seed, tag, args[6:]])
-    if key not in records.rows:
-        log.info("segment %s seed %d %s", start, seed, tag)
-        seconds = conmim(args, out, study.threads)
-        result = json.loads((out / "segment" / "results.json").read_text())
-        records.add({"key": key, "start": start, "seed": seed, "tag": tag, **fields, "recipe": recipe,
-                     "mIoU": result["mIoU"], "mAcc": result["mAcc"], "aAcc": result["aAcc"],
-                     "history": result["history"], "command": "conmim " + " ".join(args), "seconds": seconds,
-                     "machine": machine(), "commit": commit()})  # fmt: skip
-    return records.rows[key]
+    """``conmim segment`` of ``source`` on the ``train`` and ``val`` folders of images and masks."""
+    data = [f"segment.images={train[0]}", f"segment.masks={train[1]}", f"segment.val_images={val[0]}",
+            f"segment.val_masks={val[1]}", "segment.num_classes=10"]  # fmt: skip
+    return dense(study, "segment", source, start, seed, data, recipe, tag, records, **fields)
+
+
+def detect(
+    study: DenseStudy, source: Path, start: str, seed: int, train: tuple[Path, Path], val: tuple[Path, Path],
+    recipe: list[str], tag: str, records: Records, **fields: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """``conmim detect`` of ``source`` on the ``train`` and ``val`` pairs of images folder and COCO file."""
+    data = [f"detect.train_images={train[0]}", f"detect.train_ann={train[1]}", f"detect.val_images={val[0]}",
+            f"detect.val_ann={val[1]}"]  # fmt: skip
+    return dense(study, "detect", source, start, seed, data, recipe, tag, records, **fields)
 
 
 def architecture(study: DenseStudy) -> Path:
@@ -204,16 +268,21 @@ def run_curve(study: DenseStudy, starts: list[str] | None = None) -> list[dict[s
     ]
 
 
+def sources_of(study: DenseStudy, seed: int, starts: list[str] | None, records: Records) -> dict[str, Path]:
+    """Each start's encoder source for ``seed`` (``starts``: only these), pre-training where needed."""
+    sources = {"scratch": architecture(study)}
+    for variant in study.variants:
+        if starts is None or variant["name"] in starts:
+            sources[variant["name"]] = pretrain(study, variant, seed, records)
+    return {k: v for k, v in sources.items() if starts is None or k in starts}
+
+
 def run_table(study: DenseStudy, starts: list[str] | None = None) -> None:
     """Seed by seed: the pre-trainings, then every start's segmentations (``starts``: only these)."""
     records = Records(Path(study.records_dir) / "runs.jsonl")
     val = linked_scenes(study, "validation", "validation", range(scenes_config(study).val))
     for seed in study.seeds:
-        sources = {"scratch": architecture(study)}
-        for variant in study.variants:
-            if starts is None or variant["name"] in starts:
-                sources[variant["name"]] = pretrain(study, variant, seed, records)
-        sources = {k: v for k, v in sources.items() if starts is None or k in starts}
+        sources = sources_of(study, seed, starts, records)
         for n in study.labelled:
             train = linked_scenes(study, f"train_{n}", "training", range(n))
             for start, source in sources.items():
@@ -222,6 +291,31 @@ def run_table(study: DenseStudy, starts: list[str] | None = None) -> None:
                 if start != "scratch" or n == study.labelled[0]:
                     segment(study, source, start, seed, train, val, study.linear, f"linear_{n}", records,
                             labelled=n, head="linear")  # fmt: skip
+
+
+def run_detect_sweep(study: DenseStudy) -> list[dict[str, Any]]:
+    """Scratch with each of ``detect.sweep``'s recipes, on the first ``detect.labelled`` training scenes,
+    scored on the held-out training scenes (``sweep.holdout``)."""
+    records = Records(Path(study.records_dir) / "detect_sweep.jsonl")
+    d = study.detect
+    train = coco_scenes(study, f"train_{d.labelled}", "training", range(d.labelled))
+    val = coco_scenes(study, "holdout", "training", range(*study.sweep.holdout))
+    source, seed = architecture(study), study.seeds[0]
+    return [
+        detect(study, source, "scratch", seed, train, val, recipe, f"sweep{i}", records, labelled=d.labelled)
+        for i, recipe in enumerate(d.sweep)
+    ]
+
+
+def run_detect_table(study: DenseStudy, starts: list[str] | None = None) -> None:
+    """Seed by seed: every start's ``conmim detect`` with ``detect.recipe``, scored on the validation scenes."""
+    records = Records(Path(study.records_dir) / "runs.jsonl")
+    d = study.detect
+    train = coco_scenes(study, f"train_{d.labelled}", "training", range(d.labelled))
+    val = coco_scenes(study, "validation", "validation", range(scenes_config(study).val))
+    for seed in study.seeds:
+        for start, source in sources_of(study, seed, starts, records).items():
+            detect(study, source, start, seed, train, val, d.recipe, "detect", records, labelled=d.labelled)
 
 
 def write_pictures(study: DenseStudy, seed: int, tag: str) -> Path | None:
@@ -259,12 +353,21 @@ def report(study: DenseStudy) -> dict[str, Any]:
 
 
 def write_summary(study: DenseStudy) -> dict[str, Any]:
-    """``dense_summary.json``: mIoU per start and labelled count, one value per seed."""
-    rows = Records(Path(study.records_dir) / "runs.jsonl").rows.values()
-    summary: dict[str, Any] = {"segment_miou": {}, "segment_linear_miou": {}}
-    for row in sorted((r for r in rows if "head" in r), key=lambda r: r["seed"]):
+    """``dense_summary.json``: mIoU per start and labelled count, box AP and AP50 per start, one value
+    per seed."""
+    rows = sorted(Records(Path(study.records_dir) / "runs.jsonl").rows.values(), key=lambda r: r["seed"])
+    summary: dict[str, Any] = {
+        "segment_miou": {},
+        "segment_linear_miou": {},
+        "detect_box_ap": {},
+        "detect_box_ap50": {},
+    }
+    for row in (r for r in rows if "head" in r):
         table = summary["segment_miou" if row["head"] == "upernet" else "segment_linear_miou"]
         table.setdefault(row["start"], {}).setdefault(str(row["labelled"]), []).append(round(row["mIoU"], 2))
+    for row in (r for r in rows if r.get("tag") == "detect"):
+        summary["detect_box_ap"].setdefault(row["start"], []).append(round(row["bbox_AP"], 2))
+        summary["detect_box_ap50"].setdefault(row["start"], []).append(round(row["bbox_AP50"], 2))
     path = Path(study.records_dir) / "dense_summary.json"
     path.write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -275,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", default="dense_scenes", help="study YAML file or lab preset name")
     parser.add_argument("--sweep", action="store_true", help="run the scratch recipe sweep instead of the table")
     parser.add_argument("--curve", action="store_true", help="run every start with the sweep's curve recipe")
+    parser.add_argument(
+        "--detect-sweep", action="store_true", help="run the scratch detection recipes (held-out scenes)"
+    )
+    parser.add_argument("--detect", action="store_true", help="run the detection table instead of segmentation")
     parser.add_argument("--report-only", action="store_true", help="rewrite dense_summary.json from the records")
     parser.add_argument("--starts", help="comma-separated starts to run (scratch, variants)")
     parser.add_argument("--seeds", help="comma-separated seeds to run (default: the study's)")
@@ -291,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
         for row in run_curve(study, starts):
             points = [f"{h['step']}: {h['val_mIoU']:.2f}" for h in row["history"]] + [f"end: {row['mIoU']:.2f}"]
             print(f"{row['start']} held-out mIoU by iteration {', '.join(points)}")
+    elif args.detect_sweep:
+        for row in run_detect_sweep(study):
+            print(f"scratch {row['recipe']}: held-out box AP {row['bbox_AP']:.2f}, AP50 {row['bbox_AP50']:.2f}")
+    elif args.detect:
+        run_detect_table(study, starts)
+        print(json.dumps(report(study), indent=1))
     elif args.report_only:
         print(json.dumps(report(study), indent=1))
     else:

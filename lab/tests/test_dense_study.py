@@ -1,5 +1,5 @@
-"""The dense study harness end to end on tiny scenes: real `conmim pretrain` and `conmim segment`
-subprocesses, records, the summary, the side-by-side picture, and skip on rerun."""
+"""The dense study harness end to end on tiny scenes: real `conmim pretrain`, `conmim segment` and
+`conmim detect` subprocesses, records, the summary, the side-by-side picture, and skip on rerun."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 SEGMENT = ["segment.crop_size=32", "segment.base_size=32", "segment.channels=16", "segment.batch_size=4",
            "segment.warmup_iters=1", "segment.log_every=1", "segment.checkpoint_every=2", "precision=fp32",
            "data.num_workers=0", "segment.pictures=2"]  # fmt: skip
+DETECT = ["detect.masks=false", "detect.img_size=32", "detect.out_channels=16", "detect.batch_size=2",
+          "detect.iters=1", "detect.warmup_iters=1", "precision=fp32", "data.num_workers=0"]  # fmt: skip
 
 
 def _study(tmp_path) -> str:
@@ -37,6 +39,7 @@ def _study(tmp_path) -> str:
                 "recipes": [[*SEGMENT, "segment.iters=1"]],
                 "curve": [*SEGMENT, "segment.iters=2", "segment.eval_every=1"],
             },
+            "detect": {"labelled": 8, "recipe": DETECT, "sweep": [DETECT]},
         }
     }
     path = tmp_path / "study.yaml"
@@ -87,3 +90,18 @@ def test_dense_study_runs_reports_and_skips_finished_commands(tmp_path):
     curve = [json.loads(line) for line in (records / "curve.jsonl").read_text().splitlines()]
     assert [r["start"] for r in curve] == ["scratch", "conmim"]
     assert all([h["step"] for h in r["history"]] == [1] and "holdout" in r["command"] for r in curve)
+
+    assert main([config, "--detect-sweep"]) == 0  # scratch's detection recipes, scored on held-out scenes 20-23
+    sweep = [json.loads(line) for line in (records / "detect_sweep.jsonl").read_text().splitlines()]
+    assert len(sweep) == 1 and sweep[0]["start"] == "scratch" and 0 <= sweep[0]["bbox_AP50"] <= 100
+    holdout = json.loads((tmp_path / "runs/data/coco_holdout.json").read_text())
+    assert [i["file_name"] for i in holdout["images"]] == [f"training/scene_{i:05d}.png" for i in range(20, 24)]
+    assert {a["image_id"] for a in holdout["annotations"]} <= {i["id"] for i in holdout["images"]}
+
+    assert main([config, "--detect"]) == 0  # every start with the recipe, on the validation scenes
+    rows = [json.loads(line) for line in (records / "runs.jsonl").read_text().splitlines()]
+    detections = [r for r in rows if r.get("tag") == "detect"]
+    assert [r["start"] for r in detections] == ["scratch", "conmim"]
+    assert all("coco_validation.json" in r["command"] and "coco_train_8.json" in r["command"] for r in detections)
+    summary = json.loads((records / "dense_summary.json").read_text())
+    assert set(summary["detect_box_ap50"]) == {"scratch", "conmim"} and len(summary["detect_box_ap"]["conmim"]) == 1
