@@ -152,14 +152,19 @@ def pretrain(study: DenseStudy, variant: dict[str, Any], seed: int, records: Rec
     args = ["pretrain", "--config", preset, f"seed={seed}", f"output_dir={out}"]
     args += [*(study.pretrain_overrides if preset == study.pretrain_preset else []), *variant["overrides"]]
     key = json.dumps(args)
-    if key not in records.rows:
-        log.info("pre-training %s seed %d", variant["name"], seed)
-        seconds = conmim(args, out, study.threads)
-        last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-        keep_pretraining(out, Path(study.records_dir) / "pretrain" / f"{variant['name']}_s{seed}")
-        records.add({"key": key, "stage": "pretrain", "variant": variant["name"], "seed": seed,
-                     "command": "conmim " + " ".join(args), "final": last, "seconds": seconds,
-                     "machine": machine(), "commit": commit()})  # fmt: skip
+    if key in records.rows and (out / "checkpoints" / "last.pt").is_file():
+        return out
+    log.info("pre-training %s seed %d", variant["name"], seed)
+    seconds = conmim(args, out, study.threads)
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    if key in records.rows:  # recorded on another machine, its run folder absent here: made again from its seed
+        # the same loss where the machine computes as the recorded one did (precision auto: bf16 or fp32)
+        log.info("%s made again: final loss %.6f, recorded %.6f", out, last["loss"], records.rows[key]["final"]["loss"])
+        return out
+    keep_pretraining(out, Path(study.records_dir) / "pretrain" / f"{variant['name']}_s{seed}")
+    records.add({"key": key, "stage": "pretrain", "variant": variant["name"], "seed": seed,
+                 "command": "conmim " + " ".join(args), "final": last, "seconds": seconds,
+                 "machine": machine(), "commit": commit()})  # fmt: skip
     return out
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from conftest import FASHION_MNIST
@@ -98,8 +99,11 @@ def test_dense_study_runs_reports_and_skips_finished_commands(tmp_path):
     assert [i["file_name"] for i in holdout["images"]] == [f"training/scene_{i:05d}.png" for i in range(20, 24)]
     assert {a["image_id"] for a in holdout["annotations"]} <= {i["id"] for i in holdout["images"]}
 
+    shutil.rmtree(tmp_path / "runs" / "conmim_s0")  # a new machine: the records, not the run folders
     assert main([config, "--detect"]) == 0  # every start with the recipe, on the validation scenes
+    assert (tmp_path / "runs/conmim_s0/pretrain/checkpoints/last.pt").is_file()  # made again from its seed
     rows = [json.loads(line) for line in (records / "runs.jsonl").read_text().splitlines()]
+    assert [r.get("stage") for r in rows].count("pretrain") == 1
     detections = [r for r in rows if r.get("tag") == "detect"]
     assert [r["start"] for r in detections] == ["scratch", "conmim"]
     assert all("coco_validation.json" in r["command"] and "coco_train_8.json" in r["command"] for r in detections)
