@@ -140,7 +140,9 @@ def coco_scenes(study: DenseStudy, name: str, split: str, indices: range) -> tup
         ids = {image["id"] for image in images}
         coco.update(images=images, annotations=[a for a in coco["annotations"] if a["image_id"] in ids])
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(coco))
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # starts may run side by side: whole files only
+        tmp.write_text(json.dumps(coco))
+        os.replace(tmp, path)
     return root / "images", path
 
 

@@ -509,6 +509,12 @@ def run_fractions(
         if only is None or not only.fractions or study.label_fractions[i] in only.fractions
     ]
     names = [n for i in todo for n in _stage_names(study, variant.finetune, study.label_fractions[i])]
+    configs = {i: fraction_config(cfg, study, i) for i in todo}
+    recipes = {
+        i: {**OmegaConf.to_container(OmegaConf.structured(c.finetune)), "passes": p} for i, (c, p) in configs.items()
+    }
+    for i in todo if variant.finetune else []:
+        _same_recipe(stages, f"finetune_{fraction_tag(study.label_fractions[i])}", recipes[i])
     if all(n in stages.done for n in names):
         return fraction_records(variant.name, seed, stages.done, study.label_fractions)
     encoder = study_encoder(variant, seed, cfg, stages, run_dir).to(device)
@@ -535,14 +541,14 @@ def run_fractions(
     features = _Features(extract, train, test)
     for i in todo:
         fraction, tag = study.label_fractions[i], fraction_tag(study.label_fractions[i])
-        fcfg, passes = fraction_config(cfg, study, i)
+        (fcfg, passes), recipe = configs[i], recipes[i]
         indices = balanced_subset(train, fraction, seed)
         log.info("study: %s seed %d, %d labels (%s)", variant.name, seed, len(indices), tag)
         _probe_and_knn(stages, study, features, fcfg, indices, tag, seed, device)
         if study.finetune and variant.finetune:
             tiles = passes // study.finetune_evals
 
-            def tune(fcfg=fcfg, indices=indices, tiles=tiles, passes=passes, tag=tag) -> dict[str, Any]:
+            def tune(fcfg=fcfg, indices=indices, tiles=tiles, passes=passes, tag=tag, recipe=recipe) -> dict[str, Any]:
                 result = finetune(
                     encoder,
                     tile(train, indices, tiles),
@@ -562,10 +568,23 @@ def run_fractions(
                     "steps": steps,
                     "batch_size": fcfg.finetune.batch_size,
                     "labels": len(indices),
+                    "recipe": recipe,
                 }
 
             stages.run(f"finetune_{tag}", tune)
     return fraction_records(variant.name, seed, stages.done, study.label_fractions)
+
+
+def _same_recipe(stages: Stages, name: str, recipe: dict[str, Any]) -> None:
+    """A finished fine-tuning stage ran with the recipe the study asks for now, or the study stops: a
+    recipe sweep that later chose another recipe must not leave results of the old one in the table."""
+    done = stages.done.get(name, {}).get("result", {}).get("recipe")
+    if done is not None and done != recipe:
+        changed = sorted(k for k in recipe.keys() | done.keys() if recipe.get(k) != done.get(k))
+        raise ConfigError(
+            f"{stages.path}: stage {name} ran with another fine-tuning recipe (differs in {', '.join(changed)}); "
+            "move that run folder aside to run it again with the current one"
+        )
 
 
 def run_references(

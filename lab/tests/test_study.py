@@ -121,7 +121,7 @@ def test_fraction_lists_must_match_the_fractions(tmp_path):
         load_study(config)
 
 
-def test_label_fraction_study_runs_resumes_and_reports(tmp_path):
+def test_label_fraction_study_runs_resumes_and_reports(tmp_path, capsys):
     config = tmp_path / "study.yaml"
     config.write_text(FRACTION_STUDY.format(out=tmp_path))
     start = time.perf_counter()
@@ -170,6 +170,15 @@ def test_label_fraction_study_runs_resumes_and_reports(tmp_path):
     assert list(again) == list(done) + ["linprobe_f0.1"]
     assert again["linprobe_f0.1"]["result"] == json.loads(stages[path])["linprobe_f0.1"]["result"]
     assert again["pretrain"] == done["pretrain"]
+
+    # a study whose fine-tuning recipe has changed since (another sweep choice) stops rather than report
+    # the old recipe's fine-tunings as the new one's
+    config.write_text(
+        FRACTION_STUDY.format(out=tmp_path).replace("[[finetune.batch_size=16]", "[[finetune.batch_size=8]")
+    )
+    assert main([str(config)]) == 2
+    assert "finetune_f0.1 ran with another fine-tuning recipe (differs in batch_size" in capsys.readouterr().err
+    assert {p: p.read_text() for p in stages if p != path} == {p: t for p, t in stages.items() if p != path}
 
     # a finished pre-training run serves as a variant: the same encoder gives the same probe and k-NN
     reuse = tmp_path / "reuse.yaml"
