@@ -50,11 +50,13 @@ class Sweep:
 @dataclass
 class Detection:
     """``conmim detect`` (box AP): trained on the first ``labelled`` training scenes with ``recipe``;
-    ``sweep``: the scratch recipes tried first, scored on the segmentation sweep's held-out scenes."""
+    ``sweep``: the scratch recipes tried first, ``pretrained``: recipes tried from each variant's
+    first-seed pre-training, all scored on the segmentation sweep's held-out scenes."""
 
     labelled: int = 2000
     recipe: list[str] = field(default_factory=list)
     sweep: list[list[str]] = field(default_factory=list)
+    pretrained: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -127,7 +129,7 @@ def linked_scenes(study: DenseStudy, name: str, split: str, indices: range) -> t
 def coco_scenes(study: DenseStudy, name: str, split: str, indices: range) -> tuple[Path, Path]:
     """The images folder and a COCO instances file of scenes ``indices`` of ``split`` (cut from the
     scenes' own ``coco/instances_{split}.json``), for ``conmim detect``'s ``train_*`` / ``val_*``."""
-    root = Path(scenes_config(study).dir).resolve()
+    root = Path(scenes_config(study).dir)  # as given (relative: the records' commands hold no machine's paths)
     path = Path(study.output_dir) / "data" / f"coco_{name}.json"
     if not path.is_file():
         coco = json.loads((root / "coco" / f"instances_{split}.json").read_text())
@@ -300,17 +302,24 @@ def run_table(study: DenseStudy, starts: list[str] | None = None) -> None:
                             labelled=n, head="linear")  # fmt: skip
 
 
-def run_detect_sweep(study: DenseStudy) -> list[dict[str, Any]]:
-    """Scratch with each of ``detect.sweep``'s recipes, on the first ``detect.labelled`` training scenes,
-    scored on the held-out training scenes (``sweep.holdout``)."""
+def run_detect_sweep(study: DenseStudy, starts: list[str] | None = None) -> list[dict[str, Any]]:
+    """Scratch with each of ``detect.sweep``'s recipes, then each variant's first-seed pre-training with
+    each of ``detect.pretrained``'s (``starts``: only these), on the first ``detect.labelled`` training
+    scenes, scored on the held-out training scenes (``sweep.holdout``)."""
     records = Records(Path(study.records_dir) / "detect_sweep.jsonl")
-    d = study.detect
+    d, seed = study.detect, study.seeds[0]
     train = coco_scenes(study, f"train_{d.labelled}", "training", range(d.labelled))
     val = coco_scenes(study, "holdout", "training", range(*study.sweep.holdout))
-    source, seed = architecture(study), study.seeds[0]
+    trials = [("scratch", recipe, f"sweep{i}") for i, recipe in enumerate(d.sweep)]
+    trials += [
+        (v["name"], recipe, f"sweep_{v['name']}{i}") for v in study.variants for i, recipe in enumerate(d.pretrained)
+    ]
+    sources = sources_of(study, seed, sorted({start for start, _, _ in trials if starts is None or start in starts}),
+                         Records(Path(study.records_dir) / "runs.jsonl"))  # fmt: skip
     return [
-        detect(study, source, "scratch", seed, train, val, recipe, f"sweep{i}", records, labelled=d.labelled)
-        for i, recipe in enumerate(d.sweep)
+        detect(study, sources[start], start, seed, train, val, recipe, tag, records, labelled=d.labelled)
+        for start, recipe, tag in trials
+        if start in sources
     ]
 
 
@@ -406,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
             points = [f"{h['step']}: {h['val_mIoU']:.2f}" for h in row["history"]] + [f"end: {row['mIoU']:.2f}"]
             print(f"{row['start']} held-out mIoU by iteration {', '.join(points)}")
     elif args.detect_sweep:
-        for row in run_detect_sweep(study):
-            print(f"scratch {row['recipe']}: held-out box AP {row['bbox_AP']:.2f}, AP50 {row['bbox_AP50']:.2f}")
+        for row in run_detect_sweep(study, starts):
+            print(f"{row['start']} {row['recipe']}: held-out box AP {row['bbox_AP']:.2f}, AP50 {row['bbox_AP50']:.2f}")
     elif args.detect:
         run_detect_table(study, starts)
         print(json.dumps(report(study), indent=1))
