@@ -184,19 +184,10 @@ def dense(
     out = Path(study.output_dir) / command / f"{start}_s{seed}_{tag}"
     init = "random" if start == "scratch" else "pretrained"
     preset = ["--config", study.segment_preset] if command == "segment" else []  # detect: its CPU-sized defaults
-    args = [
-        command,
-        str(source),
-        *preset,
-        f"seed={seed}",
-        f"output_dir={out}",
-        f"{command}.init={init}",
-        *data,
-        *recipe,
-    ]
-    key = json.dumps(
-        [start, seed, tag, args[len(preset) + 4 :]] if command == "segment" else [command, start, seed, tag, args[4:]]
-    )
+    settings = [f"seed={seed}", f"output_dir={out}", f"{command}.init={init}", *data, *recipe]
+    args = [command, str(source), *preset, *settings]
+    identity = [start, seed, tag, settings[2:]]  # segmentation records keep the key they were written with
+    key = json.dumps(identity if command == "segment" else [command, *identity])
     if key not in records.rows:
         log.info("%s %s seed %d %s", command, start, seed, tag)
         seconds = conmim(args, out, study.threads)
