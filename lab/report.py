@@ -265,9 +265,8 @@ def write_fraction_report(summary: dict[str, Any], study, out: Path) -> dict[str
         plot_bars(rows, labels, paths["plot"], references, title)
     else:
         plot_label_efficiency(rows, labels, fractions, REFERENCE, paths["plot"], references)
-    curves = read_curves(out, summary["runs"])
-    plot_curves(curves, objectives, paths["curves"])
-    for key in curves:
+    plot_curves(read_curves(out, summary["runs"], docs / "pretrain"), objectives, paths["curves"])
+    for key in read_curves(out, summary["runs"]):
         keep_pretraining(out / key / "pretrain", docs / "pretrain" / key)
     return paths
 
@@ -301,12 +300,19 @@ def keep_pretraining(run: Path, keep: Path) -> None:
         (keep / name).write_text((run / name).read_text())
 
 
-def read_curves(out: Path, runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """``metrics.jsonl`` of each pre-trained run, keyed ``variant_sSEED``."""
+def read_curves(out: Path, runs: list[dict[str, Any]], kept: Path | None = None) -> dict[str, list[dict[str, Any]]]:
+    """``metrics.jsonl`` of each finished pre-training, keyed ``variant_sSEED``; from the copy under
+    ``kept`` (see keep_pretraining) where the run folder holds none (gone, or a pre-training under way)."""
     curves = {}
     for r in runs:
         key = f"{r['variant']}_s{r['seed']}"
-        path = out / key / "pretrain" / "metrics.jsonl"
+        stages = out / key / "stages.json"
+        if stages.is_file() and "pretrain" in json.loads(stages.read_text()):
+            path = out / key / "pretrain" / "metrics.jsonl"
+        elif kept is not None:
+            path = kept / key / "metrics.jsonl"
+        else:
+            continue
         if path.is_file():
             curves[key] = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
     return curves

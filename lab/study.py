@@ -687,6 +687,21 @@ def _fraction_study(
     return records
 
 
+def recorded_runs(study: StudySettings, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of the last report (``records_dir/results.json``) that no run folder here holds any more: the
+    records outlive the runs, so a report written on a new machine keeps what ran on the old one."""
+    path = Path(study.records_dir) / "results.json"
+    if not path.is_file():
+        return []
+    here = {(r["variant"], r["seed"], r["fraction"]) for r in records}
+    wanted = {(v.name, s) for v, s in plan(study)} | {(REFERENCE, s) for s in study.seeds}
+    return [
+        r
+        for r in json.loads(path.read_text())["runs"]
+        if (r["variant"], r["seed"], r["fraction"]) not in here and (r["variant"], r["seed"]) in wanted
+    ]
+
+
 def not_run(study: StudySettings, records: list[dict[str, Any]]) -> list[tuple[str, int, float]]:
     """(variant, seed, fraction) of the protocol with no finished record yet."""
     done = {(r["variant"], r["seed"], r["fraction"]) for r in records}
@@ -734,6 +749,8 @@ def run_study(
         return {"runs": records, "study": {"records_dir": "(no report: a part of the study)"}}
     if study.label_fractions:
         records = _fraction_study(study, base, root, report_only)
+        if report_only:
+            records += recorded_runs(study, records)
     elif not report_only:
         train, test, data_dir = prepare_data(study, root)
         for variant, seed in plan(study):

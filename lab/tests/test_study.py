@@ -171,6 +171,15 @@ def test_label_fraction_study_runs_resumes_and_reports(tmp_path, capsys):
     assert again["linprobe_f0.1"]["result"] == json.loads(stages[path])["linprobe_f0.1"]["result"]
     assert again["pretrain"] == done["pretrain"]
 
+    # on a new machine the run folders are gone: a report written there keeps the recorded rows and curves
+    reported = json.loads((tmp_path / "docs" / "results.json").read_text())["runs"]
+    (tmp_path / "runs").rename(tmp_path / "runs_elsewhere")
+    assert main([str(config), "--report-only"]) == 0
+    rows = json.loads((tmp_path / "docs" / "results.json").read_text())["runs"]
+    assert sorted(map(json.dumps, rows)) == sorted(map(json.dumps, reported))
+    assert kept.read_text() == (tmp_path / "runs_elsewhere" / "conmim_s1" / "pretrain" / "metrics.jsonl").read_text()
+    (tmp_path / "runs_elsewhere").rename(tmp_path / "runs")
+
     # a study whose fine-tuning recipe has changed since (another sweep choice) stops rather than report
     # the old recipe's fine-tunings as the new one's
     config.write_text(
