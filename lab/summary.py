@@ -9,6 +9,7 @@ results: ``finetune`` and ``linear`` (variant -> fraction -> top-1 per seed, tes
 (raw_logreg, raw_svm, raw_knn), ``length_curve`` (method -> pre-training steps -> fraction -> top-1 per
 seed: the 1x run and its ``_3x`` / ``_9x`` variants) and ``best_of_sweep`` (start -> fraction -> the test
 top-1 of its best validation trial, with that trial's overrides). Keys of fractions are ``str(fraction)``.
+Once a longer pre-training has a fine-tuning, ``length_curve.png`` plots the length curve.
 """
 
 from __future__ import annotations
@@ -70,6 +71,43 @@ def summarize(results: dict[str, Any], references: list[dict], own_sweeps: list[
     }
 
 
+def plot_length_curve(summary: dict[str, Any], path: Path) -> None:
+    """Fine-tune top-1 against pre-training steps, one panel per label fraction: a line per method through
+    its seeds' means (dots: the seeds), scratch and the raw-pixel classifiers as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = summary["length_curve"]
+    fractions = sorted({f for curve in curves.values() for at in curve.values() for f in at}, key=float)
+    fig, axes = plt.subplots(1, len(fractions), figsize=(6 * len(fractions), 4.5), squeeze=False)
+    for ax, fraction in zip(axes[0], fractions, strict=True):
+        for method, curve in curves.items():
+            points = [(int(steps), at[fraction]) for steps, at in sorted(curve.items(), key=lambda kv: int(kv[0]))]
+            points = [(steps, values) for steps, values in points if values]
+            for steps, values in points:
+                ax.scatter([steps] * len(values), values, color="black", s=8, zorder=3)
+            ax.plot([s for s, _ in points], [sum(v) / len(v) for _, v in points], marker="o", label=method)
+        lines = {"scratch": summary["finetune"].get("scratch", {}).get(fraction)}
+        lines |= {name: values.get(fraction) for name, values in summary["references"].items()}
+        for (name, values), color in zip(lines.items(), ("black", "tab:red", "tab:purple", "tab:brown"), strict=False):
+            if values:
+                mean = sum(values) / len(values)
+                ax.axhline(mean, color=color, ls="--", lw=1.0, label=f"{name} ({mean:.1f})")
+        steps = sorted({int(s) for curve in curves.values() for s in curve})
+        ax.set_xscale("log")
+        ax.set_xticks(steps, [str(s) for s in steps])
+        ax.minorticks_off()
+        ax.set(xlabel="pre-training steps (batch 128)", ylabel="fine-tune top-1 on the test images (%)")
+        ax.set_title(f"{float(fraction) * 100:g} % of the labels")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _length_variants(table: dict[str, Any]) -> set[str]:
     return {v for v in table if any(v.endswith(s) for s in LENGTHS if s)}
 
@@ -80,6 +118,8 @@ def write_summary(records_dir: str | Path) -> Path:
     summary = summarize(results, _lines(PIXEL_REFERENCES), _lines(OWN_SWEEPS))
     out = records_dir / "label_efficiency_summary.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")
+    if any(len(curve) > 1 for curve in summary["length_curve"].values()):
+        plot_length_curve(summary, records_dir / "length_curve.png")
     return out
 
 

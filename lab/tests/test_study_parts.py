@@ -122,8 +122,10 @@ def test_device_jobs_wait_for_their_pre_training_and_their_fraction_sweep(tmp_pa
     assert list(own.base) == ["finetune.warmup_epochs=2", "finetune.base_lr=2.0e-3"]
 
 
-def test_summary_holds_one_value_per_seed_and_the_length_curve():
-    from lab.summary import summarize
+def test_summary_holds_one_value_per_seed_and_the_length_curve(tmp_path):
+    from PIL import Image
+
+    from lab.summary import plot_length_curve, summarize
 
     def run(variant, seed, fraction, ft, lin):
         return {"variant": variant, "seed": seed, "fraction": fraction, "finetune_top1": ft, "linprobe_top1": lin}
@@ -151,6 +153,9 @@ def test_summary_holds_one_value_per_seed_and_the_length_curve():
     }
     assert out["references"] == {"raw_svm": {"0.01": [79.0, 80.0]}}
     assert out["best_of_sweep"]["conmim_s0"]["0.01"]["test_top1"] == 60.9  # chosen by validation, not by test
+    plot_length_curve(out, tmp_path / "length_curve.png")
+    with Image.open(tmp_path / "length_curve.png") as im:
+        assert im.width > 400 and im.height > 300
 
 
 def test_report_shows_the_validation_chosen_pixel_references_of_the_fractions_that_ran(tmp_path):
