@@ -140,7 +140,9 @@ def test_a_second_run_on_a_held_folder_stops_at_once_and_kill9_leaves_no_stale_l
     assert second.returncode == 2 and config_only.returncode == 0
     assert f"{run_dir} is in use by another run (pid {holder.pid} on {socket.gethostname()}" in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1, second.stderr
-    assert took - baseline < 1.0, (took, baseline)
+    # stopped before the model and data are built: no slower than printing the configuration, give or
+    # take noise that grows with the machine's load (which the baseline's own length shows)
+    assert took - baseline < max(1.0, 0.25 * baseline), (took, baseline)
     # read-only commands keep working on the held folder
     export = [PYTHON, "-m", "conmim.cli", "export", str(run_dir), "--out", str(tmp_path / "e.safetensors")]
     assert run(export).returncode == 0
