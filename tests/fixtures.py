@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,15 @@ def unlabelled_folder(tmp_path) -> Path:
 @pytest.fixture
 def tiny_overrides(tmp_path) -> list[str]:
     return TINY + [f"output_dir={tmp_path / 'run'}"]
+
+
+@pytest.fixture(autouse=True)
+def no_run_outlives_its_test():
+    """Stop what tests/reliability_utils.start() left running when a test failed before stopping it."""
+    yield
+    utils = sys.modules.get("reliability_utils")
+    if utils is not None:
+        utils.stop_started_runs()
 
 
 @pytest.fixture

@@ -62,11 +62,25 @@ def run(cmd: list[str], timeout: float = 180, **kw) -> subprocess.CompletedProce
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout, **kw)
 
 
+STARTED: list[subprocess.Popen] = []  # every run start() made, for stop_started_runs()
+
+
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     """A run in its own process group (its data-loader workers die with it), output to ``log``."""
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
     )
+    STARTED.append(proc)
+    return proc
+
+
+def stop_started_runs() -> None:
+    """``kill -9`` every run start() made that is still going: a test that fails before its own kill
+    must not leave a run behind that takes the cores of every later test."""
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            kill_group(proc)
 
 
 def records(run_dir: Path, drop: tuple[str, ...] = ("img_per_s",)) -> list[dict]:

@@ -27,6 +27,7 @@ from reliability_utils import (
     records,
     run,
     start,
+    stop_started_runs,
     torchrun_cmd,
     wait_for,
     worker_pids,
@@ -151,6 +152,14 @@ def test_a_second_run_on_a_held_folder_stops_at_once_and_kill9_leaves_no_stale_l
     third = run(pretrain_cmd(run_dir, f"train.max_steps={last_step(run_dir) + 2}", "train.checkpoint_every=2"))
     assert third.returncode == 0, third.stderr[-2000:]
     assert json.loads((run_dir / ".lock").read_text())["pid"] != holder.pid
+
+
+def test_a_run_left_behind_by_a_failing_test_is_stopped(tmp_path):
+    """What the autouse fixture calls after every test: a started run and its process group are killed."""
+    orphan = start([PYTHON, "-c", "import time; time.sleep(600)"], tmp_path / "orphan.txt")
+    assert alive(orphan.pid)
+    stop_started_runs()
+    assert not alive(orphan.pid)
 
 
 def test_the_lock_is_exclusive_and_released(tmp_path):
