@@ -84,7 +84,7 @@ def plot_length_curve(summary: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(fractions), figsize=(6 * len(fractions), 4.5), squeeze=False)
     for ax, fraction in zip(axes[0], fractions, strict=True):
         for method, curve in curves.items():
-            points = [(int(steps), at[fraction]) for steps, at in sorted(curve.items(), key=lambda kv: int(kv[0]))]
+            points = [(int(steps), at.get(fraction)) for steps, at in sorted(curve.items(), key=lambda kv: int(kv[0]))]
             points = [(steps, values) for steps, values in points if values]
             for steps, values in points:
                 ax.scatter([steps] * len(values), values, color="black", s=8, zorder=3)

@@ -134,6 +134,7 @@ def test_summary_holds_one_value_per_seed_and_the_length_curve(tmp_path):
         run("conmim", 1, 0.01, 61.0, 50.0),
         run("conmim", 0, 0.01, 60.0, 51.0),
         run("conmim", 0, 1.0, 90.0, 80.0),
+        run("conmim", 0, 0.1, 75.0, 65.0),  # no longer pre-training has a 10 % run: a gap in the plot
         run("scratch", 0, 0.01, 55.0, 30.0),
         run("conmim_3x", 0, 0.01, 63.0, 55.0),
         run("conmim_9x", 0, 0.01, 65.456, 57.0),
@@ -146,10 +147,13 @@ def test_summary_holds_one_value_per_seed_and_the_length_curve(tmp_path):
         for v, t, lr in ((62.0, 61.5, "2e-3"), (64.0, 60.9, "1e-3"))
     ]
     out = summarize({"runs": runs}, refs, own)
-    assert out["finetune"] == {"conmim": {"0.01": [60.0, 61.0], "1.0": [90.0]}, "scratch": {"0.01": [55.0]}}
-    assert out["linear"]["conmim"] == {"0.01": [51.0, 50.0], "1.0": [80.0]}
+    assert out["finetune"] == {
+        "conmim": {"0.01": [60.0, 61.0], "0.1": [75.0], "1.0": [90.0]},
+        "scratch": {"0.01": [55.0]},
+    }
+    assert out["linear"]["conmim"] == {"0.01": [51.0, 50.0], "0.1": [65.0], "1.0": [80.0]}
     assert out["length_curve"] == {
-        "conmim": {"936": {"0.01": [60.0, 61.0]}, "2808": {"0.01": [63.0]}, "8424": {"0.01": [65.46]}}
+        "conmim": {"936": {"0.01": [60.0, 61.0], "0.1": [75.0]}, "2808": {"0.01": [63.0]}, "8424": {"0.01": [65.46]}}
     }
     assert out["references"] == {"raw_svm": {"0.01": [79.0, 80.0]}}
     assert out["best_of_sweep"]["conmim_s0"]["0.01"]["test_top1"] == 60.9  # chosen by validation, not by test
