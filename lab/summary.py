@@ -4,7 +4,7 @@
 
 Reads the study's ``results.json`` (every run of the study's report), the raw-pixel references
 (``lab/records/references/raw_pixels.jsonl``) and, where there are any, the pre-trained starts' own
-recipe-sweep trials (``lab/records/recipe_sweep_gpu/pretrained_trials.jsonl``), and writes beside the
+recipe-sweep trials (``pretrained_trials.jsonl`` beside the study's ``recipe_sweep`` records), and writes beside the
 results: ``finetune`` and ``linear`` (variant -> fraction -> top-1 per seed, test split), ``references``
 (raw_logreg, raw_svm, raw_knn), ``length_curve`` (method -> pre-training steps -> fraction -> top-1 per
 seed: the 1x run and its ``_3x`` / ``_9x`` variants) and ``best_of_sweep`` (start -> fraction -> the test
@@ -24,7 +24,6 @@ from lab.report import PIXEL_REFERENCES
 
 BASE_STEPS = 936  # the built-in default pre-training, which the 1x variants run
 LENGTHS = {"": 1, "_3x": 3, "_9x": 9}
-OWN_SWEEPS = Path("lab/records/recipe_sweep_gpu/pretrained_trials.jsonl")
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -115,7 +114,9 @@ def _length_variants(table: dict[str, Any]) -> set[str]:
 def write_summary(records_dir: str | Path) -> Path:
     records_dir = Path(records_dir)
     results = json.loads((records_dir / "results.json").read_text())
-    summary = summarize(results, _lines(PIXEL_REFERENCES), _lines(OWN_SWEEPS))
+    sweep = results.get("study", {}).get("recipe_sweep")
+    own_sweeps = _lines(Path(sweep).with_name("pretrained_trials.jsonl")) if sweep else []
+    summary = summarize(results, _lines(PIXEL_REFERENCES), own_sweeps)
     out = records_dir / "label_efficiency_summary.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")
     if any(len(curve) > 1 for curve in summary["length_curve"].values()):

@@ -204,3 +204,29 @@ def test_jobs_start_after_what_they_need_and_never_after_a_failure(tmp_path):
     assert [j.returncode for j in jobs] == [0, 3, -1, 0]
     assert not (tmp_path / "c").exists() and float((tmp_path / "d").read_text()) > float((tmp_path / "a").read_text())
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["a.log", "b.log", "d.log"]
+
+
+def test_summary_reads_the_pretrained_starts_own_trials_beside_the_studys_recipe_sweep(tmp_path):
+    from lab.summary import write_summary
+
+    sweep = tmp_path / "recipe_sweep"
+    sweep.mkdir()
+    trials = [
+        {"start": f"runs/x/{start}/pretrain", "fraction": 0.01, "val_top1": v, "test_top1": t, "passes": 152}
+        | {"overrides": [f"finetune.base_lr={lr}"]}
+        for start, v, t, lr in (
+            ("conmim_s0", 70.0, 69.0, "2e-3"),
+            ("conmim_s0", 71.0, 68.0, "1e-3"),
+            ("mae_s0", 72.0, 71.0, "2e-3"),
+        )
+    ]
+    (sweep / "pretrained_trials.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trials))
+    records = tmp_path / "records"
+    records.mkdir()
+    run = {"variant": "conmim", "seed": 0, "fraction": 0.01, "finetune_top1": 69.0, "linprobe_top1": 60.0}
+    results = {"study": {"recipe_sweep": str(sweep / "trials.jsonl")}, "runs": [run]}
+    (records / "results.json").write_text(json.dumps(results))
+    best = json.loads(write_summary(records).read_text())["best_of_sweep"]
+    assert best["conmim_s0"]["0.01"]["test_top1"] == 68.0  # the best validation trial's, not the best test
+    assert best["conmim_s0"]["0.01"]["overrides"] == ["finetune.base_lr=1e-3"]
+    assert best["mae_s0"]["0.01"]["val_top1"] == 72.0
