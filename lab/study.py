@@ -508,6 +508,9 @@ def run_fractions(
         for i in fractions_at(study, seeds, seed, variant)
         if only is None or not only.fractions or study.label_fractions[i] in only.fractions
     ]
+    if only is not None and only.pretrain_only:  # no fine-tuning recipe needed (the sweep may not have it yet)
+        study_encoder(variant, seed, cfg, stages, run_dir)
+        return []
     names = [n for i in todo for n in _stage_names(study, variant.finetune, study.label_fractions[i])]
     configs = {i: fraction_config(cfg, study, i) for i in todo}
     recipes = {
@@ -518,8 +521,6 @@ def run_fractions(
     if all(n in stages.done for n in names):
         return fraction_records(variant.name, seed, stages.done, study.label_fractions)
     encoder = study_encoder(variant, seed, cfg, stages, run_dir).to(device)
-    if only is not None and only.pretrain_only:
-        return []
     p, d = cfg.linprobe, cfg.data
     transform = EvalTransform(cfg.model.img_size, d.mean, d.std)
     amp_dtype = resolve_precision(cfg.precision, device)
@@ -668,7 +669,7 @@ def _fraction_study(
         train, test, data_dir = prepare_data(study, root)
     for variant, seed in order:
         seeds = variant.seeds or study.seeds
-        if study.references and seed in reference_seeds:
+        if study.references and seed in reference_seeds and not (only is not None and only.pretrain_only):
             reference_seeds.remove(seed)
             if report_only:
                 records += fraction_records(

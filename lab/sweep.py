@@ -195,6 +195,11 @@ def run_sweep(
     """Every trial of the preset not yet recorded (only ``fractions`` and the recipes at positions
     ``recipes`` when given); the new records."""
     settings = load_sweep(path, overrides)
+    if settings.start != "random" and not Path(settings.start).exists():
+        raise ConfigError(
+            f"sweep.start={settings.start!r}: no such pre-training run directory, checkpoint or export "
+            "(pre-train it first, e.g. python -m lab.study study_labels --variants conmim --seeds 0 --pretrain-only)"
+        )
     if settings.threads:
         torch.set_num_threads(settings.threads)
     cfg = load_config(settings.preset, settings.base, command="finetune")

@@ -325,3 +325,23 @@ def test_validation_images_never_overlap_the_labelled_subset():
     assert len(val) == 5000 and not set(val) & set(labelled)
     assert np.bincount(np.asarray(train.labels)[val]).tolist() == [500] * 10
     assert set(balanced_subset(train, 0.01, 0)) <= set(labelled)  # the smaller fraction's images too
+
+
+def test_pretraining_alone_needs_no_swept_recipe_and_a_sweep_names_a_missing_start(tmp_path, tiny_sweep, capsys):
+    from lab.sweep import main as sweep_main
+
+    config = tmp_path / "study.yaml"
+    text = FRACTION_STUDY.format(out=tmp_path).replace(
+        "  variants:", f"  recipe_sweep: {tmp_path}/trials.jsonl\n  variants:"
+    )  # no sweep trial yet at any fraction
+    config.write_text(text)
+    assert main([str(config), "--variants", "conmim", "--seeds", "0", "--pretrain-only"]) == 0
+    start = tmp_path / "runs" / "conmim_s0" / "pretrain"
+    assert (start / "checkpoints" / "last.pt").is_file()
+    assert main([str(config), "--variants", "conmim", "--seeds", "0"]) == 2  # fine-tuning does need one
+    assert "no trial of 'random' at seed 0 and fraction 0.1 yet" in capsys.readouterr().err
+
+    missing = tmp_path / "runs" / "conmim_s1" / "pretrain"
+    sweep = tiny_sweep("{fraction: 0.002, passes: [2], evals: 1}", f"  start: {missing}")
+    assert sweep_main([str(sweep)]) == 2
+    assert f"sweep.start={str(missing)!r}: no such pre-training run directory" in capsys.readouterr().err
