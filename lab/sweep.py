@@ -89,6 +89,16 @@ def trial_key(settings: SweepSettings, fraction: float, passes: int, overrides: 
     return json.dumps([settings.start, settings.seed, fraction, passes, sorted(overrides)])
 
 
+def trial_folder(settings: SweepSettings, fraction: float, passes: int, recipe: list[str]) -> Path:
+    """Where a trial runs; a pre-trained start's trials have a folder of their own, so that two starts'
+    sweeps side by side never resume from each other's checkpoints."""
+    settings_named = (o.split("=", 1)[0].split(".")[-1] + o.split("=", 1)[1] for o in recipe)  # layer_decay0.75
+    name = f"f{fraction:g}_p{passes}_" + "_".join(settings_named)
+    if settings.start == "random":
+        return Path(settings.output_dir) / name
+    return Path(settings.output_dir) / "_".join(Path(settings.start).with_suffix("").parts[-3:]) / name
+
+
 def done_keys(records: Path) -> set[str]:
     if not records.is_file():
         return set()
@@ -109,8 +119,7 @@ def run_trial(
     if passes % trials.evals:
         raise ConfigError(f"passes={passes} is not a multiple of evals={trials.evals} (fraction {trials.fraction})")
     tiles = passes // trials.evals
-    name = f"f{trials.fraction:g}_p{passes}_" + "_".join(o.split(".")[-1] for o in recipe).replace("=", "")
-    out = Path(settings.output_dir) / name
+    out = trial_folder(settings, trials.fraction, passes, recipe)
     cfg = load_config(
         settings.preset,
         [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,8 +288,6 @@ def test_pretrained_runs_per_seed_are_checked_before_any_work(tmp_path):
 
 
 def test_every_lab_preset_loads_and_each_variant_validates():
-    from pathlib import Path
-
     from lab.study import PRESETS, variant_config
 
     names = sorted(p.stem for p in PRESETS.glob("study_*.yaml"))
@@ -345,3 +344,20 @@ def test_pretraining_alone_needs_no_swept_recipe_and_a_sweep_names_a_missing_sta
     sweep = tiny_sweep("{fraction: 0.002, passes: [2], evals: 1}", f"  start: {missing}")
     assert sweep_main([str(sweep)]) == 2
     assert f"sweep.start={str(missing)!r}: no such pre-training run directory" in capsys.readouterr().err
+
+
+def test_two_starts_sweeps_run_their_trials_in_folders_of_their_own():
+    from lab.sweep import SweepSettings, trial_folder
+
+    folders = {
+        start: trial_folder(SweepSettings(output_dir="runs/s", start=start), 0.01, 152, ["finetune.layer_decay=0.75"])
+        for start in (
+            "random",
+            "runs/study/conmim_s0/pretrain",
+            "runs/study/mae_s0/pretrain",
+            "exports/mae.safetensors",
+        )
+    }
+    assert len(set(folders.values())) == 4
+    assert folders["random"] == Path("runs/s/f0.01_p152_layer_decay0.75")  # scratch's trials stay where they were
+    assert folders["runs/study/mae_s0/pretrain"] == Path("runs/s/study_mae_s0_pretrain/f0.01_p152_layer_decay0.75")
