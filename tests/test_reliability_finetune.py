@@ -129,3 +129,18 @@ def test_two_ranks_stopped_by_sigterm_resume_bitwise(encoder_run, tmp_path):
     assert run(cmd).returncode == 0
     assert_same_state(final(out), final(reference))
     assert records(out / "finetune") == records(reference / "finetune")
+
+
+def test_a_second_fine_tuning_on_a_held_folder_reads_and_writes_nothing_there(encoder_run, tmp_path):
+    """The folder's lock comes first: a second run neither resumes from the holder's checkpoint nor
+    rewrites its configuration before it stops."""
+    out = tmp_path / "held"
+    holder = start(finetune_cmd(encoder_run, out, "finetune.epochs=100000"), tmp_path / "holder.txt")
+    wait_for(lambda: last_step(out / "finetune") >= 3, holder, timeout=120)
+    config = (out / "finetune" / "config.yaml").read_text()
+    second = run(finetune_cmd(encoder_run, out, "finetune.epochs=100000", "finetune.base_lr=1.0e-4"))
+    assert second.returncode == 2
+    assert f"is in use by another run (pid {holder.pid} on " in second.stderr
+    assert "resumed fine-tuning" not in second.stderr
+    assert (out / "finetune" / "config.yaml").read_text() == config
+    kill_group(holder)

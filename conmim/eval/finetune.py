@@ -283,52 +283,53 @@ def finetune(
         window=torch.zeros(2, device=device),
     )
 
-    best, history = {"top1": -1.0, "top5": None, "epoch": 0}, []
-    last = out / "checkpoints" / "last.pt"
-    if f.probe_head_epochs and not last.is_file():
-        head_images, repeats = head_source or (train_source, 1)
-        top1 = probe_head_init(model, head_images, cfg, device, amp_dtype, repeats)
-        log.info("head fitted on frozen features for %d epochs: training top-1 %.2f%%", f.probe_head_epochs, top1)
-    stateful = {"model": model, "optimizer": optimizer, "scaler": run.scaler}
-    if resumed := load_training_state(last, stateful, dist, device):
-        (state, window), run.step = resumed, resumed[0]["step"]
-        best, history = state["best"], state["history"]
-        run.guard.load_state_dict(state["guard"])
-        run.window = window.to(device)
-        log.info("resumed fine-tuning from %s at step %d (epoch %.2f)", last, run.step, run.step / steps_per_epoch)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
-        log.info(
-            "fine-tuning %s at %d px (pre-trained at grid %s): %d classes, %d images, %d steps/epoch, peak lr %.3g",
-            model_spec["model_name"],
-            size,
-            grid_of(spec),
-            classes,
-            len(train_set),
-            steps_per_epoch,
-            run.peak,
+    # one run per folder: the lock comes before the folder's checkpoint is read or its config written;
+    # a stop signal checkpoints after the step in flight
+    with held_run(out, cfg.stop_signals, dist.is_main, dist.enabled, cfg.dist_timeout_s) as stop:
+        best, history = {"top1": -1.0, "top5": None, "epoch": 0}, []
+        last = out / "checkpoints" / "last.pt"
+        if f.probe_head_epochs and not last.is_file():
+            head_images, repeats = head_source or (train_source, 1)
+            top1 = probe_head_init(model, head_images, cfg, device, amp_dtype, repeats)
+            log.info("head fitted on frozen features for %d epochs: training top-1 %.2f%%", f.probe_head_epochs, top1)
+        stateful = {"model": model, "optimizer": optimizer, "scaler": run.scaler}
+        if resumed := load_training_state(last, stateful, dist, device):
+            (state, window), run.step = resumed, resumed[0]["step"]
+            best, history = state["best"], state["history"]
+            run.guard.load_state_dict(state["guard"])
+            run.window = window.to(device)
+            log.info("resumed fine-tuning from %s at step %d (epoch %.2f)", last, run.step, run.step / steps_per_epoch)
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(to_yaml(cfg))
+            log.info(
+                "fine-tuning %s at %d px (pre-trained at grid %s): %d classes, %d images, %d steps/epoch, peak lr %.3g",
+                model_spec["model_name"],
+                size,
+                grid_of(spec),
+                classes,
+                len(train_set),
+                steps_per_epoch,
+                run.peak,
+            )
+        # batches are a function of the step: (epoch, index) keys, each sample's augmentation seeded by its key
+        sampler = EpochSampler(len(train_set), per_rank, dist.rank, world, cfg.seed, start_step=run.step)
+        loader = DataLoader(
+            EpochSeeded(train_set, cfg.seed),
+            per_rank,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=cfg.data.num_workers,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed),  # its base seed is not drawn from the global RNG
         )
-    # batches are a function of the step: (epoch, index) keys, each sample's augmentation seeded by its key
-    sampler = EpochSampler(len(train_set), per_rank, dist.rank, world, cfg.seed, start_step=run.step)
-    loader = DataLoader(
-        EpochSeeded(train_set, cfg.seed),
-        per_rank,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed),  # its base seed is not drawn from the global RNG
-    )
 
-    def save() -> None:
-        extra = {"step": run.step, "best": best, "history": history, "guard": run.guard.state_dict()}
-        extra["spec"] = json.dumps(model_spec)
-        local = run.window.cpu()
-        save_training_state(last, stateful, {**extra, "config": to_yaml(cfg)}, dist, device, local=local)
+        def save() -> None:
+            extra = {"step": run.step, "best": best, "history": history, "guard": run.guard.state_dict()}
+            extra["spec"] = json.dumps(model_spec)
+            local = run.window.cpu()
+            save_training_state(last, stateful, {**extra, "config": to_yaml(cfg)}, dist, device, local=local)
 
-    held = held_run(out, cfg.stop_signals, dist.is_main, dist.enabled, cfg.dist_timeout_s)
-    with held as stop:  # one run per folder; a stop signal checkpoints after the step in flight
         writer = MetricsWriter(out, run.step, tag="finetune") if dist.is_main else None
         run.net = DistributedDataParallel(model) if dist.enabled else model
         run.net.train()
