@@ -508,7 +508,7 @@ def run_fractions(
         for i in fractions_at(study, seeds, seed, variant)
         if only is None or not only.fractions or study.label_fractions[i] in only.fractions
     ]
-    if only is not None and only.pretrain_only:  # no fine-tuning recipe needed (the sweep may not have it yet)
+    if pretraining_alone(only):  # no fine-tuning recipe needed (the sweep may not have it yet)
         study_encoder(variant, seed, cfg, stages, run_dir)
         return []
     names = [n for i in todo for n in _stage_names(study, variant.finetune, study.label_fractions[i])]
@@ -669,7 +669,7 @@ def _fraction_study(
         train, test, data_dir = prepare_data(study, root)
     for variant, seed in order:
         seeds = variant.seeds or study.seeds
-        if study.references and seed in reference_seeds and not (only is not None and only.pretrain_only):
+        if study.references and seed in reference_seeds and not pretraining_alone(only):
             reference_seeds.remove(seed)
             if report_only:
                 records += fraction_records(
@@ -726,6 +726,11 @@ class Selection:
 
     def wants(self, variant: str, seed: int) -> bool:
         return (not self.variants or variant in self.variants) and (not self.seeds or seed in self.seeds)
+
+
+def pretraining_alone(only: Selection | None) -> bool:
+    """Whether the part asks for pre-training alone: then no fine-tuning recipe, fine-tuning or reference runs."""
+    return only is not None and only.pretrain_only
 
 
 def run_study(
