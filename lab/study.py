@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import struct
 import sys
 import time
@@ -309,18 +310,27 @@ class Stages:
         if name not in self.done:
             start = time.perf_counter()
             value = fn()
-            entry = {"result": value, "seconds": round(time.perf_counter() - start, 1)}
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # parts of one run may go side by side (one process per label fraction): under a lock,
-            # merge with what the file holds now rather than overwrite the other processes' stages
-            with open(self.path.with_suffix(".lock"), "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
-                self.done = {**on_disk, **self.done, name: entry}
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(self.done, indent=2) + "\n")
-                os.replace(tmp, self.path)
+            self._save(name, {"result": value, "seconds": round(time.perf_counter() - start, 1)})
         return self.done[name]["result"]
+
+    def forget(self, name: str) -> None:
+        """Drop a finished stage, so that the next ``run`` of it runs again."""
+        self._save(name, None)
+
+    def _save(self, name: str, entry: dict[str, Any] | None) -> None:
+        """Write stage ``name`` (``None``: remove it). Parts of one run may go side by side (one process
+        per label fraction): under a lock, merge with what the file holds now rather than overwrite the
+        other processes' stages."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            self.done = {**on_disk, **self.done, name: entry}
+            if entry is None:
+                del self.done[name]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.done, indent=2) + "\n")
+            os.replace(tmp, self.path)
 
 
 def _random_encoder(cfg: Config, seed: int) -> torch.nn.Module:
@@ -513,11 +523,9 @@ def run_fractions(
         return []
     names = [n for i in todo for n in _stage_names(study, variant.finetune, study.label_fractions[i])]
     configs = {i: fraction_config(cfg, study, i) for i in todo}
-    recipes = {
-        i: {**OmegaConf.to_container(OmegaConf.structured(c.finetune)), "passes": p} for i, (c, p) in configs.items()
-    }
+    recipes = {i: finetune_recipe(*configs[i]) for i in todo}
     for i in todo if variant.finetune else []:
-        _same_recipe(stages, f"finetune_{fraction_tag(study.label_fractions[i])}", recipes[i])
+        _supersede_stale(stages, f"finetune_{fraction_tag(study.label_fractions[i])}", recipes[i])
     if all(n in stages.done for n in names):
         return fraction_records(variant.name, seed, stages.done, study.label_fractions)
     encoder = study_encoder(variant, seed, cfg, stages, run_dir).to(device)
@@ -576,16 +584,33 @@ def run_fractions(
     return fraction_records(variant.name, seed, stages.done, study.label_fractions)
 
 
-def _same_recipe(stages: Stages, name: str, recipe: dict[str, Any]) -> None:
-    """A finished fine-tuning stage ran with the recipe the study asks for now, or the study stops: a
-    recipe sweep that later chose another recipe must not leave results of the old one in the table."""
+def finetune_recipe(fcfg: Config, passes: int) -> dict[str, Any]:
+    """What a fine-tuning stage records as its recipe, and is compared by: the ``finetune`` section and
+    its passes over the labelled images."""
+    return {**OmegaConf.to_container(OmegaConf.structured(fcfg.finetune)), "passes": passes}
+
+
+def _supersede_stale(stages: Stages, name: str, recipe: dict[str, Any]) -> None:
+    """A finished fine-tuning stage that ran with another recipe than the study asks for now (a recipe
+    sweep that later chose another) runs again: no result of the old recipe may stay in the table. Its
+    result leaves ``stages.json`` and its folder moves to ``NAME.superseded`` (replacing an older one)."""
     done = stages.done.get(name, {}).get("result", {}).get("recipe")
-    if done is not None and done != recipe:
-        changed = sorted(k for k in recipe.keys() | done.keys() if recipe.get(k) != done.get(k))
-        raise ConfigError(
-            f"{stages.path}: stage {name} ran with another fine-tuning recipe (differs in {', '.join(changed)}); "
-            "move that run folder aside to run it again with the current one"
-        )
+    if done is None or done == recipe:
+        return
+    changed = sorted(k for k in recipe.keys() | done.keys() if recipe.get(k) != done.get(k))
+    folder = stages.path.parent / name
+    old = folder.with_name(f"{name}.superseded")
+    log.warning(
+        "%s: stage %s ran with another fine-tuning recipe (differs in %s); it runs again (the old run: %s)",
+        stages.path,
+        name,
+        ", ".join(changed),
+        old,
+    )
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    stages.forget(name)
 
 
 def run_references(
@@ -641,6 +666,7 @@ def fraction_records(name: str, seed: int, done: dict[str, Any], fractions: list
             record[f"{kind}_top1"] = stage["result"]["top1"]
         if "finetune" in mine:
             record["finetune_steps"] = mine["finetune"]["result"]["steps"]
+            record["finetune_recipe"] = mine["finetune"]["result"]["recipe"]
         record["seconds"] = {kind: stage["seconds"] for kind, stage in mine.items()}
         if "pretrain" in done:
             record["seconds"]["pretrain"] = done["pretrain"]["seconds"]
@@ -688,24 +714,44 @@ def _fraction_study(
     return records
 
 
-def recorded_runs(study: StudySettings, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def recorded_runs(study: StudySettings, base: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of the last report (``records_dir/results.json``) that no run folder here holds any more: the
-    records outlive the runs, so a report written on a new machine keeps what ran on the old one."""
+    records outlive the runs, so a report written on a new machine keeps what ran on the old one. A row
+    whose fine-tuning ran with another recipe than the study asks for now keeps its probe and k-NN only."""
     path = Path(study.records_dir) / "results.json"
     if not path.is_file():
         return []
     here = {(r["variant"], r["seed"], r["fraction"]) for r in records}
     wanted = {(v.name, s) for v, s in plan(study)} | {(REFERENCE, s) for s in study.seeds}
-    return [
-        r
-        for r in json.loads(path.read_text())["runs"]
-        if (r["variant"], r["seed"], r["fraction"]) not in here and (r["variant"], r["seed"]) in wanted
-    ]
+    variants = {v.name: v for v in study.variants}
+    kept = []
+    for r in json.loads(path.read_text())["runs"]:
+        if (r["variant"], r["seed"], r["fraction"]) in here or (r["variant"], r["seed"]) not in wanted:
+            continue
+        if "finetune_recipe" in r and r["finetune_recipe"] != _recipe_now(study, base, variants[r["variant"]], r):
+            r = {k: v for k, v in r.items() if not k.startswith("finetune_")}
+            r["seconds"] = {k: v for k, v in r["seconds"].items() if k != "finetune"}
+        kept.append(r)
+    return kept
+
+
+def _recipe_now(study: StudySettings, base: Any, variant: Variant, row: dict[str, Any]) -> dict[str, Any] | None:
+    """The fine-tuning recipe the study asks for now at the row's seed and fraction; None while the
+    sweep has none there."""
+    index = study.label_fractions.index(row["fraction"])
+    if study.recipe_sweep and swept_recipe(study, row["fraction"]) is None:
+        return None
+    out = Path(study.output_dir)
+    return finetune_recipe(*fraction_config(variant_config(base, variant, row["seed"], out, out), study, index))
 
 
 def not_run(study: StudySettings, records: list[dict[str, Any]]) -> list[tuple[str, int, float]]:
-    """(variant, seed, fraction) of the protocol with no finished record yet."""
-    done = {(r["variant"], r["seed"], r["fraction"]) for r in records}
+    """(variant, seed, fraction) of the protocol with no finished record yet (for a variant that
+    fine-tunes, none with a fine-tuning result)."""
+    tuned = {v.name for v in study.variants if v.finetune and study.finetune}
+    done = {
+        (r["variant"], r["seed"], r["fraction"]) for r in records if r["variant"] not in tuned or "finetune_top1" in r
+    }
     return [
         (v.name, s, study.label_fractions[i])
         for v in study.variants
@@ -756,7 +802,7 @@ def run_study(
     if study.label_fractions:
         records = _fraction_study(study, base, root, report_only)
         if report_only:
-            records += recorded_runs(study, records)
+            records += recorded_runs(study, base, records)
     elif not report_only:
         train, test, data_dir = prepare_data(study, root)
         for variant, seed in plan(study):

@@ -122,7 +122,7 @@ def test_fraction_lists_must_match_the_fractions(tmp_path):
         load_study(config)
 
 
-def test_label_fraction_study_runs_resumes_and_reports(tmp_path, capsys):
+def test_label_fraction_study_runs_resumes_and_reports(tmp_path, caplog):
     config = tmp_path / "study.yaml"
     config.write_text(FRACTION_STUDY.format(out=tmp_path))
     start = time.perf_counter()
@@ -181,14 +181,32 @@ def test_label_fraction_study_runs_resumes_and_reports(tmp_path, capsys):
     assert kept.read_text() == (tmp_path / "runs_elsewhere" / "conmim_s1" / "pretrain" / "metrics.jsonl").read_text()
     (tmp_path / "runs_elsewhere").rename(tmp_path / "runs")
 
-    # a study whose fine-tuning recipe has changed since (another sweep choice) stops rather than report
-    # the old recipe's fine-tunings as the new one's
+    # a study whose fine-tuning recipe has changed since (another sweep choice) reports no fine-tuning of
+    # the old recipe: a recorded row of a run no longer here keeps its probe and k-NN only...
     config.write_text(
         FRACTION_STUDY.format(out=tmp_path).replace("[[finetune.batch_size=16]", "[[finetune.batch_size=8]")
     )
-    assert main([str(config)]) == 2
-    assert "finetune_f0.1 ran with another fine-tuning recipe (differs in batch_size" in capsys.readouterr().err
-    assert {p: p.read_text() for p in stages if p != path} == {p: t for p, t in stages.items() if p != path}
+    (tmp_path / "runs").rename(tmp_path / "runs_elsewhere")
+    assert main([str(config), "--report-only"]) == 0
+    report = json.loads((tmp_path / "docs" / "results.json").read_text())
+    rows = {(r["variant"], r["seed"], r["fraction"]): r for r in report["runs"]}
+    assert "finetune_top1" not in rows[("conmim", 1, 0.1)] and "finetune" not in rows[("conmim", 1, 0.1)]["seconds"]
+    assert rows[("conmim", 1, 0.1)]["knn_top1"] == runs[("conmim", 1, 0.1)]["knn_top1"]
+    assert rows[("conmim", 0, 1.0)] == runs[("conmim", 0, 1.0)]  # 100 %: the recipe there is unchanged
+    assert sorted(report["not_run"]) == [[v, s, 0.1] for v in ("conmim", "scratch") for s in (0, 1)]
+    (tmp_path / "runs_elsewhere").rename(tmp_path / "runs")
+    # ...and running it again runs each stale fine-tuning with the new recipe (the old run moves aside),
+    # and nothing else
+    assert main([str(config)]) == 0
+    assert "finetune_f0.1 ran with another fine-tuning recipe (differs in batch_size" in caplog.text
+    now = json.loads(path.read_text())
+    assert now["finetune_f0.1"]["result"]["recipe"]["batch_size"] == 8
+    assert now["finetune_f0.1"]["result"]["steps"] == 40 * 2 // 8
+    assert {k: v for k, v in now.items() if k != "finetune_f0.1"} == {
+        k: v for k, v in again.items() if k != "finetune_f0.1"
+    }
+    assert (path.parent / "finetune_f0.1.superseded" / "config.yaml").is_file()
+    assert json.loads((tmp_path / "docs" / "results.json").read_text())["not_run"] == []
 
     # a finished pre-training run serves as a variant: the same encoder gives the same probe and k-NN
     reuse = tmp_path / "reuse.yaml"
