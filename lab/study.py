@@ -714,20 +714,27 @@ def _fraction_study(
     return records
 
 
-def recorded_runs(study: StudySettings, base: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def recorded_runs(study: StudySettings, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of the last report (``records_dir/results.json``) that no run folder here holds any more: the
-    records outlive the runs, so a report written on a new machine keeps what ran on the old one. A row
-    whose fine-tuning ran with another recipe than the study asks for now keeps its probe and k-NN only."""
+    records outlive the runs, so a report written on a new machine keeps what ran on the old one."""
     path = Path(study.records_dir) / "results.json"
     if not path.is_file():
         return []
     here = {(r["variant"], r["seed"], r["fraction"]) for r in records}
     wanted = {(v.name, s) for v, s in plan(study)} | {(REFERENCE, s) for s in study.seeds}
+    return [
+        r
+        for r in json.loads(path.read_text())["runs"]
+        if (r["variant"], r["seed"], r["fraction"]) not in here and (r["variant"], r["seed"]) in wanted
+    ]
+
+
+def without_stale(study: StudySettings, base: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows, where a fine-tuning ran with another recipe than the study asks for now (the sweep has
+    since chosen another) keeping their probe and k-NN only: a report shows no result of an old recipe."""
     variants = {v.name: v for v in study.variants}
     kept = []
-    for r in json.loads(path.read_text())["runs"]:
-        if (r["variant"], r["seed"], r["fraction"]) in here or (r["variant"], r["seed"]) not in wanted:
-            continue
+    for r in records:
         if "finetune_recipe" in r and r["finetune_recipe"] != _recipe_now(study, base, variants[r["variant"]], r):
             r = {k: v for k, v in r.items() if not k.startswith("finetune_")}
             r["seconds"] = {k: v for k, v in r["seconds"].items() if k != "finetune"}
@@ -802,7 +809,7 @@ def run_study(
     if study.label_fractions:
         records = _fraction_study(study, base, root, report_only)
         if report_only:
-            records += recorded_runs(study, base, records)
+            records = without_stale(study, base, records + recorded_runs(study, records))
     elif not report_only:
         train, test, data_dir = prepare_data(study, root)
         for variant, seed in plan(study):

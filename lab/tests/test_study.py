@@ -182,19 +182,23 @@ def test_label_fraction_study_runs_resumes_and_reports(tmp_path, caplog):
     (tmp_path / "runs_elsewhere").rename(tmp_path / "runs")
 
     # a study whose fine-tuning recipe has changed since (another sweep choice) reports no fine-tuning of
-    # the old recipe: a recorded row of a run no longer here keeps its probe and k-NN only...
+    # the old recipe: its rows keep their probe and k-NN only, from the records or from a run folder...
     config.write_text(
         FRACTION_STUDY.format(out=tmp_path).replace("[[finetune.batch_size=16]", "[[finetune.batch_size=8]")
     )
-    (tmp_path / "runs").rename(tmp_path / "runs_elsewhere")
-    assert main([str(config), "--report-only"]) == 0
-    report = json.loads((tmp_path / "docs" / "results.json").read_text())
-    rows = {(r["variant"], r["seed"], r["fraction"]): r for r in report["runs"]}
-    assert "finetune_top1" not in rows[("conmim", 1, 0.1)] and "finetune" not in rows[("conmim", 1, 0.1)]["seconds"]
-    assert rows[("conmim", 1, 0.1)]["knn_top1"] == runs[("conmim", 1, 0.1)]["knn_top1"]
-    assert rows[("conmim", 0, 1.0)] == runs[("conmim", 0, 1.0)]  # 100 %: the recipe there is unchanged
-    assert sorted(report["not_run"]) == [[v, s, 0.1] for v in ("conmim", "scratch") for s in (0, 1)]
-    (tmp_path / "runs_elsewhere").rename(tmp_path / "runs")
+    for moved in (True, False):  # the rows of runs no longer here, then those of the run folders
+        if moved:
+            (tmp_path / "runs").rename(tmp_path / "runs_elsewhere")
+        assert main([str(config), "--report-only"]) == 0
+        report = json.loads((tmp_path / "docs" / "results.json").read_text())
+        rows = {(r["variant"], r["seed"], r["fraction"]): r for r in report["runs"]}
+        assert "finetune_top1" not in rows[("conmim", 1, 0.1)]
+        assert "finetune" not in rows[("conmim", 1, 0.1)]["seconds"]
+        assert rows[("conmim", 1, 0.1)]["knn_top1"] == runs[("conmim", 1, 0.1)]["knn_top1"]
+        assert rows[("conmim", 0, 1.0)] == runs[("conmim", 0, 1.0)]  # 100 %: the recipe there is unchanged
+        assert sorted(report["not_run"]) == [[v, s, 0.1] for v in ("conmim", "scratch") for s in (0, 1)]
+        if moved:
+            (tmp_path / "runs_elsewhere").rename(tmp_path / "runs")
     # ...and running it again runs each stale fine-tuning with the new recipe (the old run moves aside),
     # and nothing else
     assert main([str(config)]) == 0
