@@ -119,8 +119,11 @@ def write_summary(records_dir: str | Path) -> Path:
     summary = summarize(results, _lines(PIXEL_REFERENCES), own_sweeps)
     out = records_dir / "label_efficiency_summary.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")
+    plot = records_dir / "length_curve.png"
     if any(len(curve) > 1 for curve in summary["length_curve"].values()):
-        plot_length_curve(summary, records_dir / "length_curve.png")
+        plot_length_curve(summary, plot)
+    else:  # no longer pre-training has a fine-tuning of the current recipe: an older plot would contradict the summary
+        plot.unlink(missing_ok=True)
     return out
 
 

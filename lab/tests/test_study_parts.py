@@ -162,6 +162,18 @@ def test_summary_holds_one_value_per_seed_and_the_length_curve(tmp_path):
         assert im.width > 400 and im.height > 300
 
 
+def test_summary_removes_a_length_plot_that_no_fine_tuning_backs_any_more(tmp_path):
+    from lab.summary import write_summary
+
+    runs = [{"variant": v, "seed": 0, "fraction": 0.1, "linprobe_top1": 60.0} for v in ("conmim", "conmim_3x")]
+    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))  # the 3x fine-tuning dropped (old recipe)
+    stale = tmp_path / "length_curve.png"
+    stale.write_bytes(b"an older recipe's plot")
+    write_summary(tmp_path)
+    assert json.loads((tmp_path / "label_efficiency_summary.json").read_text())["length_curve"] == {}
+    assert not stale.exists()
+
+
 def test_report_shows_the_validation_chosen_pixel_references_of_the_fractions_that_ran(tmp_path):
     from PIL import Image
 
