@@ -40,6 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from conmim.config import Config, ConfigError, validate, without_retired
 from conmim.data.sources import ArraySource, fashion_mnist
+from lab.provenance import commit
 from lab.report import REFERENCE, write_report
 
 log = logging.getLogger(__name__)
@@ -729,17 +730,52 @@ def recorded_runs(study: StudySettings, records: list[dict[str, Any]]) -> list[d
     ]
 
 
-def without_stale(study: StudySettings, base: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def without_stale(
+    study: StudySettings, base: Any, records: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The rows, where a fine-tuning ran with another recipe than the study asks for now (the sweep has
-    since chosen another) keeping their probe and k-NN only: a report shows no result of an old recipe."""
+    since chosen another) keeping their probe and k-NN only: a report shows no result of an old recipe.
+    Also returns those rows whole, for ``keep_superseded``."""
     variants = {v.name: v for v in study.variants}
-    kept = []
+    kept, stale = [], []
     for r in records:
         if "finetune_recipe" in r and r["finetune_recipe"] != _recipe_now(study, base, variants[r["variant"]], r):
+            stale.append(r)
             r = {k: v for k, v in r.items() if not k.startswith("finetune_")}
             r["seconds"] = {k: v for k, v in r["seconds"].items() if k != "finetune"}
         kept.append(r)
-    return kept
+    return kept, stale
+
+
+SUPERSEDED_NOTE = (
+    "fine-tunings under recipes the sweep later replaced, as the report held them before dropping them; "
+    "from_commit: the commit whose report still held the row (or at which it was dropped)"
+)
+
+
+def keep_superseded(study: StudySettings, stale: list[dict[str, Any]]) -> None:
+    """Append the fine-tunings a report drops (their recipe since replaced) to ``records_dir/superseded.json``,
+    once each: the results page compares the recipes, and a dropped row is otherwise lost with its run folder."""
+    path = Path(study.records_dir) / "superseded.json"
+    held = json.loads(path.read_text()) if path.is_file() else {"note": SUPERSEDED_NOTE, "runs": []}
+
+    def key(r: dict[str, Any]) -> str:
+        return json.dumps([r["variant"], r["seed"], r["fraction"], r["finetune_recipe"]], sort_keys=True)
+
+    seen = {key(r) for r in held["runs"]}
+    fields = ("variant", "seed", "fraction", "labels")
+    new = [
+        {
+            **{k: r[k] for k in fields},
+            **{k: v for k, v in r.items() if k.startswith("finetune_")},
+            "from_commit": commit(),
+        }
+        for r in stale
+        if key(r) not in seen
+    ]
+    if new:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**held, "runs": held["runs"] + new}, indent=2) + "\n")
 
 
 def _recipe_now(study: StudySettings, base: Any, variant: Variant, row: dict[str, Any]) -> dict[str, Any] | None:
@@ -809,7 +845,8 @@ def run_study(
     if study.label_fractions:
         records = _fraction_study(study, base, root, report_only)
         if report_only:
-            records = without_stale(study, base, records + recorded_runs(study, records))
+            records, stale = without_stale(study, base, records + recorded_runs(study, records))
+            keep_superseded(study, stale)
     elif not report_only:
         train, test, data_dir = prepare_data(study, root)
         for variant, seed in plan(study):

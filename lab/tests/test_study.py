@@ -197,6 +197,14 @@ def test_label_fraction_study_runs_resumes_and_reports(tmp_path, caplog):
         assert rows[("conmim", 1, 0.1)]["knn_top1"] == runs[("conmim", 1, 0.1)]["knn_top1"]
         assert rows[("conmim", 0, 1.0)] == runs[("conmim", 0, 1.0)]  # 100 %: the recipe there is unchanged
         assert sorted(report["not_run"]) == [[v, s, 0.1] for v in ("conmim", "scratch") for s in (0, 1)]
+        # the dropped fine-tunings are kept whole beside the report, once each however often it is written
+        superseded = json.loads((tmp_path / "docs" / "superseded.json").read_text())["runs"]
+        assert sorted((r["variant"], r["seed"]) for r in superseded) == [
+            (v, s) for v in ("conmim", "scratch") for s in (0, 1)
+        ]
+        kept_row = next(r for r in superseded if (r["variant"], r["seed"]) == ("conmim", 1))
+        assert kept_row["finetune_top1"] == runs[("conmim", 1, 0.1)]["finetune_top1"]
+        assert kept_row["finetune_recipe"]["batch_size"] == 16 and kept_row["from_commit"]
         if moved:
             (tmp_path / "runs_elsewhere").rename(tmp_path / "runs")
     # ...and running it again runs each stale fine-tuning with the new recipe (the old run moves aside),
