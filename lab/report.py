@@ -27,7 +27,7 @@ def aggregate(runs: list[dict[str, Any]], order: list[str]) -> list[dict[str, An
     """Per variant in ``order``: seeds, and for each metric the values, mean, sample std, min and max."""
     rows = []
     for name in order:
-        mine = [r for r in runs if r["variant"] == name]
+        mine = sorted((r for r in runs if r["variant"] == name), key=lambda r: r["seed"])  # values in seed order
         if not mine:
             continue
         row: dict[str, Any] = {"variant": name, "seeds": [r["seed"] for r in mine]}
@@ -61,7 +61,9 @@ def aggregate_fractions(runs: list[dict[str, Any]], order: list[str], fractions:
     rows = []
     for name in order:
         for fraction in fractions:
-            mine = [r for r in runs if r["variant"] == name and r["fraction"] == fraction]
+            mine = sorted(
+                (r for r in runs if r["variant"] == name and r["fraction"] == fraction), key=lambda r: r["seed"]
+            )
             if not mine:
                 continue
             row: dict[str, Any] = {

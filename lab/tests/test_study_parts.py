@@ -242,3 +242,17 @@ def test_summary_reads_the_pretrained_starts_own_trials_beside_the_studys_recipe
     assert best["conmim_s0"]["0.01"]["test_top1"] == 68.0  # the best validation trial's, not the best test
     assert best["conmim_s0"]["0.01"]["overrides"] == ["finetune.base_lr=1e-3"]
     assert best["mae_s0"]["0.01"]["val_top1"] == 72.0
+
+
+def test_report_lists_each_variants_values_in_seed_order_whatever_order_the_rows_came_in():
+    from lab.report import aggregate, aggregate_fractions
+
+    # rows from run folders come first and rows kept from the records after: seed 1 can precede seed 0
+    runs = [
+        {"variant": "conmim", "seed": 1, "fraction": 0.1, "labels": 60, "linprobe_top1": 71.0},
+        {"variant": "conmim", "seed": 0, "fraction": 0.1, "labels": 60, "linprobe_top1": 72.0},
+    ]
+    (row,) = aggregate_fractions(runs, ["conmim"], [0.1])
+    assert row["seeds"] == [0, 1] and row["linprobe_top1"]["values"] == [72.0, 71.0]
+    (row,) = aggregate(runs, ["conmim"])
+    assert row["seeds"] == [0, 1] and row["linprobe_top1"]["values"] == [72.0, 71.0]
