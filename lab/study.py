@@ -823,11 +823,17 @@ def pretraining_alone(only: Selection | None) -> bool:
 
 
 def run_study(
-    path: str | os.PathLike, fashion_root: str | None = None, report_only: bool = False, only: Selection | None = None
+    path: str | os.PathLike,
+    fashion_root: str | None = None,
+    report_only: bool = False,
+    only: Selection | None = None,
+    threads: int = 0,
 ) -> dict:
     """Run (or continue) every (variant, seed) of a study, then write the report; returns the summary.
-    With ``only`` just that part runs and no report is written (``--report-only`` writes it later)."""
+    With ``only`` just that part runs and no report is written (``--report-only`` writes it later).
+    ``threads`` (when not 0) replaces study.threads: e.g. one long part alone on the whole machine."""
     study, base = load_study(path)
+    study.threads = threads or study.threads
     if study.threads:
         torch.set_num_threads(study.threads)
     root = fashion_root or OmegaConf.select(base, "data.path", default=None) or Config().data.path
@@ -894,13 +900,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[], help="run only these seeds (no report)")
     parser.add_argument("--pretrain-only", action="store_true", help="only the pre-training stage (no report)")
     parser.add_argument("--fractions", nargs="+", type=float, default=[], help="only these label fractions")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads for this invocation (default: study.threads)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     part = args.variants or args.seeds or args.pretrain_only or args.fractions
     only = Selection(args.variants, args.seeds, args.pretrain_only, args.fractions)
     only = only if part and not args.report_only else None
     try:
-        summary = run_study(args.config, report_only=args.report_only, only=only)
+        summary = run_study(args.config, report_only=args.report_only, only=only, threads=args.threads)
     except ConfigError as err:
         print(f"lab.study: error: {err}", file=sys.stderr)
         return 2

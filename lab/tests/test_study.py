@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conmim.config import ConfigError
@@ -364,7 +365,14 @@ def test_pretraining_alone_needs_no_swept_recipe_and_a_sweep_names_a_missing_sta
         "  variants:", f"  recipe_sweep: {tmp_path}/trials.jsonl\n  variants:"
     )  # no sweep trial yet at any fraction
     config.write_text(text)
-    assert main([str(config), "--variants", "conmim", "--seeds", "0", "--pretrain-only"]) == 0
+    threads = torch.get_num_threads()
+    wanted = 2 if threads == 1 else 1  # --threads replaces study.threads for this invocation
+    try:
+        part = ["--variants", "conmim", "--seeds", "0", "--pretrain-only", f"--threads={wanted}"]
+        assert main([str(config), *part]) == 0
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(threads)
     start = tmp_path / "runs" / "conmim_s0" / "pretrain"
     assert (start / "checkpoints" / "last.pt").is_file()
     assert main([str(config), "--variants", "conmim", "--seeds", "0"]) == 2  # fine-tuning does need one
