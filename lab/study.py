@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import struct
 import sys
@@ -40,7 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from conmim.config import Config, ConfigError, validate, without_retired
 from conmim.data.sources import ArraySource, fashion_mnist
-from lab.provenance import commit
+from lab.provenance import commit, machine
 from lab.report import REFERENCE, write_report
 
 log = logging.getLogger(__name__)
@@ -301,7 +300,9 @@ def scratch_epochs(cfg: Config, train_images: int) -> int:
 
 
 class Stages:
-    """``stages.json`` of one run: each finished stage's result, written after every stage."""
+    """``stages.json`` of one run: each finished stage's result, its seconds and the machine it ran on (the
+    parts of one run may run on different machines, and bf16 results differ between CPU kinds), written
+    after every stage."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / "stages.json"
@@ -311,7 +312,8 @@ class Stages:
         if name not in self.done:
             start = time.perf_counter()
             value = fn()
-            self._save(name, {"result": value, "seconds": round(time.perf_counter() - start, 1)})
+            seconds = round(time.perf_counter() - start, 1)
+            self._save(name, {"result": value, "seconds": seconds, "machine": machine()})
         return self.done[name]["result"]
 
     def forget(self, name: str) -> None:
@@ -418,7 +420,14 @@ def record_of(name: str, seed: int, done: dict[str, Any]) -> dict[str, Any]:
         record["finetune_top1"] = done["finetune"]["result"]["top1"]
         record["finetune_epochs"] = done["finetune"]["result"]["epochs"]
     record["seconds"] = {k: v["seconds"] for k, v in done.items()}
-    return record
+    return {**record, **_machines(done)}
+
+
+def _machines(stages: dict[str, Any]) -> dict[str, Any]:
+    """``{"machines": {stage: machine}}`` for the stages that name theirs (those recorded before stages named
+    their machine do not); empty when none does."""
+    named = {name: stage["machine"] for name, stage in stages.items() if "machine" in stage}
+    return {"machines": named} if named else {}
 
 
 def fractions_at(study: StudySettings, seeds: list[int], seed: int, variant: Variant | None = None) -> list[int]:
@@ -671,6 +680,7 @@ def fraction_records(name: str, seed: int, done: dict[str, Any], fractions: list
         record["seconds"] = {kind: stage["seconds"] for kind, stage in mine.items()}
         if "pretrain" in done:
             record["seconds"]["pretrain"] = done["pretrain"]["seconds"]
+        record.update(_machines({"pretrain": done.get("pretrain", {}), **mine}))
         records.append(record)
     return records
 
@@ -742,7 +752,9 @@ def without_stale(
         if "finetune_recipe" in r and r["finetune_recipe"] != _recipe_now(study, base, variants[r["variant"]], r):
             stale.append(r)
             r = {k: v for k, v in r.items() if not k.startswith("finetune_")}
-            r["seconds"] = {k: v for k, v in r["seconds"].items() if k != "finetune"}
+            for key in ("seconds", "machines"):
+                if key in r:
+                    r[key] = {k: v for k, v in r[key].items() if k != "finetune"}
         kept.append(r)
     return kept, stale
 
@@ -863,18 +875,12 @@ def run_study(
             stages = Stages(out / f"{variant.name}_s{seed}")
             if stages.done:
                 records.append(record_of(variant.name, seed, stages.done))
-    machine = {
-        "cpu": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
+    here = {**machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     summary = {
         "config": str(path),
         "study": OmegaConf.to_container(OmegaConf.structured(study)),
         "base": OmegaConf.to_container(base),
-        "machine": machine,
+        "machine": here,  # the report's; each row's "machines" names where its stages ran
         "runs": records,
         "not_run": not_run(study, records) if study.label_fractions else [],
         "this_invocation_seconds": round(time.perf_counter() - start, 1),

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conmim.config import ConfigError
+from lab.provenance import machine
 from lab.study import load_study, main, plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -141,6 +142,10 @@ def test_label_fraction_study_runs_resumes_and_reports(tmp_path, caplog):
     for r in runs.values():
         assert all(0 <= r[m] <= 100 for m in ("linprobe_top1", "knn_top1"))
         assert ("finetune_top1" in r) == (r["variant"] != "raw_pixels")
+        ran = {"linprobe", "knn"} | ({"finetune"} if "finetune_top1" in r else set())
+        ran |= {"pretrain"} if r["variant"] == "conmim" else set()
+        assert r["machines"] == dict.fromkeys(ran, machine())  # each stage names the machine it ran on
+    assert results["machine"]["cpu"] == machine()["cpu"] != "x86_64"
     row = next(r for r in results["aggregate"] if r["variant"] == "conmim" and r["fraction"] == 0.1)
     assert len(row["finetune_top1"]["values"]) == 2 and row["finetune_top1"]["std"] is not None
     assert results["not_run"] == []
@@ -195,6 +200,7 @@ def test_label_fraction_study_runs_resumes_and_reports(tmp_path, caplog):
         rows = {(r["variant"], r["seed"], r["fraction"]): r for r in report["runs"]}
         assert "finetune_top1" not in rows[("conmim", 1, 0.1)]
         assert "finetune" not in rows[("conmim", 1, 0.1)]["seconds"]
+        assert "finetune" not in rows[("conmim", 1, 0.1)]["machines"]
         assert rows[("conmim", 1, 0.1)]["knn_top1"] == runs[("conmim", 1, 0.1)]["knn_top1"]
         assert rows[("conmim", 0, 1.0)] == runs[("conmim", 0, 1.0)]  # 100 %: the recipe there is unchanged
         assert sorted(report["not_run"]) == [[v, s, 0.1] for v in ("conmim", "scratch") for s in (0, 1)]
