@@ -13,6 +13,7 @@ timm's initialisation, i.e. from scratch; or a run directory / export) and appen
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -85,15 +86,24 @@ def validation_indices(train: ArraySource, used: np.ndarray, per_class: int, see
     return np.sort(np.concatenate(chosen))
 
 
-def trial_key(settings: SweepSettings, fraction: float, passes: int, overrides: list[str]) -> str:
-    return json.dumps([settings.start, settings.seed, fraction, passes, sorted(overrides)])
+def trial_key(start: str, seed: int, fraction: float, passes: int, overrides: list[str]) -> str:
+    """What makes a trial: its start, seed, fraction, passes and every override in force, in order (the
+    sweep's base, the fraction's, the recipe's). A trial of a changed base recipe is a new trial, and the
+    records are keyed by the fields they hold, so trials recorded before the key named the base count too."""
+    return json.dumps([start, seed, fraction, passes, list(overrides)])
 
 
-def trial_folder(settings: SweepSettings, fraction: float, passes: int, recipe: list[str]) -> Path:
+def trial_overrides(settings: SweepSettings, trials: FractionTrials, recipe: list[str]) -> list[str]:
+    return [*settings.base, *trials.overrides, *recipe]
+
+
+def trial_folder(settings: SweepSettings, trials: FractionTrials, passes: int, recipe: list[str]) -> Path:
     """Where a trial runs; a pre-trained start's trials have a folder of their own, so that two starts'
-    sweeps side by side never resume from each other's checkpoints."""
+    sweeps side by side never resume from each other's checkpoints, and a digest of every override keeps a
+    trial of a changed base recipe from resuming one of the old."""
     settings_named = (o.split("=", 1)[0].split(".")[-1] + o.split("=", 1)[1] for o in recipe)  # layer_decay0.75
-    name = f"f{fraction:g}_p{passes}_" + "_".join(settings_named)
+    digest = hashlib.sha1(json.dumps(trial_overrides(settings, trials, recipe)).encode()).hexdigest()[:8]
+    name = f"f{trials.fraction:g}_p{passes}_{digest}_" + "_".join(settings_named)
     if settings.start == "random":
         return Path(settings.output_dir) / name
     return Path(settings.output_dir) / "_".join(Path(settings.start).with_suffix("").parts[-3:]) / name
@@ -102,7 +112,8 @@ def trial_folder(settings: SweepSettings, fraction: float, passes: int, recipe: 
 def done_keys(records: Path) -> set[str]:
     if not records.is_file():
         return set()
-    return {json.loads(line)["key"] for line in records.read_text().splitlines() if line.strip()}
+    rows = [json.loads(line) for line in records.read_text().splitlines() if line.strip()]
+    return {trial_key(r["start"], r["seed"], r["fraction"], r["passes"], r["overrides"]) for r in rows}
 
 
 def run_trial(
@@ -115,11 +126,11 @@ def run_trial(
     labelled: np.ndarray,
     test: ArraySource | None = None,
 ) -> dict[str, Any]:
-    overrides = [*settings.base, *trials.overrides, *recipe]
+    overrides = trial_overrides(settings, trials, recipe)
     if passes % trials.evals:
         raise ConfigError(f"passes={passes} is not a multiple of evals={trials.evals} (fraction {trials.fraction})")
     tiles = passes // trials.evals
-    out = trial_folder(settings, trials.fraction, passes, recipe)
+    out = trial_folder(settings, trials, passes, recipe)
     cfg = load_config(
         settings.preset,
         [
@@ -142,7 +153,7 @@ def run_trial(
     scored = {"test_top1": final_test_top1(out, result, test, cfg)} if test is not None else {}
     steps = trials.evals * (len(labelled) * tiles // cfg.finetune.batch_size)
     return {
-        "key": trial_key(settings, trials.fraction, passes, recipe),
+        "key": trial_key(settings.start, settings.seed, trials.fraction, passes, overrides),
         "start": settings.start,
         "seed": settings.seed,
         "fraction": trials.fraction,
@@ -225,7 +236,8 @@ def run_sweep(
             for position, recipe in enumerate(trials.recipes or settings.recipes):
                 if recipes and position not in recipes:
                     continue
-                if trial_key(settings, trials.fraction, passes, recipe) in done:
+                overrides = trial_overrides(settings, trials, recipe)
+                if trial_key(settings.start, settings.seed, trials.fraction, passes, overrides) in done:
                     continue
                 log.info("sweep: fraction %g, %d passes, %s", trials.fraction, passes, recipe or "base recipe")
                 row = run_trial(settings, trials, passes, recipe, train, val, subsets[trials.fraction], test)

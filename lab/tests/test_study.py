@@ -391,10 +391,11 @@ def test_pretraining_alone_needs_no_swept_recipe_and_a_sweep_names_a_missing_sta
 
 
 def test_two_starts_sweeps_run_their_trials_in_folders_of_their_own():
-    from lab.sweep import SweepSettings, trial_folder
+    from lab.sweep import FractionTrials, SweepSettings, trial_folder
 
+    trials = FractionTrials(fraction=0.01, passes=[152], overrides=["finetune.base_lr=8.0e-3"])
     folders = {
-        start: trial_folder(SweepSettings(output_dir="runs/s", start=start), 0.01, 152, ["finetune.layer_decay=0.75"])
+        start: trial_folder(SweepSettings(output_dir="runs/s", start=start), trials, 152, ["finetune.layer_decay=0.75"])
         for start in (
             "random",
             "runs/study/conmim_s0/pretrain",
@@ -403,5 +404,10 @@ def test_two_starts_sweeps_run_their_trials_in_folders_of_their_own():
         )
     }
     assert len(set(folders.values())) == 4
-    assert folders["random"] == Path("runs/s/f0.01_p152_layer_decay0.75")  # scratch's trials stay where they were
-    assert folders["runs/study/mae_s0/pretrain"] == Path("runs/s/study_mae_s0_pretrain/f0.01_p152_layer_decay0.75")
+    assert folders["random"].parent == Path("runs/s")
+    assert folders["runs/study/mae_s0/pretrain"].parent == Path("runs/s/study_mae_s0_pretrain")
+    assert folders["random"].name.startswith("f0.01_p152_") and folders["random"].name.endswith("_layer_decay0.75")
+    # the same recipe over another base recipe is another trial, in another folder
+    trials.overrides = ["finetune.base_lr=2.0e-3"]
+    other_base = trial_folder(SweepSettings(output_dir="runs/s"), trials, 152, ["finetune.layer_decay=0.75"])
+    assert other_base != folders["random"]

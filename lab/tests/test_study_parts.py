@@ -93,6 +93,14 @@ def test_sweep_trial_scores_its_final_model_on_the_test_split(tmp_path, tiny_swe
     assert row["overrides"][-1] == "finetune.base_lr=2.0e-3"  # the fraction's own recipe list
     assert 0 <= row["test_top1"] <= 100 and row["val_images"] == 30 and row["machine"]["cpu"]
 
+    assert sweep_main([str(config), "--recipes", "0"]) == 0  # recorded: not run again
+    assert len((tmp_path / "trials.jsonl").read_text().splitlines()) == 1
+    # the same recipe over a changed base recipe (the fraction's batch size) is a new trial
+    config.write_text(config.read_text().replace("finetune.batch_size=16", "finetune.batch_size=8"))
+    assert sweep_main([str(config), "--recipes", "0"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    assert [r["batch_size"] for r in rows] == [16, 8] and rows[0]["key"] != rows[1]["key"]
+
 
 def test_device_jobs_wait_for_their_pre_training_and_their_fraction_sweep(tmp_path):
     from omegaconf import OmegaConf
