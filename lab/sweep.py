@@ -94,6 +94,8 @@ def trial_key(start: str, seed: int, fraction: float, passes: int, overrides: li
 
 
 def trial_overrides(settings: SweepSettings, trials: FractionTrials, recipe: list[str]) -> list[str]:
+    """Every override a trial runs under, in the order they apply (the sweep's base, the fraction's, the
+    recipe's): what keys the trial in the record and names its folder, so a changed base is a new trial."""
     return [*settings.base, *trials.overrides, *recipe]
 
 
