@@ -285,7 +285,7 @@ def test_label_preset_is_the_default_pretraining_under_the_swept_scratch_recipe(
         == steps["mae"]
         == steps["scratch_vit"]
         == steps["conmim_vit"]
-        == [1425, 1125]
+        == [1425, 2250]
     )
 
 
