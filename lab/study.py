@@ -161,13 +161,17 @@ def fraction_tag(fraction: float) -> str:
 
 def swept_recipe(study: StudySettings, fraction: float) -> tuple[list[str], int, float] | None:
     """(overrides, passes, validation top-1) of the best trial of ``study.recipe_start`` at
-    ``study.recipe_seed`` and ``fraction`` in ``study.recipe_sweep``; None while there is none."""
+    ``study.recipe_seed`` and ``fraction`` in ``study.recipe_sweep``; None while there is none. Trials
+    recorded without ``head_fit_passes`` fitted their heads another way (tiled epochs) and do not count."""
     path = Path(study.recipe_sweep)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     mine = [
         r
         for r in rows
-        if r["start"] == study.recipe_start and r["seed"] == study.recipe_seed and r["fraction"] == fraction
+        if r["start"] == study.recipe_start
+        and r["seed"] == study.recipe_seed
+        and r["fraction"] == fraction
+        and "head_fit_passes" in r
     ]
     if not mine:
         return None
@@ -574,7 +578,7 @@ def run_fractions(
                     test,
                     fcfg,
                     run_dir / f"finetune_{tag}",
-                    head_source=(tile(train, indices, 1), tiles),
+                    head_images=tile(train, indices, 1),
                 )
                 (run_dir / f"finetune_{tag}" / "checkpoints" / "last.pt").unlink(missing_ok=True)  # finished
                 steps = fcfg.finetune.epochs * (len(indices) * tiles // fcfg.finetune.batch_size)
@@ -595,9 +599,11 @@ def run_fractions(
 
 
 def finetune_recipe(fcfg: Config, passes: int) -> dict[str, Any]:
-    """What a fine-tuning stage records as its recipe, and is compared by: the ``finetune`` section and
-    its passes over the labelled images."""
-    return {**OmegaConf.to_container(OmegaConf.structured(fcfg.finetune)), "passes": passes}
+    """What a fine-tuning stage records as its recipe, and is compared by: the ``finetune`` section, its
+    passes over the labelled images and its head fit's (a stage recorded without ``head_fit_passes`` fitted
+    the head for ``probe_head_epochs`` tiled epochs, so it runs again)."""
+    section = OmegaConf.to_container(OmegaConf.structured(fcfg.finetune))
+    return {**section, "passes": passes, "head_fit_passes": fcfg.finetune.probe_head_epochs}
 
 
 def _supersede_stale(stages: Stages, name: str, recipe: dict[str, Any]) -> None:

@@ -8,7 +8,8 @@ recipe-sweep trials (``pretrained_trials.jsonl`` beside the study's ``recipe_swe
 results: ``finetune`` and ``linear`` (variant -> fraction -> top-1 per seed, test split), ``references``
 (raw_logreg, raw_svm, raw_knn), ``length_curve`` (method -> pre-training steps -> fraction -> top-1 per
 seed: the 1x run and its ``_3x`` / ``_9x`` variants) and ``best_of_sweep`` (start -> fraction -> the test
-top-1 of its best validation trial, with that trial's overrides). Keys of fractions are ``str(fraction)``.
+top-1 of its best validation trial, with that trial's overrides; a trial recorded without ``head_fit_passes``
+fitted the head for tiled epochs and does not count). Keys of fractions are ``str(fraction)``.
 Once a longer pre-training has a fine-tuning, ``length_curve.png`` plots the length curve.
 """
 
@@ -56,7 +57,7 @@ def summarize(results: dict[str, Any], references: list[dict], own_sweeps: list[
     for r in sorted(references, key=lambda r: (r["method"], r["fraction"], r["seed"])):
         refs.setdefault(r["method"], {}).setdefault(str(r["fraction"]), []).append(r["test_top1"])
     best: dict[str, dict[str, Any]] = {}
-    for r in own_sweeps:
+    for r in (r for r in own_sweeps if "head_fit_passes" in r):  # without it: a tiled head fit, superseded
         start = Path(r["start"]).parent.name  # runs/.../conmim_s0/pretrain -> conmim_s0
         kept = best.setdefault(start, {}).get(str(r["fraction"]))
         if kept is None or r["val_top1"] > kept["val_top1"]:

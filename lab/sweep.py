@@ -86,11 +86,21 @@ def validation_indices(train: ArraySource, used: np.ndarray, per_class: int, see
     return np.sort(np.concatenate(chosen))
 
 
-def trial_key(start: str, seed: int, fraction: float, passes: int, overrides: list[str]) -> str:
-    """What makes a trial: its start, seed, fraction, passes and every override in force, in order (the
-    sweep's base, the fraction's, the recipe's). A trial of a changed base recipe is a new trial, and the
-    records are keyed by the fields they hold, so trials recorded before the key named the base count too."""
-    return json.dumps([start, seed, fraction, passes, list(overrides)])
+def trial_key(
+    start: str, seed: int, fraction: float, passes: int, overrides: list[str], head_fit_passes: int | None
+) -> str:
+    """What makes a trial: its start, seed, fraction, passes, every override in force, in order (the
+    sweep's base, the fraction's, the recipe's) and its head fit's passes over the labelled images. A trial
+    of a changed base recipe is a new trial, and the records are keyed by the fields they hold, so trials
+    recorded before the key named the base count too. Records without ``head_fit_passes`` fitted the head
+    for ``probe_head_epochs`` tiled epochs (passes / evals passes each): they key as None, never as a
+    trial of today's code."""
+    return json.dumps([start, seed, fraction, passes, list(overrides), head_fit_passes])
+
+
+def head_fit_passes(settings: SweepSettings, overrides: list[str]) -> int:
+    """Passes over the labelled images of a trial's head fit before fine-tuning (``probe_head_epochs``)."""
+    return load_config(settings.preset, overrides, command="finetune").finetune.probe_head_epochs
 
 
 def trial_overrides(settings: SweepSettings, trials: FractionTrials, recipe: list[str]) -> list[str]:
@@ -101,10 +111,12 @@ def trial_overrides(settings: SweepSettings, trials: FractionTrials, recipe: lis
 
 def trial_folder(settings: SweepSettings, trials: FractionTrials, passes: int, recipe: list[str]) -> Path:
     """Where a trial runs; a pre-trained start's trials have a folder of their own, so that two starts'
-    sweeps side by side never resume from each other's checkpoints, and a digest of every override keeps a
-    trial of a changed base recipe from resuming one of the old."""
+    sweeps side by side never resume from each other's checkpoints, and a digest of every override and of
+    the head fit keeps a trial of a changed base recipe from resuming one of the old."""
     settings_named = (o.split("=", 1)[0].split(".")[-1] + o.split("=", 1)[1] for o in recipe)  # layer_decay0.75
-    digest = hashlib.sha1(json.dumps(trial_overrides(settings, trials, recipe)).encode()).hexdigest()[:8]
+    overrides = trial_overrides(settings, trials, recipe)
+    keyed = json.dumps([overrides, "head_fit_passes", head_fit_passes(settings, overrides)])
+    digest = hashlib.sha1(keyed.encode()).hexdigest()[:8]
     name = f"f{trials.fraction:g}_p{passes}_{digest}_" + "_".join(settings_named)
     if settings.start == "random":
         return Path(settings.output_dir) / name
@@ -115,7 +127,10 @@ def done_keys(records: Path) -> set[str]:
     if not records.is_file():
         return set()
     rows = [json.loads(line) for line in records.read_text().splitlines() if line.strip()]
-    return {trial_key(r["start"], r["seed"], r["fraction"], r["passes"], r["overrides"]) for r in rows}
+    return {
+        trial_key(r["start"], r["seed"], r["fraction"], r["passes"], r["overrides"], r.get("head_fit_passes"))
+        for r in rows
+    }
 
 
 def run_trial(
@@ -148,14 +163,14 @@ def run_trial(
     cfg.finetune.warmup_epochs = warmup_passes / tiles
     encoder = _random_encoder(cfg, settings.seed) if settings.start == "random" else settings.start
     start = time.perf_counter()
-    result = finetune(
-        encoder, tile(train, labelled, tiles), val, cfg, out, head_source=(tile(train, labelled, 1), tiles)
-    )
+    result = finetune(encoder, tile(train, labelled, tiles), val, cfg, out, head_images=tile(train, labelled, 1))
     (out / "checkpoints" / "last.pt").unlink(missing_ok=True)  # finished: the record holds what counts
     scored = {"test_top1": final_test_top1(out, result, test, cfg)} if test is not None else {}
     steps = trials.evals * (len(labelled) * tiles // cfg.finetune.batch_size)
     return {
-        "key": trial_key(settings.start, settings.seed, trials.fraction, passes, overrides),
+        "key": trial_key(
+            settings.start, settings.seed, trials.fraction, passes, overrides, cfg.finetune.probe_head_epochs
+        ),
         "start": settings.start,
         "seed": settings.seed,
         "fraction": trials.fraction,
@@ -163,6 +178,7 @@ def run_trial(
         "val_images": len(val),
         "passes": passes,
         "warmup_passes": warmup_passes,
+        "head_fit_passes": cfg.finetune.probe_head_epochs,
         "steps": steps,
         "batch_size": cfg.finetune.batch_size,
         "overrides": overrides,
@@ -239,7 +255,8 @@ def run_sweep(
                 if recipes and position not in recipes:
                     continue
                 overrides = trial_overrides(settings, trials, recipe)
-                if trial_key(settings.start, settings.seed, trials.fraction, passes, overrides) in done:
+                head_fit = head_fit_passes(settings, overrides)
+                if trial_key(settings.start, settings.seed, trials.fraction, passes, overrides, head_fit) in done:
                     continue
                 log.info("sweep: fraction %g, %d passes, %s", trials.fraction, passes, recipe or "base recipe")
                 row = run_trial(settings, trials, passes, recipe, train, val, subsets[trials.fraction], test)

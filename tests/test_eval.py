@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -302,11 +303,10 @@ def test_probe_head_init_fits_the_head_on_what_the_classifier_feeds_it(exported,
     assert model.training  # handed back ready for fine-tuning
 
 
-def test_probe_head_init_on_repeated_images_extracts_once_and_keeps_the_step_count(exported, fm, monkeypatch):
-    """A study's fine-tuning epoch holds ``repeats`` copies of the labelled images: the head fit reads each
-    image once and trains ``repeats`` times as many epochs (and warm-up), the same steps as on the copies."""
+def test_head_fit_on_repeated_images_reads_each_once_for_its_passes(exported, fm, tmp_path, monkeypatch):
+    """An epoch of copies (the lab's several passes to an epoch): the head fit before fine-tuning reads the
+    images once and trains ``probe_head_epochs`` passes over them, whatever an epoch holds."""
     from conmim.eval import finetune as ft
-    from conmim.export.encoders import load_pretrained
 
     seen = {}
 
@@ -316,11 +316,19 @@ def test_probe_head_init_on_repeated_images_extracts_once_and_keeps_the_step_cou
         return 0.0
 
     monkeypatch.setattr(ft, "train_head", spy)
-    train, _test = fm
-    cfg = _cfg(finetune__probe_head_epochs=4, linprobe__batch_size=64, linprobe__warmup_epochs=0.5)
-    model, _ = build_classifier(*load_pretrained(exported), 10, drop_path=0.0)
-    ft.probe_head_init(model, train, cfg, torch.device("cpu"), None, repeats=3)
-    assert seen == {"rows": len(train), "steps_per_epoch": -(-len(train) // 64), "epochs": 12, "warmup": 1.5}
+    train, test = fm
+    images = _subset(train, 100)
+    copies = ArraySource(np.tile(images.images, (3, 1, 1)), np.tile(images.labels, 3), train.classes)
+    cfg = _cfg(
+        finetune__probe_head_epochs=4,
+        finetune__epochs=1,
+        finetune__batch_size=100,
+        linprobe__batch_size=50,
+        linprobe__warmup_epochs=0.5,
+    )
+    result = ft.finetune(exported, copies, test, cfg, tmp_path, head_images=images)
+    assert seen == {"rows": 100, "steps_per_epoch": 2, "epochs": 4, "warmup": 0.5}
+    assert result["history"][-1]["epoch"] == 1  # and fine-tuning itself ran its epoch over the copies
 
 
 @pytest.mark.parametrize(

@@ -86,21 +86,15 @@ def _head_inputs(model: nn.Module, dataset, batch_size: int, device: torch.devic
     return torch.cat(feats), torch.cat(labels)
 
 
-def probe_head_init(
-    model: nn.Module, train_source, cfg: Config, device: torch.device, amp_dtype, repeats: int = 1
-) -> float:
+def probe_head_init(model: nn.Module, train_source, cfg: Config, device: torch.device, amp_dtype) -> float:
     """Linear probe, then fine-tune: fit the new head on the frozen classifier's own head inputs, so the
     first fine-tuning steps get gradients from a head that already classifies instead of the near-zero
     random one (with AdamW, whose steps have the lr's size whatever the gradient's, those first steps
-    otherwise move the pre-trained blocks in directions set by a random head). ``repeats``: how many
-    copies of ``train_source`` one fine-tuning epoch holds; the head then trains ``repeats`` times as
-    many epochs on features extracted once, which is the same number of steps as on the copies.
-    Returns the fitted head's training top-1 (%)."""
+    otherwise move the pre-trained blocks in directions set by a random head). The head trains
+    ``finetune.probe_head_epochs`` passes over ``train_source``. Returns its training top-1 (%)."""
     f = cfg.finetune
     p = dataclasses.replace(
-        cfg.linprobe,
-        epochs=f.probe_head_epochs * repeats,
-        warmup_epochs=min(cfg.linprobe.warmup_epochs, 1.0) * repeats,
+        cfg.linprobe, epochs=f.probe_head_epochs, warmup_epochs=min(cfg.linprobe.warmup_epochs, 1.0)
     )
     size = img_size_of(model)
     data = LabeledDataset(train_source, EvalTransform(size, cfg.data.mean, cfg.data.std, f.crop_pct))
@@ -222,7 +216,7 @@ def finetune(
     test_source,
     cfg: Config | None = None,
     out_dir: str | Path | None = None,
-    head_source: tuple[Any, int] | None = None,
+    head_images: Any | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a pre-trained encoder on ``train_source``; evaluate on ``test_source`` every epoch.
 
@@ -231,8 +225,9 @@ def finetune(
     ``cfg.finetune`` (recipe), ``cfg.data`` (mean, std, workers), the top-level seed and precision
     and ``cfg.device``; ``out_dir`` defaults to ``<output_dir>/finetune``. Returns the last epoch's
     top1/top5, best_top1/best_top5/best_epoch, the per-epoch history and sizes.
-    ``head_source``: (images, repeats) when ``train_source`` is ``repeats`` copies of ``images``; the
-    ``finetune.probe_head_epochs`` head fit then extracts their features once (see :func:`probe_head_init`).
+    ``head_images``: the images without their copies, when ``train_source`` repeats them (several passes
+    to an epoch): the ``finetune.probe_head_epochs`` head fit (:func:`probe_head_init`) then reads each
+    image once and its length stays in passes over the images, whatever an epoch holds.
     """
     cfg = cfg or Config()
     f, start = cfg.finetune, time.perf_counter()
@@ -289,9 +284,8 @@ def finetune(
         best, history = {"top1": -1.0, "top5": None, "epoch": 0}, []
         last = out / "checkpoints" / "last.pt"
         if f.probe_head_epochs and not last.is_file():
-            head_images, repeats = head_source or (train_source, 1)
-            top1 = probe_head_init(model, head_images, cfg, device, amp_dtype, repeats)
-            log.info("head fitted on frozen features for %d epochs: training top-1 %.2f%%", f.probe_head_epochs, top1)
+            top1 = probe_head_init(model, train_source if head_images is None else head_images, cfg, device, amp_dtype)
+            log.info("head fitted on frozen features for %d passes: training top-1 %.2f%%", f.probe_head_epochs, top1)
         stateful = {"model": model, "optimizer": optimizer, "scaler": run.scaler}
         if resumed := load_training_state(last, stateful, dist, device):
             (state, window), run.step = resumed, resumed[0]["step"]

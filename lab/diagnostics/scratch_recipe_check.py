@@ -49,7 +49,7 @@ def main(settings: list[str], out: Path = Path("runs/scratch_recipe_check")) -> 
             test,
             c,
             out / setting.replace(":", "_lr"),
-            head_source=(tile(train, labelled, 1), PASSES),
+            head_images=tile(train, labelled, 1),
         )
         steps = PASSES * len(labelled) // c.finetune.batch_size
         print(

@@ -348,6 +348,13 @@ def test_recipe_sweep_records_every_trial_on_validation_images_and_skips_them_on
     before = (tmp_path / "trials.jsonl").read_text()
     assert sweep_main([str(config)]) == 0
     assert (tmp_path / "trials.jsonl").read_text() == before  # every trial was done: nothing reruns
+    # a trial recorded before the head fit was counted in passes (no head_fit_passes) is not today's trial
+    old = {k: v for k, v in rows[0].items() if k != "head_fit_passes"}
+    (tmp_path / "trials.jsonl").write_text(json.dumps(old) + "\n" + before.splitlines()[1] + "\n")
+    assert sweep_main([str(config)]) == 0
+    again = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    assert [r.get("head_fit_passes") for r in again] == [None, 0, 0]
+    assert again[2]["overrides"] == rows[0]["overrides"]
 
 
 def test_validation_images_never_overlap_the_labelled_subset():

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _trial(fraction: float, passes: int, lr: str, val: float, start: str = "random") -> dict:
     overrides = ["finetune.warmup_epochs=2", f"finetune.base_lr={lr}"]
-    return {"start": start, "seed": 0, "fraction": fraction, "passes": passes, "overrides": overrides, "val_top1": val}
+    row = {"start": start, "seed": 0, "fraction": fraction, "passes": passes, "overrides": overrides, "val_top1": val}
+    return row | {"head_fit_passes": 20}
 
 
 def test_each_fraction_takes_the_best_validation_trial_of_scratch(tmp_path):
@@ -34,6 +35,7 @@ def test_each_fraction_takes_the_best_validation_trial_of_scratch(tmp_path):
         _trial(0.01, 250, "1.0e-3", 61.0),
         _trial(0.01, 250, "2.0e-3", 63.5),
         _trial(0.01, 250, "4.0e-3", 70.0, start="runs/x/pretrain"),  # another start's trial never counts
+        {k: v for k, v in _trial(0.01, 250, "8.0e-3", 71.0).items() if k != "head_fit_passes"},  # a tiled head fit
         _trial(0.1, 50, "1.0e-3", 80.0),
     ]
     records.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -151,7 +153,7 @@ def test_summary_holds_one_value_per_seed_and_the_length_curve(tmp_path):
     refs = [{"method": "raw_svm", "fraction": 0.01, "seed": s, "test_top1": 79.0 + s} for s in (1, 0)]
     own = [
         {"start": "runs/gpu/study_labels/conmim_s0/pretrain", "fraction": 0.01, "val_top1": v, "test_top1": t}
-        | {"overrides": [f"finetune.base_lr={lr}"], "passes": 250}
+        | {"overrides": [f"finetune.base_lr={lr}"], "passes": 250, "head_fit_passes": 20}
         for v, t, lr in ((62.0, 61.5, "2e-3"), (64.0, 60.9, "1e-3"))
     ]
     out = summarize({"runs": runs}, refs, own)
@@ -233,13 +235,15 @@ def test_summary_reads_the_pretrained_starts_own_trials_beside_the_studys_recipe
     sweep.mkdir()
     trials = [
         {"start": f"runs/x/{start}/pretrain", "fraction": 0.01, "val_top1": v, "test_top1": t, "passes": 152}
-        | {"overrides": [f"finetune.base_lr={lr}"]}
+        | {"overrides": [f"finetune.base_lr={lr}"], "head_fit_passes": 20}
         for start, v, t, lr in (
             ("conmim_s0", 70.0, 69.0, "2e-3"),
             ("conmim_s0", 71.0, 68.0, "1e-3"),
             ("mae_s0", 72.0, 71.0, "2e-3"),
+            ("mae_s0", 75.0, 74.0, "4e-3"),
         )
     ]
+    del trials[-1]["head_fit_passes"]  # a trial of the tiled head fit does not count
     (sweep / "pretrained_trials.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trials))
     records = tmp_path / "records"
     records.mkdir()
@@ -264,3 +268,23 @@ def test_report_lists_each_variants_values_in_seed_order_whatever_order_the_rows
     assert row["seeds"] == [0, 1] and row["linprobe_top1"]["values"] == [72.0, 71.0]
     (row,) = aggregate(runs, ["conmim"])
     assert row["seeds"] == [0, 1] and row["linprobe_top1"]["values"] == [72.0, 71.0]
+
+
+def test_a_fine_tuning_recorded_before_the_head_fit_counted_passes_runs_again(tmp_path):
+    """A stage whose recorded recipe has no ``head_fit_passes`` fitted its head for tiled epochs (the head fit's
+    length then followed the passes to an epoch): it is superseded like any other change of recipe."""
+    from lab.study import _supersede_stale, finetune_recipe
+
+    study, base = load_study("study_labels")
+    cfg = variant_config(base, study.variants[0], 0, tmp_path, tmp_path)
+    recipe = finetune_recipe(cfg, 152)
+    assert recipe["head_fit_passes"] == cfg.finetune.probe_head_epochs == 20
+    stages = Stages(tmp_path)
+    stages.run("finetune_f0.01", lambda: {"top1": 70.0, "recipe": recipe})
+    _supersede_stale(stages, "finetune_f0.01", recipe)
+    assert "finetune_f0.01" in stages.done  # the same recipe: kept
+    tiled = {k: v for k, v in recipe.items() if k != "head_fit_passes"}
+    stages.run("finetune_f0.1", lambda: {"top1": 80.0, "recipe": tiled})
+    (tmp_path / "finetune_f0.1").mkdir()
+    _supersede_stale(stages, "finetune_f0.1", recipe)
+    assert "finetune_f0.1" not in Stages(tmp_path).done and (tmp_path / "finetune_f0.1.superseded").is_dir()
