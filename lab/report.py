@@ -23,6 +23,12 @@ PIXEL_METHODS = {"raw_logreg": "logistic regression", "raw_svm": "RBF SVM", "raw
 METRIC_NAMES = {"finetune_top1": "fine-tune", "linprobe_top1": "linear probe", "knn_top1": "k-NN"}
 
 
+def current_trials(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The recipe-sweep trials that count: those recording ``head_fit_passes``. A trial recorded without it
+    fitted its head for a number of tiled epochs, so that fit's length followed the trial's evaluations."""
+    return [r for r in rows if "head_fit_passes" in r]
+
+
 def aggregate(runs: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
     """Per variant in ``order``: seeds, and for each metric the values, mean, sample std, min and max."""
     rows = []

@@ -40,7 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 from conmim.config import Config, ConfigError, validate, without_retired
 from conmim.data.sources import ArraySource, fashion_mnist
 from lab.provenance import commit, machine
-from lab.report import REFERENCE, write_report
+from lab.report import REFERENCE, current_trials, write_report
 
 log = logging.getLogger(__name__)
 METRICS = ("finetune_top1", "linprobe_top1", "knn_top1")
@@ -161,17 +161,14 @@ def fraction_tag(fraction: float) -> str:
 
 def swept_recipe(study: StudySettings, fraction: float) -> tuple[list[str], int, float] | None:
     """(overrides, passes, validation top-1) of the best trial of ``study.recipe_start`` at
-    ``study.recipe_seed`` and ``fraction`` in ``study.recipe_sweep``; None while there is none. Trials
-    recorded without ``head_fit_passes`` fitted their heads another way (tiled epochs) and do not count."""
+    ``study.recipe_seed`` and ``fraction`` in ``study.recipe_sweep`` (of its current trials); None while
+    there is none."""
     path = Path(study.recipe_sweep)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     mine = [
         r
-        for r in rows
-        if r["start"] == study.recipe_start
-        and r["seed"] == study.recipe_seed
-        and r["fraction"] == fraction
-        and "head_fit_passes" in r
+        for r in current_trials(rows)
+        if r["start"] == study.recipe_start and r["seed"] == study.recipe_seed and r["fraction"] == fraction
     ]
     if not mine:
         return None
@@ -539,7 +536,7 @@ def run_fractions(
     configs = {i: fraction_config(cfg, study, i) for i in todo}
     recipes = {i: finetune_recipe(*configs[i]) for i in todo}
     for i in todo if variant.finetune else []:
-        _supersede_stale(stages, f"finetune_{fraction_tag(study.label_fractions[i])}", recipes[i])
+        _supersede_stale(study, stages, variant.name, seed, study.label_fractions[i], recipes[i])
     if all(n in stages.done for n in names):
         return fraction_records(variant.name, seed, stages.done, study.label_fractions)
     encoder = study_encoder(variant, seed, cfg, stages, run_dir).to(device)
@@ -606,10 +603,14 @@ def finetune_recipe(fcfg: Config, passes: int) -> dict[str, Any]:
     return {**section, "passes": passes, "head_fit_passes": fcfg.finetune.probe_head_epochs}
 
 
-def _supersede_stale(stages: Stages, name: str, recipe: dict[str, Any]) -> None:
+def _supersede_stale(
+    study: StudySettings, stages: Stages, variant: str, seed: int, fraction: float, recipe: dict[str, Any]
+) -> None:
     """A finished fine-tuning stage that ran with another recipe than the study asks for now (a recipe
     sweep that later chose another) runs again: no result of the old recipe may stay in the table. Its
-    result leaves ``stages.json`` and its folder moves to ``NAME.superseded`` (replacing an older one)."""
+    row goes to ``superseded.json`` (``keep_superseded``), its result leaves ``stages.json`` and its folder
+    moves to ``NAME.superseded`` (replacing an older one)."""
+    name = f"finetune_{fraction_tag(fraction)}"
     done = stages.done.get(name, {}).get("result", {}).get("recipe")
     if done is None or done == recipe:
         return
@@ -623,6 +624,7 @@ def _supersede_stale(stages: Stages, name: str, recipe: dict[str, Any]) -> None:
         ", ".join(changed),
         old,
     )
+    keep_superseded(study, fraction_records(variant, seed, {name: stages.done[name]}, [fraction]))
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)

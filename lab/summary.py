@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lab.report import PIXEL_REFERENCES
+from lab.report import PIXEL_REFERENCES, current_trials
 
 BASE_STEPS = 936  # the built-in default pre-training, which the 1x variants run
 LENGTHS = {"": 1, "_3x": 3, "_9x": 9}
@@ -57,7 +57,7 @@ def summarize(results: dict[str, Any], references: list[dict], own_sweeps: list[
     for r in sorted(references, key=lambda r: (r["method"], r["fraction"], r["seed"])):
         refs.setdefault(r["method"], {}).setdefault(str(r["fraction"]), []).append(r["test_top1"])
     best: dict[str, dict[str, Any]] = {}
-    for r in (r for r in own_sweeps if "head_fit_passes" in r):  # without it: a tiled head fit, superseded
+    for r in current_trials(own_sweeps):
         start = Path(r["start"]).parent.name  # runs/.../conmim_s0/pretrain -> conmim_s0
         kept = best.setdefault(start, {}).get(str(r["fraction"]))
         if kept is None or r["val_top1"] > kept["val_top1"]:

@@ -272,19 +272,25 @@ def test_report_lists_each_variants_values_in_seed_order_whatever_order_the_rows
 
 def test_a_fine_tuning_recorded_before_the_head_fit_counted_passes_runs_again(tmp_path):
     """A stage whose recorded recipe has no ``head_fit_passes`` fitted its head for tiled epochs (the head fit's
-    length then followed the passes to an epoch): it is superseded like any other change of recipe."""
+    length then followed the passes to an epoch): it is superseded like any other change of recipe, and its
+    row is kept in ``superseded.json`` before the stage is forgotten (no report need run first)."""
     from lab.study import _supersede_stale, finetune_recipe
 
     study, base = load_study("study_labels")
+    study.records_dir = str(tmp_path / "records")
     cfg = variant_config(base, study.variants[0], 0, tmp_path, tmp_path)
     recipe = finetune_recipe(cfg, 152)
     assert recipe["head_fit_passes"] == cfg.finetune.probe_head_epochs == 20
     stages = Stages(tmp_path)
-    stages.run("finetune_f0.01", lambda: {"top1": 70.0, "recipe": recipe})
-    _supersede_stale(stages, "finetune_f0.01", recipe)
+    stages.run("finetune_f0.01", lambda: {"top1": 70.0, "labels": 600, "steps": 9, "recipe": recipe})
+    _supersede_stale(study, stages, "conmim", 0, 0.01, recipe)
     assert "finetune_f0.01" in stages.done  # the same recipe: kept
+    assert not (tmp_path / "records" / "superseded.json").exists()
     tiled = {k: v for k, v in recipe.items() if k != "head_fit_passes"}
-    stages.run("finetune_f0.1", lambda: {"top1": 80.0, "recipe": tiled})
+    stages.run("finetune_f0.1", lambda: {"top1": 80.0, "labels": 6000, "steps": 9, "recipe": tiled})
     (tmp_path / "finetune_f0.1").mkdir()
-    _supersede_stale(stages, "finetune_f0.1", recipe)
+    _supersede_stale(study, stages, "conmim", 0, 0.1, recipe)
     assert "finetune_f0.1" not in Stages(tmp_path).done and (tmp_path / "finetune_f0.1.superseded").is_dir()
+    (kept,) = json.loads((tmp_path / "records" / "superseded.json").read_text())["runs"]
+    assert (kept["variant"], kept["seed"], kept["fraction"], kept["labels"]) == ("conmim", 0, 0.1, 6000)
+    assert kept["finetune_top1"] == 80.0 and kept["finetune_recipe"] == tiled and kept["from_commit"]
