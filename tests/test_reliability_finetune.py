@@ -6,6 +6,7 @@ batches, augmentations, drop-path and mixup draws and the same loss window."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 
@@ -77,7 +78,7 @@ def reference(encoder_run, tmp_path_factory):
 
 
 def test_kill9_twice_at_random_steps_resumes_bitwise(encoder_run, reference, tmp_path, workers=2):
-    """With data-loader workers (the signal tests below load in the main process)."""
+    """With data-loader workers (as the group-signal case below)."""
     rng = random.Random(SEED + workers)
     out, cmd = tmp_path / "run", finetune_cmd(encoder_run, tmp_path / "run", f"data.num_workers={workers}")
     note = f"(CONMIM_FAULT_SEED={SEED}, workers={workers})"
@@ -93,14 +94,19 @@ def test_kill9_twice_at_random_steps_resumes_bitwise(encoder_run, reference, tmp
     assert (out / "finetune" / "best.safetensors").is_file()
 
 
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
-def test_a_stop_signal_checkpoints_the_step_and_the_rerun_is_bitwise(encoder_run, reference, tmp_path, name):
-    at = random.Random(SEED + len(name)).randint(3, STEPS - 8)
+@pytest.mark.parametrize(("name", "workers"), [("SIGTERM", 0), ("SIGUSR1", 0), ("SIGTERM", 2)])
+def test_a_stop_signal_checkpoints_the_step_and_the_rerun_is_bitwise(encoder_run, reference, tmp_path, name, workers):
+    """With data-loader workers the signal goes to the whole process group, as SLURM's scancel and
+    ``pkill -f`` send it: the workers must leave the stop to the main process."""
+    at = random.Random(SEED + len(name) + workers).randint(3, STEPS - 8)
     out = tmp_path / "run"
-    cmd = finetune_cmd(encoder_run, out, "finetune.checkpoint_every=1000", "data.num_workers=0")
+    cmd = finetune_cmd(encoder_run, out, "finetune.checkpoint_every=1000", f"data.num_workers={workers}")
     proc = start(cmd, tmp_path / "log.txt")
     wait_for(lambda: last_step(out / "finetune") >= at, proc, timeout=120)
-    proc.send_signal(getattr(signal, name))
+    if workers:
+        os.killpg(proc.pid, getattr(signal, name))
+    else:
+        proc.send_signal(getattr(signal, name))
     assert proc.wait(timeout=60) == EXIT_PREEMPTED, (tmp_path / "log.txt").read_text()[-3000:]
     step = final(out)["step"]
     assert at <= step < STEPS, f"(CONMIM_FAULT_SEED={SEED}) stopped at {step}"

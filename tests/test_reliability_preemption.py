@@ -76,6 +76,22 @@ def test_a_stop_signal_at_a_random_step_checkpoints_there_and_the_rerun_is_exact
     assert records(run_dir) == records(reference), note
 
 
+def test_a_stop_signal_to_the_whole_process_group_is_left_to_the_main_process(reference, tmp_path):
+    """SLURM's scancel, ``pkill -f`` and Ctrl-C signal the data-loader workers too: they must not die of it,
+    so the run still finishes its step, checkpoints and exits 75, and the rerun ends where the reference ends."""
+    at = random.Random(SEED + 1).randint(3, STEPS - 15)
+    run_dir, note = tmp_path / "run", f"(CONMIM_FAULT_SEED={SEED}, SIGTERM to the group after step {at})"
+    cmd = pretrain_cmd(run_dir, *OVERRIDES, "data.num_workers=1")
+    proc = start(cmd, tmp_path / "log1.txt")
+    wait_for(lambda: last_step(run_dir) >= at, proc, timeout=120)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == EXIT_PREEMPTED, (tmp_path / "log1.txt").read_text()[-3000:]
+    assert at <= stopped_step(run_dir) < STEPS, note
+    done = run(cmd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_state(final_state(run_dir), final_state(reference))
+
+
 def test_a_signal_during_a_checkpoint_write_and_a_second_one_while_stopping(reference, tmp_path):
     """The write in flight completes (the handler only sets a flag), a second signal changes nothing."""
     run_dir = tmp_path / "run"

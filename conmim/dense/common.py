@@ -12,6 +12,7 @@ from ..data import scenes
 from ..data.sources import DataError
 from ..export.encoders import load_pretrained, random_weights
 from ..runtime import distributed
+from ..runtime.preemption import workers_ignoring
 from .backbone import ViTPyramid, build_backbone
 from .data import StepSampler
 
@@ -60,5 +61,6 @@ def step_loader(
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
         collate_fn=collate,
+        worker_init_fn=workers_ignoring(cfg.stop_signals),
         generator=torch.Generator(),  # its base seed would otherwise come from the global RNG that resume restores
     )

@@ -14,6 +14,7 @@ command again resumes from that checkpoint as from any other.
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import signal
 import threading
@@ -101,6 +102,21 @@ class Preemption:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous = {}
+
+
+def _ignore(names: tuple[str, ...], _worker_id: int) -> None:
+    for name in names:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def workers_ignoring(names: Sequence[str]) -> Callable[[int], None]:
+    """A DataLoader ``worker_init_fn`` that makes its workers ignore the run's stop signals.
+
+    A scheduler often signals every process of a job (SLURM's scancel, ``pkill -f``, Ctrl-C's process
+    group), and torch's workers die on SIGTERM; the main process would then fail on its next batch
+    instead of finishing the step and checkpointing. Only the main process should act on the stop; its
+    workers still end with it (the loader's shutdown, or their watch on the parent after a SIGKILL)."""
+    return functools.partial(_ignore, tuple(names))
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from ..data.pretrain import EpochSampler, PretrainDataset
 from ..data.scenes import source_for
 from ..data.views import PairedViews
 from ..runtime import distributed
+from ..runtime.preemption import workers_ignoring
 
 
 def check_writable(folder: Path) -> None:
@@ -107,6 +108,7 @@ def build_loader(
         collate_fn=collate_encoded if d.gpu_aug else None,
         persistent_workers=d.num_workers > 0,
         prefetch_factor=4 if d.num_workers > 0 else None,
+        worker_init_fn=workers_ignoring(cfg.stop_signals),
         # its own generator: creating the iterator must not draw from the global RNG,
         # or a resumed run's drop-path draws would shift
         generator=torch.Generator().manual_seed(cfg.seed),
