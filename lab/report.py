@@ -4,7 +4,7 @@ Aggregates per variant (mean, spread over seeds), so the table and the plots sho
 as the JSON. Plots: pre-training loss and masked-patch retrieval accuracy against steps; top-1
 bars with one dot per seed and the min-max range as the error bar. The label-efficiency protocol
 aggregates per (variant, label fraction) instead and plots top-1 against the fraction of labels
-(``label_efficiency.png``), with the raw-pixel references as grey lines.
+(``label_efficiency.png``: the variants run on every seed), with the raw-pixel references as grey lines.
 """
 
 from __future__ import annotations
@@ -272,7 +272,10 @@ def write_fraction_report(summary: dict[str, Any], study, out: Path) -> dict[str
         title = f"Fashion-MNIST, {_percent(fractions[0])} of the labels: mean over seeds, dots = seeds, bars = min-max"
         plot_bars(rows, labels, paths["plot"], references, title)
     else:
-        plot_label_efficiency(rows, labels, fractions, REFERENCE, paths["plot"], references)
+        # the variants run on every seed; a side study (a layout, a length) has its own table rows and plot
+        compared = {v.name for v in study.variants if not v.seeds} | {REFERENCE}
+        plotted = {name: label for name, label in labels.items() if name in compared}
+        plot_label_efficiency(rows, plotted, fractions, REFERENCE, paths["plot"], references)
     plot_curves(read_curves(out, summary["runs"], docs / "pretrain"), objectives, paths["curves"])
     for key in read_curves(out, summary["runs"]):
         keep_pretraining(out / key / "pretrain", docs / "pretrain" / key)
