@@ -272,8 +272,8 @@ def write_fraction_report(summary: dict[str, Any], study, out: Path) -> dict[str
         title = f"Fashion-MNIST, {_percent(fractions[0])} of the labels: mean over seeds, dots = seeds, bars = min-max"
         plot_bars(rows, labels, paths["plot"], references, title)
     else:
-        # the variants run on every seed; a side study (a layout, a length) has its own table rows and plot
-        compared = {v.name for v in study.variants if not v.seeds} | {REFERENCE}
+        # the variants run on every seed (a layout among them); a length has its own table rows and plot
+        compared = {v.name for v in study.variants if set(study.seeds) <= set(v.seeds or study.seeds)} | {REFERENCE}
         plotted = {name: label for name, label in labels.items() if name in compared}
         plot_label_efficiency(rows, plotted, fractions, REFERENCE, paths["plot"], references)
     plot_curves(read_curves(out, summary["runs"], docs / "pretrain"), objectives, paths["curves"])
