@@ -4,6 +4,7 @@ gloo ranks); a second run on a folder that a live run holds stops at once naming
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -223,3 +224,48 @@ def test_the_slurm_example_stops_requeues_and_the_requeued_job_ends_exactly(tmp_
     assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]  # finished: no requeue
     assert_same_state(final_state(run_dir), final_state(reference))
     assert records(run_dir) == records(reference)
+
+
+FAILING_LOOP = """
+import os, sys
+from torch.utils.data import DataLoader, Dataset
+from conmim.runtime.preemption import workers_ignoring
+
+class WorkerPids(Dataset):
+    def __len__(self):
+        return 1000
+    def __getitem__(self, i):
+        return os.getpid()
+
+batches = iter(DataLoader(WorkerPids(), batch_size=1, num_workers=1, worker_init_fn=workers_ignoring(["SIGTERM"])))
+print(int(next(batches)), flush=True)
+sys.stdin.readline()
+raise RuntimeError("a training loop failing while its loader's worker is alive")
+"""
+
+
+def test_a_worker_drops_a_stop_signal_from_others_and_a_failing_run_still_exits():
+    """A worker must survive a group's SIGTERM (the main process checkpoints) yet obey its parent's, which is how
+    multiprocessing stops daemonic children at interpreter exit: a run ending by an exception must not hang there."""
+    proc = subprocess.Popen(
+        [PYTHON, "-c", FAILING_LOOP],
+        cwd=ROOT,
+        env=env(),
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        worker = int(proc.stdout.readline())
+        os.kill(worker, signal.SIGTERM)  # from this test, not from the worker's parent
+        time.sleep(1.0)
+        assert alive(worker), "a worker died of a stop signal that its parent did not send"
+        proc.stdin.write("fail now\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 1
+        assert "a training loop failing" in proc.stderr.read()
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # nothing left of the group once the run exited
+            kill_group(proc)

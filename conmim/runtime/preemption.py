@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -104,19 +105,31 @@ class Preemption:
         self._previous = {}
 
 
-def _ignore(names: tuple[str, ...], _worker_id: int) -> None:
-    for name in names:
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+def _exit_on_parents_signal(numbers: set[int]) -> None:
+    """A worker's watch on its blocked stop signals: one from its parent ends it, any other is dropped."""
+    while True:
+        info = signal.sigwaitinfo(numbers)
+        if info.si_pid == os.getppid():
+            os._exit(128 + info.si_signo)
+
+
+def _leave_to_parent(names: tuple[str, ...], _worker_id: int) -> None:
+    numbers = {getattr(signal, name) for name in names}
+    signal.pthread_sigmask(signal.SIG_BLOCK, numbers)  # threads started from here on inherit the mask
+    threading.Thread(target=_exit_on_parents_signal, args=(numbers,), daemon=True, name="stop-signals").start()
 
 
 def workers_ignoring(names: Sequence[str]) -> Callable[[int], None]:
-    """A DataLoader ``worker_init_fn`` that makes its workers ignore the run's stop signals.
+    """A DataLoader ``worker_init_fn`` after which its workers obey the run's stop signals only from their parent.
 
     A scheduler often signals every process of a job (SLURM's scancel, ``pkill -f``, Ctrl-C's process
     group), and torch's workers die on SIGTERM; the main process would then fail on its next batch
-    instead of finishing the step and checkpointing. Only the main process should act on the stop; its
-    workers still end with it (the loader's shutdown, or their watch on the parent after a SIGKILL)."""
-    return functools.partial(_ignore, tuple(names))
+    instead of finishing the step and checkpointing. So a worker drops a stop signal that anyone else
+    sends, and only the main process acts on it. Its parent's own SIGTERM must still end it: that is how
+    multiprocessing stops daemonic children at interpreter exit (and then waits for them), so a worker
+    that ignored it would hang a process ending by an uncaught exception. The signals are blocked and
+    read with ``sigwaitinfo`` on a thread, which tells the sender apart."""
+    return functools.partial(_leave_to_parent, tuple(names))
 
 
 @contextmanager
