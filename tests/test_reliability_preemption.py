@@ -11,6 +11,7 @@ import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -228,16 +229,15 @@ def test_the_slurm_example_stops_requeues_and_the_requeued_job_ends_exactly(tmp_
 
 FAILING_LOOP = """
 import os, sys
-from torch.utils.data import DataLoader, Dataset
-from conmim.runtime.preemption import workers_ignoring
+from conmim.runtime.preemption import StopSignalLoader
 
-class WorkerPids(Dataset):
+class WorkerPids:
     def __len__(self):
         return 1000
     def __getitem__(self, i):
         return os.getpid()
 
-batches = iter(DataLoader(WorkerPids(), batch_size=1, num_workers=1, worker_init_fn=workers_ignoring(["SIGTERM"])))
+batches = iter(StopSignalLoader(WorkerPids(), batch_size=1, num_workers=1, stop_signals=["SIGTERM"]))
 print(int(next(batches)), flush=True)
 sys.stdin.readline()
 raise RuntimeError("a training loop failing while its loader's worker is alive")
@@ -268,4 +268,55 @@ def test_a_worker_drops_a_stop_signal_from_others_and_a_failing_run_still_exits(
         assert "a training loop failing" in proc.stderr.read()
     finally:
         with contextlib.suppress(ProcessLookupError):  # nothing left of the group once the run exited
+            kill_group(proc)
+
+
+EPOCHS_UNDER_FIRE = """
+import signal, sys, time
+from conmim.runtime.preemption import StopSignalLoader
+
+received = []
+signal.signal(signal.SIGTERM, lambda number, frame: received.append(number))
+loader = StopSignalLoader(range(8), batch_size=4, num_workers=2, stop_signals=["SIGTERM"])  # new workers every epoch
+print("ready", flush=True)
+end, epochs = time.monotonic() + 8, 0
+while time.monotonic() < end:
+    epochs += sum(1 for _ in loader) // 2
+print(epochs, len(received), flush=True)
+sys.stdin.readline()  # exit once the test has stopped signalling: a SIGTERM during interpreter shutdown is fatal
+"""
+
+
+def test_a_group_signal_while_workers_start_is_left_to_the_main_process():
+    """Without persistent workers a loader starts new ones every epoch; a group signal in the moment between a
+    worker's start and its watch on the signals would kill it, and the run would fail instead of stopping."""
+    proc = subprocess.Popen(
+        [PYTHON, "-c", EPOCHS_UNDER_FIRE],
+        cwd=ROOT,
+        env=env(),
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    done = threading.Event()
+
+    def fire() -> None:
+        while not done.wait(0.01):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        threading.Thread(target=fire, daemon=True).start()
+        result = proc.stdout.readline()
+        done.set()
+        time.sleep(0.1)
+        _, err = proc.communicate("exit\n", timeout=60)
+        assert proc.returncode == 0 and result, err[-3000:]
+        epochs, received = map(int, result.split())
+        assert epochs > 20 and received > 100, (epochs, received)
+    finally:
+        done.set()
+        with contextlib.suppress(ProcessLookupError):
             kill_group(proc)

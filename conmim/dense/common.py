@@ -12,7 +12,7 @@ from ..data import scenes
 from ..data.sources import DataError
 from ..export.encoders import load_pretrained, random_weights
 from ..runtime import distributed
-from ..runtime.preemption import workers_ignoring
+from ..runtime.preemption import StopSignalLoader
 from .backbone import ViTPyramid, build_backbone
 from .data import StepSampler
 
@@ -55,12 +55,12 @@ def step_loader(
     the processes), each a function of ``seed`` and the iteration."""
     info = info or distributed.DistInfo()
     sampler = StepSampler(len(dataset), batch_size, iters, cfg.seed, start, info.rank, info.world_size)
-    return DataLoader(
+    return StopSignalLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
         collate_fn=collate,
-        worker_init_fn=workers_ignoring(cfg.stop_signals),
+        stop_signals=cfg.stop_signals,
         generator=torch.Generator(),  # its base seed would otherwise come from the global RNG that resume restores
     )

@@ -37,7 +37,7 @@ from ..runtime import checkpoint as ckpt
 from ..runtime import distributed
 from ..runtime.device import resolve_precision
 from ..runtime.metrics import MetricsWriter
-from ..runtime.preemption import held_run, workers_ignoring
+from ..runtime.preemption import StopSignalLoader, held_run
 from ..runtime.resume import load_training_state, save_training_state
 from ..runtime.seeding import seed_process
 from ..train.guard import StepGuard
@@ -308,14 +308,14 @@ def finetune(
             )
         # batches are a function of the step: (epoch, index) keys, each sample's augmentation seeded by its key
         sampler = EpochSampler(len(train_set), per_rank, dist.rank, world, cfg.seed, start_step=run.step)
-        loader = DataLoader(
+        loader = StopSignalLoader(
             EpochSeeded(train_set, cfg.seed),
             per_rank,
             sampler=sampler,
             drop_last=True,
             num_workers=cfg.data.num_workers,
             pin_memory=device.type == "cuda",
-            worker_init_fn=workers_ignoring(cfg.stop_signals),
+            stop_signals=cfg.stop_signals,
             generator=torch.Generator().manual_seed(cfg.seed),  # its base seed is not drawn from the global RNG
         )
 

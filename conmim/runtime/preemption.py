@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 from .lock import FolderLock
 
@@ -107,29 +109,45 @@ class Preemption:
 
 def _exit_on_parents_signal(numbers: set[int]) -> None:
     """A worker's watch on its blocked stop signals: one from its parent ends it, any other is dropped."""
+    parent = multiprocessing.parent_process()
     while True:
         info = signal.sigwaitinfo(numbers)
-        if info.si_pid == os.getppid():
+        if parent is not None and info.si_pid == parent.pid:
             os._exit(128 + info.si_signo)
 
 
-def _leave_to_parent(names: tuple[str, ...], _worker_id: int) -> None:
-    numbers = {getattr(signal, name) for name in names}
-    signal.pthread_sigmask(signal.SIG_BLOCK, numbers)  # threads started from here on inherit the mask
+def _leave_to_parent(numbers: set[int], _worker_id: int) -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, numbers)  # already so when the parent started it blocked
     threading.Thread(target=_exit_on_parents_signal, args=(numbers,), daemon=True, name="stop-signals").start()
 
 
-def workers_ignoring(names: Sequence[str]) -> Callable[[int], None]:
-    """A DataLoader ``worker_init_fn`` after which its workers obey the run's stop signals only from their parent.
+class StopSignalLoader(DataLoader):
+    """A DataLoader whose workers leave the run's stop signals to the main process.
 
     A scheduler often signals every process of a job (SLURM's scancel, ``pkill -f``, Ctrl-C's process
     group), and torch's workers die on SIGTERM; the main process would then fail on its next batch
     instead of finishing the step and checkpointing. So a worker drops a stop signal that anyone else
-    sends, and only the main process acts on it. Its parent's own SIGTERM must still end it: that is how
-    multiprocessing stops daemonic children at interpreter exit (and then waits for them), so a worker
-    that ignored it would hang a process ending by an uncaught exception. The signals are blocked and
-    read with ``sigwaitinfo`` on a thread, which tells the sender apart."""
-    return functools.partial(_leave_to_parent, tuple(names))
+    sends. Its parent's own SIGTERM must still end it: that is how multiprocessing stops daemonic
+    children at interpreter exit (and then waits for them), so a worker that ignored it would hang a
+    process ending by an uncaught exception. The worker blocks the signals and reads them with
+    ``sigwaitinfo`` on a thread, which tells the sender apart; workers are started with the signals
+    blocked, so one arriving while a worker starts (every epoch, without persistent workers) is held,
+    not fatal."""
+
+    def __init__(self, *args: Any, stop_signals: Sequence[str], **kwargs: Any):
+        self._stop_numbers = {getattr(signal, name) for name in stop_signals}
+        if kwargs.get("num_workers", 0) > 0:
+            kwargs["worker_init_fn"] = functools.partial(_leave_to_parent, self._stop_numbers)
+        super().__init__(*args, **kwargs)
+
+    def _get_iterator(self) -> Any:
+        # the workers start here and inherit this thread's mask; a signal to this process waits until the
+        # mask is restored, then reaches its handler as usual
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, self._stop_numbers)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from ..data.pretrain import EpochSampler, PretrainDataset
 from ..data.scenes import source_for
 from ..data.views import PairedViews
 from ..runtime import distributed
-from ..runtime.preemption import workers_ignoring
+from ..runtime.preemption import StopSignalLoader
 
 
 def check_writable(folder: Path) -> None:
@@ -98,7 +98,7 @@ def build_loader(
     sampler = EpochSampler(
         len(dataset), cfg.train.batch_size, dist.rank, dist.world_size, cfg.seed, start_step=start_micro_step
     )
-    loader = DataLoader(
+    loader = StopSignalLoader(
         dataset,
         batch_size=cfg.train.batch_size,
         sampler=sampler,
@@ -108,7 +108,7 @@ def build_loader(
         collate_fn=collate_encoded if d.gpu_aug else None,
         persistent_workers=d.num_workers > 0,
         prefetch_factor=4 if d.num_workers > 0 else None,
-        worker_init_fn=workers_ignoring(cfg.stop_signals),
+        stop_signals=cfg.stop_signals,
         # its own generator: creating the iterator must not draw from the global RNG,
         # or a resumed run's drop-path draws would shift
         generator=torch.Generator().manual_seed(cfg.seed),
