@@ -227,6 +227,20 @@ def test_the_slurm_example_stops_requeues_and_the_requeued_job_ends_exactly(tmp_
     assert records(run_dir) == records(reference)
 
 
+def script(code: str) -> subprocess.Popen:
+    """``python -c code`` in its own process group, with text pipes for stdin, stdout and stderr."""
+    return subprocess.Popen(
+        [PYTHON, "-c", code],
+        cwd=ROOT,
+        env=env(),
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
 FAILING_LOOP = """
 import os, sys
 from conmim.runtime.preemption import StopSignalLoader
@@ -247,16 +261,7 @@ raise RuntimeError("a training loop failing while its loader's worker is alive")
 def test_a_worker_drops_a_stop_signal_from_others_and_a_failing_run_still_exits():
     """A worker must survive a group's SIGTERM (the main process checkpoints) yet obey its parent's, which is how
     multiprocessing stops daemonic children at interpreter exit: a run ending by an exception must not hang there."""
-    proc = subprocess.Popen(
-        [PYTHON, "-c", FAILING_LOOP],
-        cwd=ROOT,
-        env=env(),
-        text=True,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    proc = script(FAILING_LOOP)
     try:
         worker = int(proc.stdout.readline())
         os.kill(worker, signal.SIGTERM)  # from this test, not from the worker's parent
@@ -290,16 +295,7 @@ sys.stdin.readline()  # exit once the test has stopped signalling: a SIGTERM dur
 def test_a_group_signal_while_workers_start_is_left_to_the_main_process():
     """Without persistent workers a loader starts new ones every epoch; a group signal in the moment between a
     worker's start and its watch on the signals would kill it, and the run would fail instead of stopping."""
-    proc = subprocess.Popen(
-        [PYTHON, "-c", EPOCHS_UNDER_FIRE],
-        cwd=ROOT,
-        env=env(),
-        text=True,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    proc = script(EPOCHS_UNDER_FIRE)
     done = threading.Event()
 
     def fire() -> None:
