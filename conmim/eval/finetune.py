@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,9 +108,16 @@ def probe_head_init(model: nn.Module, train_source, cfg: Config, device: torch.d
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, dataset, batch_size: int, device: torch.device, amp_dtype=None, num_workers: int = 0
+    model: nn.Module,
+    dataset,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype=None,
+    num_workers: int = 0,
+    stop_signals: Sequence[str] = (),
 ) -> dict[str, float]:
-    """Top-1 / top-5 (%) and cross-entropy; under torchrun each rank takes every world_size-th sample."""
+    """Top-1 / top-5 (%) and cross-entropy; under torchrun each rank takes every world_size-th sample.
+    ``stop_signals``: a training run's, which its evaluation's workers must leave to the main process too."""
     rank, world = (
         (torch.distributed.get_rank(), torch.distributed.get_world_size())
         if torch.distributed.is_initialized()
@@ -119,7 +127,9 @@ def evaluate(
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, device=device)  # top-1 hits, top-5 hits, loss sum, count
-    loader = DataLoader(shard, batch_size, num_workers=num_workers, generator=torch.Generator())  # global RNG untouched
+    loader = StopSignalLoader(  # its own generator: the global RNG stays untouched
+        shard, batch_size, num_workers=num_workers, stop_signals=stop_signals, generator=torch.Generator()
+    )
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -336,7 +346,9 @@ def finetune(
             epoch_end = run.step % steps_per_epoch == 0
             if epoch_end:
                 epoch = run.step // steps_per_epoch
-                metrics = evaluate(model, test_set, per_rank * 3 // 2, device, amp_dtype, cfg.data.num_workers)
+                metrics = evaluate(
+                    model, test_set, per_rank * 3 // 2, device, amp_dtype, cfg.data.num_workers, cfg.stop_signals
+                )
                 history.append({"epoch": epoch, **metrics})
                 is_best = metrics["top1"] > best["top1"]
                 if is_best:

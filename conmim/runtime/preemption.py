@@ -136,7 +136,7 @@ class StopSignalLoader(DataLoader):
 
     def __init__(self, *args: Any, stop_signals: Sequence[str], **kwargs: Any):
         self._stop_numbers = {getattr(signal, name) for name in stop_signals}
-        if kwargs.get("num_workers", 0) > 0:
+        if kwargs.get("num_workers", 0) > 0 and self._stop_numbers:
             kwargs["worker_init_fn"] = functools.partial(_leave_to_parent, self._stop_numbers)
         super().__init__(*args, **kwargs)
 
