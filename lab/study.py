@@ -59,6 +59,9 @@ class Variant:
     pretrained: str = ""
     fractions: list[float] = field(default_factory=list)  # label fractions run (empty: all of the study's)
     full_label_seeds: int = 0  # how many of its seeds run fraction 1 (0: study.full_label_seeds)
+    # a lab.sweep records file of scratch trials in this variant's own encoder layout: its fine-tuning
+    # recipe is chosen there instead of in study.recipe_sweep (empty: the study's)
+    recipe_sweep: str = ""
 
     def pretrained_at(self, seed: int) -> str:
         return self.pretrained.replace("{seed}", str(seed))
@@ -131,8 +134,8 @@ def load_study(path: str | os.PathLike) -> tuple[StudySettings, Any]:
                 raise ConfigError(f"{path}: variant {v.name!r}: pretrained={v.pretrained_at(seed)!r} does not exist")
         cfg = variant_config(base, v, (v.seeds or study.seeds)[0], Path(study.output_dir), Path(study.output_dir))
         for i, fraction in enumerate(study.label_fractions):
-            if not study.recipe_sweep or swept_recipe(study, fraction) is not None:
-                fraction_config(cfg, study, i)
+            if not recipe_records(study, v) or swept_recipe(study, fraction, v) is not None:
+                fraction_config(cfg, study, i, v)
         if any(f not in study.label_fractions for f in v.fractions):
             raise ConfigError(f"{path}: variant {v.name!r}: fractions {v.fractions} not all in {study.label_fractions}")
     return study, base
@@ -159,11 +162,18 @@ def fraction_tag(fraction: float) -> str:
     return f"f{fraction:g}"
 
 
-def swept_recipe(study: StudySettings, fraction: float) -> tuple[list[str], int, float] | None:
+def recipe_records(study: StudySettings, variant: Variant | None = None) -> str:
+    """The recipe-sweep records that choose ``variant``'s fine-tuning recipe ("" when none do)."""
+    return (variant.recipe_sweep if variant else "") or study.recipe_sweep
+
+
+def swept_recipe(
+    study: StudySettings, fraction: float, variant: Variant | None = None
+) -> tuple[list[str], int, float] | None:
     """(overrides, passes, validation top-1) of the best trial of ``study.recipe_start`` at
-    ``study.recipe_seed`` and ``fraction`` in ``study.recipe_sweep`` (of its current trials); None while
+    ``study.recipe_seed`` and ``fraction`` in :func:`recipe_records` (of its current trials); None while
     there is none."""
-    path = Path(study.recipe_sweep)
+    path = Path(recipe_records(study, variant))
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     mine = [
         r
@@ -176,23 +186,28 @@ def swept_recipe(study: StudySettings, fraction: float) -> tuple[list[str], int,
     return list(best["overrides"]), int(best["passes"]), float(best["val_top1"])
 
 
-def fraction_config(cfg: Config, study: StudySettings, index: int) -> tuple[Config, int]:
+def fraction_config(
+    cfg: Config, study: StudySettings, index: int, variant: Variant | None = None
+) -> tuple[Config, int]:
     """(a copy of ``cfg`` for the fraction ``study.label_fractions[index]``, its fine-tuning passes): the
-    fraction's overrides, probe epochs and passes. ``finetune.epochs`` and ``finetune.warmup_epochs`` are
-    read in passes over the labelled images; the copy's ``finetune.epochs`` is ``finetune_evals``, each
-    epoch being passes / finetune_evals passes over the labelled images (see :func:`tile`)."""
+    fraction's overrides, probe epochs and passes (``variant``'s swept recipe, when the study sweeps).
+    ``finetune.epochs`` and ``finetune.warmup_epochs`` are read in passes over the labelled images; the
+    copy's ``finetune.epochs`` is ``finetune_evals``, each epoch being passes / finetune_evals passes
+    over the labelled images (see :func:`tile`). A swept recipe's ``model.*`` overrides (the layout its
+    scratch trials ran in) must agree with ``cfg``'s: a recipe swept in one layout is not another's."""
     overrides = list(study.fraction_overrides[index]) if study.fraction_overrides else []
     if study.probe_epochs:
         overrides.append(f"linprobe.epochs={study.probe_epochs[index]}")
     if study.finetune_epochs:
         overrides.append(f"finetune.epochs={study.finetune_epochs[index]}")
-    if study.recipe_sweep:
-        swept = swept_recipe(study, study.label_fractions[index])
+    if records := recipe_records(study, variant):
+        swept = swept_recipe(study, study.label_fractions[index], variant)
         if swept is None:
             raise ConfigError(
-                f"study.recipe_sweep={study.recipe_sweep}: no trial of {study.recipe_start!r} at seed "
+                f"recipe sweep {records}: no trial of {study.recipe_start!r} at seed "
                 f"{study.recipe_seed} and fraction {study.label_fractions[index]} yet (run lab.sweep first)"
             )
+        _check_layout(cfg, swept[0], records, variant)
         overrides += [*swept[0], f"finetune.epochs={swept[1]}"]
     try:
         merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(overrides))
@@ -209,6 +224,21 @@ def fraction_config(cfg: Config, study: StudySettings, index: int) -> tuple[Conf
     out.finetune.epochs = study.finetune_evals
     out.finetune.warmup_epochs = out.finetune.warmup_epochs * study.finetune_evals / passes
     return out, passes
+
+
+def _check_layout(cfg: Config, overrides: list[str], records: str, variant: Variant | None) -> None:
+    """Every ``model.*`` override of a swept recipe holds in ``cfg`` already."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if not key.startswith("model."):
+            continue
+        have = OmegaConf.select(OmegaConf.structured(cfg), key)
+        if str(have) != str(OmegaConf.select(OmegaConf.from_dotlist([override]), key)):
+            name = variant.name if variant else "the study"
+            raise ConfigError(
+                f"{records}: its recipes were swept with {override}, but {name} has {key}={have}; "
+                "give the variant a recipe_sweep run in its own layout"
+            )
 
 
 def balanced_subset(source: ArraySource, fraction: float, seed: int) -> np.ndarray:
@@ -533,7 +563,7 @@ def run_fractions(
         study_encoder(variant, seed, cfg, stages, run_dir)
         return []
     names = [n for i in todo for n in _stage_names(study, variant.finetune, study.label_fractions[i])]
-    configs = {i: fraction_config(cfg, study, i) for i in todo}
+    configs = {i: fraction_config(cfg, study, i, variant) for i in todo}
     recipes = {i: finetune_recipe(*configs[i]) for i in todo}
     for i in todo if variant.finetune else []:
         _supersede_stale(study, stages, variant.name, seed, study.label_fractions[i], recipes[i])
@@ -652,7 +682,7 @@ def run_references(
 
     features = _Features(extract, train, test)
     for i in fractions_at(study, seeds, seed):
-        fcfg, _passes = fraction_config(cfg, study, i)
+        fcfg, _passes = fraction_config(cfg, study, i)  # the study's: raw pixels fine-tune nothing
         _probe_and_knn(
             stages,
             study,
@@ -802,10 +832,11 @@ def _recipe_now(study: StudySettings, base: Any, variant: Variant, row: dict[str
     """The fine-tuning recipe the study asks for now at the row's seed and fraction; None while the
     sweep has none there."""
     index = study.label_fractions.index(row["fraction"])
-    if study.recipe_sweep and swept_recipe(study, row["fraction"]) is None:
+    if recipe_records(study, variant) and swept_recipe(study, row["fraction"], variant) is None:
         return None
     out = Path(study.output_dir)
-    return finetune_recipe(*fraction_config(variant_config(base, variant, row["seed"], out, out), study, index))
+    cfg = variant_config(base, variant, row["seed"], out, out)
+    return finetune_recipe(*fraction_config(cfg, study, index, variant))
 
 
 def not_run(study: StudySettings, records: list[dict[str, Any]]) -> list[tuple[str, int, float]]:

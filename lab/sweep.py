@@ -164,8 +164,8 @@ def run_trial(
     encoder = _random_encoder(cfg, settings.seed) if settings.start == "random" else settings.start
     start = time.perf_counter()
     result = finetune(encoder, tile(train, labelled, tiles), val, cfg, out, head_images=tile(train, labelled, 1))
+    scored = {"test_top1": final_test_top1(out, test, cfg)} if test is not None else {}
     (out / "checkpoints" / "last.pt").unlink(missing_ok=True)  # finished: the record holds what counts
-    scored = {"test_top1": final_test_top1(out, result, test, cfg)} if test is not None else {}
     steps = trials.evals * (len(labelled) * tiles // cfg.finetune.batch_size)
     return {
         "key": trial_key(
@@ -192,23 +192,24 @@ def run_trial(
     }
 
 
-def final_test_top1(out: Path, result: dict[str, Any], test: ArraySource, cfg) -> float:
-    """Test top-1 of a trial's final model: ``best.safetensors`` when the best validation epoch is the
-    last (always so with one evaluation), which is the model the trial ends with."""
+def final_test_top1(out: Path, test: ArraySource, cfg) -> float:
+    """Test top-1 of the model a trial ends with (``checkpoints/last.pt``, in the architecture of
+    ``best.safetensors``), whichever epoch scored best on validation: the validation score that
+    chooses a trial is its final one too."""
     from conmim.eval.common import EvalTransform, LabeledDataset
     from conmim.eval.finetune import evaluate
     from conmim.export.encoders import load_encoder
+    from conmim.runtime import checkpoint as ckpt
     from conmim.runtime.device import resolve_device, resolve_precision
 
-    if result["best_epoch"] != result["history"][-1]["epoch"]:
-        raise ConfigError(f"{out}: the best validation epoch is not the last; score a trial with evals=1")
     device = resolve_device(cfg.device)
-    model = load_encoder(out / "best.safetensors").to(device)
+    model = load_encoder(out / "best.safetensors")
+    model.load_state_dict(ckpt.safe_load(out / "checkpoints" / "last.pt")["model"])
     dataset = LabeledDataset(
         test, EvalTransform(cfg.model.img_size, cfg.data.mean, cfg.data.std, cfg.finetune.crop_pct)
     )
     amp = resolve_precision(cfg.precision, device)
-    return evaluate(model, dataset, 512, device, amp, cfg.data.num_workers)["top1"]
+    return evaluate(model.to(device), dataset, 512, device, amp, cfg.data.num_workers)["top1"]
 
 
 def sweep_splits(settings: SweepSettings, train: ArraySource) -> tuple[dict[float, np.ndarray], ArraySource]:

@@ -45,6 +45,23 @@ def test_each_fraction_takes_the_best_validation_trial_of_scratch(tmp_path):
     assert fraction_config(cfg, study, 1)[0].finetune.base_lr == 1.0e-3
 
 
+def test_a_variant_takes_the_recipe_swept_in_its_own_layout_and_no_other_layouts(tmp_path):
+    study, base = load_study("study_labels_gpu")
+    study.recipe_sweep = str(tmp_path / "trials.jsonl")
+    study.label_fractions = [0.01]
+    (tmp_path / "trials.jsonl").write_text(json.dumps(_trial(0.01, 250, "8.0e-3", 65.0)) + "\n")
+    layout = ["model.encoder=vit", "model.pos_embed=none", "model.rel_pos_init=zero"]
+    vit_trial = _trial(0.01, 250, "4.0e-3", 73.0) | {"overrides": [*layout, "finetune.base_lr=4.0e-3"]}
+    (tmp_path / "vit_trials.jsonl").write_text(json.dumps(vit_trial) + "\n")
+    vit = Variant("scratch_vit", overrides=layout, pretrain=False, recipe_sweep=str(tmp_path / "vit_trials.jsonl"))
+    cfg = variant_config(base, vit, 0, tmp_path, tmp_path)
+    assert fraction_config(cfg, study, 0, vit)[0].finetune.base_lr == 4.0e-3
+    assert fraction_config(cfg, study, 0)[0].finetune.base_lr == 8.0e-3  # the study's recipe without the variant
+    beit = Variant("scratch", pretrain=False, recipe_sweep=vit.recipe_sweep)
+    with pytest.raises(ConfigError, match="swept with model.encoder=vit, but scratch has model.encoder=beit"):
+        fraction_config(variant_config(base, beit, 0, tmp_path, tmp_path), study, 0, beit)
+
+
 def test_parts_select_fractions_and_seeds_per_variant():
     study, _base = load_study("study_labels_gpu")
     by_name = {v.name: v for v in study.variants}
@@ -88,12 +105,15 @@ def test_sweep_trial_scores_its_final_model_on_the_test_split(tmp_path, tiny_swe
     from lab.sweep import main as sweep_main
 
     own_recipes = "recipes: [[finetune.base_lr=2.0e-3]]"  # replace the sweep's two
-    fraction = f"{{fraction: 0.002, passes: [2], evals: 1, overrides: [finetune.batch_size=16], {own_recipes}}}"
+    # two evaluations: the final model is scored whichever epoch scored best on validation
+    fraction = f"{{fraction: 0.002, passes: [2], evals: 2, overrides: [finetune.batch_size=16], {own_recipes}}}"
     config = tiny_sweep(fraction, "  test: true\n")
     assert sweep_main([str(config), "--recipes", "0"]) == 0
     (row,) = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
     assert row["overrides"][-1] == "finetune.base_lr=2.0e-3"  # the fraction's own recipe list
     assert 0 <= row["test_top1"] <= 100 and row["val_images"] == 30 and row["machine"]["cpu"]
+    assert len(row["val_history_top1"]) == 2 and row["val_top1"] == row["val_history_top1"][-1]
+    assert not list((tmp_path / "runs").rglob("last.pt"))  # the record holds what counts
 
     assert sweep_main([str(config), "--recipes", "0"]) == 0  # recorded: not run again
     assert len((tmp_path / "trials.jsonl").read_text().splitlines()) == 1
