@@ -763,19 +763,21 @@ def _fraction_study(
     return records
 
 
-def recorded_runs(study: StudySettings, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of the last report (``records_dir/results.json``) that no run folder here holds any more: the
-    records outlive the runs, so a report written on a new machine keeps what ran on the old one."""
+def recorded_runs(
+    study: StudySettings, records: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows of the last report (``records_dir/results.json``) of the study's (variant, seed)s: (those that
+    no run folder here holds any more, those that one does). The records outlive the runs, so a report
+    written on a new machine keeps what ran on the old one; a row a run folder holds again may be a
+    fine-tuning of an older recipe that the run folder's rerun replaces."""
     path = Path(study.records_dir) / "results.json"
     if not path.is_file():
-        return []
+        return [], []
     here = {(r["variant"], r["seed"], r["fraction"]) for r in records}
     wanted = {(v.name, s) for v, s in plan(study)} | {(REFERENCE, s) for s in study.seeds}
-    return [
-        r
-        for r in json.loads(path.read_text())["runs"]
-        if (r["variant"], r["seed"], r["fraction"]) not in here and (r["variant"], r["seed"]) in wanted
-    ]
+    rows = [r for r in json.loads(path.read_text())["runs"] if (r["variant"], r["seed"]) in wanted]
+    gone = [r for r in rows if (r["variant"], r["seed"], r["fraction"]) not in here]
+    return gone, [r for r in rows if (r["variant"], r["seed"], r["fraction"]) in here]
 
 
 def without_stale(
@@ -902,8 +904,9 @@ def run_study(
     if study.label_fractions:
         records = _fraction_study(study, base, root, report_only)
         if report_only:
-            records, stale = without_stale(study, base, records + recorded_runs(study, records))
-            keep_superseded(study, stale)
+            gone, shadowed = recorded_runs(study, records)
+            records, stale = without_stale(study, base, records + gone)
+            keep_superseded(study, stale + without_stale(study, base, shadowed)[1])
     elif not report_only:
         train, test, data_dir = prepare_data(study, root)
         for variant, seed in plan(study):

@@ -314,3 +314,36 @@ def test_a_fine_tuning_recorded_before_the_head_fit_counted_passes_runs_again(tm
     (kept,) = json.loads((tmp_path / "records" / "superseded.json").read_text())["runs"]
     assert (kept["variant"], kept["seed"], kept["fraction"], kept["labels"]) == ("conmim", 0, 0.1, 6000)
     assert kept["finetune_top1"] == 80.0 and kept["finetune_recipe"] == tiled and kept["from_commit"]
+
+
+def test_a_recorded_fine_tuning_that_a_rerun_here_replaced_under_a_new_recipe_is_kept_as_superseded(tmp_path):
+    """The records hold a fine-tuning of an older recipe; on this machine the run folder lacked that stage
+    and ran it again under the current recipe. The report shows the new one and keeps the old one whole."""
+    from lab.study import finetune_recipe, run_study
+
+    preset = (Path(__file__).parents[1] / "presets" / "study_labels.yaml").read_text()
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        preset.replace("runs/label_efficiency_cpu", str(tmp_path / "runs")).replace(
+            "lab/records/label_efficiency_cpu", str(tmp_path / "records")
+        )
+    )
+    study, base = load_study(config)
+    scratch = next(v for v in study.variants if v.name == "scratch")
+    now = finetune_recipe(*fraction_config(variant_config(base, scratch, 0, tmp_path, tmp_path), study, 0, scratch))
+    old = {**now, "base_lr": now["base_lr"] * 2}
+    row = {"variant": "scratch", "seed": 0, "fraction": 0.01, "labels": 600, "linprobe_top1": 31.0}
+    recorded = {**row, "finetune_top1": 60.0, "finetune_steps": 9, "finetune_recipe": old, "seconds": {}}
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "results.json").write_text(json.dumps({"runs": [recorded]}))
+    stages = Stages(tmp_path / "runs" / "scratch_s0")
+    stages.run("linprobe_f0.01", lambda: {"top1": 31.0, "labels": 600})
+    stages.run("finetune_f0.01", lambda: {"top1": 62.0, "labels": 600, "steps": 9, "recipe": now})
+
+    run_study(config, report_only=True)
+    (reported,) = json.loads((tmp_path / "records" / "results.json").read_text())["runs"]
+    assert reported["finetune_top1"] == 62.0 and reported["finetune_recipe"] == now
+    (kept,) = json.loads((tmp_path / "records" / "superseded.json").read_text())["runs"]
+    assert kept["finetune_top1"] == 60.0 and kept["finetune_recipe"] == old
+    run_study(config, report_only=True)  # kept once, however often the report is written
+    assert len(json.loads((tmp_path / "records" / "superseded.json").read_text())["runs"]) == 1
